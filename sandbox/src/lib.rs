@@ -1,0 +1,141 @@
+//! A Coze-compatible upstream ("sandbox") for fleetgate's tests, benches and for firmware
+//! development without a Coze account.
+//!
+//! It speaks the wire contract of `shared/coze-api.md`: the OAuth JWT token endpoint, chat v3
+//! (JSON and SSE), workflows, conversations/messages/files, audio REST, the three WebSocket
+//! APIs and the commerce (quota/benefit) APIs, with Coze's envelope and `X-Tt-Logid` on every
+//! answer.
+//!
+//! # What it is not
+//! Not a model: replies are deterministic text derived from a seed and the input. Not durable:
+//! all state is in memory and dies with the process.
+//!
+//! # Fault injection
+//! See [`faults`] for the per-request knobs (`X-Sandbox-Fault` header or `sandbox_fault` query)
+//! and [`SandboxHandle::switches`] for per-server switches.
+
+pub mod audio;
+pub mod auth;
+pub mod chat;
+pub mod commerce;
+pub mod conversations;
+pub mod envelope;
+pub mod faults;
+pub mod files;
+pub mod oauth;
+pub mod sse;
+pub mod state;
+pub mod workflows;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use state::{AppKey, MintedToken, SandboxState, Switches};
+
+/// How the sandbox behaves. `Default` gives a fast, deterministic server with one PAT.
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    /// Address to bind; `127.0.0.1:0` picks a free port.
+    pub bind: SocketAddr,
+    /// OAuth apps whose public keys verify JWT assertions at the token endpoint.
+    pub app_keys: Vec<AppKey>,
+    /// Static PAT-style tokens that are always valid.
+    pub pats: Vec<String>,
+    /// Accepted JWT `aud` values besides the server's own `host:port`.
+    pub audiences: Vec<String>,
+    /// Seed for deterministic replies.
+    pub seed: u64,
+    /// Delay between SSE events of chat and workflow streams.
+    pub sse_event_delay: Duration,
+    /// Number of `conversation.message.delta` events in a chat stream.
+    pub chat_deltas: usize,
+    /// Pace audio frames in real time on the WebSocket APIs (false: as fast as possible).
+    pub realtime_audio: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            app_keys: Vec::new(),
+            pats: vec!["pat_sandbox".to_owned()],
+            audiences: vec!["api.coze.cn".to_owned(), "api.coze.com".to_owned()],
+            seed: 7,
+            sse_event_delay: Duration::from_millis(0),
+            chat_deltas: 4,
+            realtime_audio: true,
+        }
+    }
+}
+
+/// A running sandbox. Dropping the handle does not stop the server; call [`SandboxHandle::shutdown`].
+pub struct SandboxHandle {
+    pub addr: SocketAddr,
+    pub state: Arc<SandboxState>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl SandboxHandle {
+    /// `http://127.0.0.1:PORT`
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    /// `ws://127.0.0.1:PORT`
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+    /// Per-server fault switches (token endpoint down, limitations API down, ...).
+    pub fn switches(&self) -> &Switches {
+        &self.state.switches
+    }
+    /// Stops accepting and waits for the server task.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "Sandbox task ended abnormally.");
+        }
+    }
+}
+
+/// All routes of the sandbox.
+pub fn router(state: Arc<SandboxState>) -> Router {
+    Router::new()
+        .merge(oauth::routes())
+        .merge(chat::routes())
+        .merge(workflows::routes())
+        .merge(conversations::routes())
+        .merge(files::routes())
+        .merge(audio::routes())
+        .merge(commerce::routes())
+        .merge(ws::routes())
+        .merge(state::control_routes())
+        .fallback(envelope::not_found)
+        .with_state(state)
+}
+
+/// Binds and serves the sandbox in the background.
+pub async fn start(config: SandboxConfig) -> std::io::Result<SandboxHandle> {
+    let listener = TcpListener::bind(config.bind).await?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(SandboxState::new(config, addr));
+    let app = router(state.clone());
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            // Either a stop signal or the sender being dropped ends the server.
+            let _ = stopped.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "Sandbox server failed.");
+        }
+    });
+    Ok(SandboxHandle { addr, state, stop, task })
+}
