@@ -1,1 +1,26 @@
-//! placeholder
+//! fleetgate: a Pingora edge gateway between device fleets and the Coze Open API.
+//!
+//! Where things live (see ARCHITECTURE.md for the full picture):
+//! - [`listener`]: the device listener; splits WebSocket upgrades ([`ws`]) from REST/SSE
+//!   ([`proxy`], pingora's `ProxyHttp` as a phase map).
+//! - [`proxy::admit`]: admission (route allow-list, device token, body limit), shared by both.
+//! - [`proxy::respond`]: the only writer of device-facing error responses.
+//! - [`admin`]: the admin API on its own listener; [`metrics`]: Prometheus, no globals.
+//! - [`config`]: file shape → validated config, all errors at once.
+//! - [`server`]: pingora `Server` assembly, port reservation, SIGTERM drain.
+//! - [`sandbox_cmd`]: `fleetgate sandbox`, the gateway wired to the built-in upstream.
+
+pub mod admin;
+pub mod config;
+pub mod devices;
+pub mod listener;
+pub mod logid;
+pub mod metrics;
+pub mod proxy;
+pub mod sandbox_cmd;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+pub mod tokens;
+pub mod upstream;
+pub mod ws;

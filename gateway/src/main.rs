@@ -1,1 +1,99 @@
-fn main() {}
+//! The `fleetgate` binary: CLI → config → services.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use base64::Engine as _;
+use clap::{Parser, Subcommand};
+use gateway::{config, sandbox_cmd, server, telemetry};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "fleetgate", version, about = "Edge gateway between device fleets and the Coze Open API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, short = 'c', default_value = "config.toml")]
+        config: PathBuf,
+        /// Print `{"device_addr","admin_addr"}` as one JSON line on stdout once listening.
+        #[arg(long)]
+        ready_json: bool,
+    },
+    /// Validate a config file (and the secrets it references); print every error.
+    CheckConfig {
+        #[arg(long, short = 'c', default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Print a new gateway signing key.
+    Keygen {
+        #[arg(long, default_value = "k1")]
+        kid: String,
+    },
+    /// Run the built-in Coze-compatible upstream and a gateway wired to it.
+    Sandbox {
+        /// Device API port (0 = any free port).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Admin API port (0 = any free port).
+        #[arg(long, default_value_t = 9090)]
+        admin_port: u16,
+        /// Sandbox upstream port (0 = any free port).
+        #[arg(long, default_value_t = 0)]
+        upstream_port: u16,
+        /// Delay between SSE events of the sandbox upstream, ms.
+        #[arg(long, default_value_t = 20)]
+        sse_delay_ms: u64,
+        /// Print the URLs and tokens as one JSON line (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleetgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config: path, ready_json } => {
+            let cfg = config::load_file(&path, &config::process_env).map_err(|e| anyhow::anyhow!("{e}"))?;
+            telemetry::init(&cfg.log);
+            server::run(cfg, move |ready, _| {
+                if ready_json {
+                    println!("{}", serde_json::to_string(ready).unwrap_or_default());
+                    use std::io::Write as _;
+                    let _ = std::io::stdout().flush();
+                }
+            })
+        }
+        Command::CheckConfig { config: path } => {
+            config::load_file(&path, &config::process_env).map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{}: ok", path.display());
+            Ok(())
+        }
+        Command::Keygen { kid } => {
+            let key: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
+            let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+            println!("# kid = \"{kid}\"; keep the key secret (env var or file), e.g.:");
+            println!("FLEETGATE_SIGNING_KEY_{}={b64}", kid.to_uppercase().replace(['-', '.'], "_"));
+            Ok(())
+        }
+        Command::Sandbox { port, admin_port, upstream_port, sse_delay_ms, json } => {
+            sandbox_cmd::run(sandbox_cmd::SandboxOptions { port, admin_port, upstream_port, json, sse_delay_ms })
+        }
+    }
+}

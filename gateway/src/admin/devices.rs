@@ -1,0 +1,130 @@
+//! `/admin/v1/devices…`: register (one or many), get, mint tokens.
+
+use std::collections::BTreeMap;
+
+use http::StatusCode;
+use policy::ids::DeviceId;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{AdminError, AdminRequest, AdminResult, method_not_allowed};
+use crate::devices::Registered;
+use crate::state::{GatewayState, now_s};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewDevice {
+    device_id: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RegisterBody {
+    Many { devices: Vec<NewDevice> },
+    One(NewDevice),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    duration_seconds: Option<u64>,
+}
+
+/// Longest accepted label key/value and most labels per device.
+const MAX_LABEL_LEN: usize = 256;
+const MAX_LABELS: usize = 32;
+/// Most devices in one bulk registration.
+const MAX_BULK: usize = 10_000;
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!("at most {MAX_LABELS} labels per device"));
+    }
+    if labels.iter().any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN) {
+        return Err(format!("label keys must be 1-{MAX_LABEL_LEN} bytes and values at most {MAX_LABEL_LEN}"));
+    }
+    Ok(())
+}
+
+fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
+    let body: RegisterBody = req.json()?;
+    let now = now_s();
+    match body {
+        RegisterBody::One(d) => {
+            let id = DeviceId::parse(&d.device_id).map_err(|e| AdminError::bad_request(format!("device_id: {e}")))?;
+            check_labels(&d.labels).map_err(AdminError::bad_request)?;
+            let (dev, outcome) = state.devices.register(id, d.labels, now);
+            state.metrics.devices.set(state.devices.len() as i64);
+            let status = if outcome == Registered::Created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok((status, json!({"device": dev.view(), "created": outcome == Registered::Created})))
+        }
+        RegisterBody::Many { devices } => {
+            if devices.is_empty() || devices.len() > MAX_BULK {
+                return Err(AdminError::bad_request(format!("`devices` must hold 1-{MAX_BULK} entries")));
+            }
+            // Validate everything first: a bad entry registers nothing.
+            let mut parsed = Vec::with_capacity(devices.len());
+            let mut errors = Vec::new();
+            for (i, d) in devices.into_iter().enumerate() {
+                match (DeviceId::parse(&d.device_id), check_labels(&d.labels)) {
+                    (Ok(id), Ok(())) => parsed.push((id, d.labels)),
+                    (Err(e), _) => errors.push(format!("devices[{i}].device_id: {e}")),
+                    (_, Err(e)) => errors.push(format!("devices[{i}].labels: {e}")),
+                }
+            }
+            if !errors.is_empty() {
+                errors.truncate(20);
+                return Err(AdminError::bad_request(errors.join("; ")));
+            }
+            let (mut created, mut existing) = (0u64, 0u64);
+            for (id, labels) in parsed {
+                match state.devices.register(id, labels, now).1 {
+                    Registered::Created => created += 1,
+                    Registered::AlreadyExists => existing += 1,
+                }
+            }
+            state.metrics.devices.set(state.devices.len() as i64);
+            Ok((StatusCode::OK, json!({"created": created, "already_existed": existing})))
+        }
+    }
+}
+
+fn mint(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult {
+    let body: TokenBody = req.json_or_default()?;
+    match crate::tokens::mint_for_device(state, id, body.duration_seconds, "admin", None) {
+        Ok(m) => Ok((
+            StatusCode::OK,
+            json!({"access_token": m.access_token, "expires_in": m.expires_in, "token_type": "Bearer"}),
+        )),
+        Err(crate::tokens::MintError::UnknownDevice) => Err(AdminError::not_found("device not found")),
+        Err(e) => Err(AdminError::bad_request(e.to_string())),
+    }
+}
+
+pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
+    let path = req.path.as_str();
+    if path == "/admin/v1/devices" {
+        return match req.method.as_str() {
+            "POST" => register(state, req),
+            _ => Err(method_not_allowed()),
+        };
+    }
+    let Some(rest) = path.strip_prefix("/admin/v1/devices/") else {
+        return Err(AdminError::not_found("no such admin route"));
+    };
+    let mut parts = rest.split('/');
+    let raw_id = parts.next().unwrap_or_default();
+    let id = DeviceId::parse(raw_id).map_err(|e| AdminError::bad_request(format!("device_id: {e}")))?;
+    match (req.method.as_str(), parts.next(), parts.next()) {
+        ("GET", None, _) => {
+            let d = state.devices.get(&id).ok_or_else(|| AdminError::not_found("device not found"))?;
+            Ok((StatusCode::OK, json!({"device": d.view()})))
+        }
+        ("POST", Some("tokens"), None) => mint(state, &id, req),
+        (_, None, _) | (_, Some("tokens"), None) => Err(method_not_allowed()),
+        _ => Err(AdminError::not_found("no such admin route")),
+    }
+}
+

@@ -1,0 +1,199 @@
+//! The admin API on its own listener (never reachable from the device listener).
+//!
+//! Unauthenticated: `GET /healthz`, `GET /readyz`, `GET /metrics` (bind the admin listener to a
+//! private address). Everything else needs `Authorization: Bearer <admin token>`, compared in
+//! constant time. Answers are JSON; errors use Coze's envelope `{"code","msg","detail"}` with
+//! a 4xx status, never a 5xx for bad input.
+
+mod devices;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::{Value, json};
+
+use crate::state::{SharedState, now_ms};
+
+/// Largest admin request body (bulk registration of thousands of devices fits).
+const MAX_BODY: usize = 8 << 20;
+
+pub struct AdminApp {
+    pub state: SharedState,
+}
+
+/// An admin API error: HTTP status, Coze-style code, message.
+#[derive(Debug)]
+pub struct AdminError {
+    pub status: StatusCode,
+    pub code: u32,
+    pub msg: String,
+}
+
+impl AdminError {
+    pub fn bad_request(msg: impl Into<String>) -> AdminError {
+        AdminError { status: StatusCode::BAD_REQUEST, code: 4000, msg: msg.into() }
+    }
+    pub fn not_found(msg: impl Into<String>) -> AdminError {
+        AdminError { status: StatusCode::NOT_FOUND, code: 4200, msg: msg.into() }
+    }
+    fn unauthorized() -> AdminError {
+        AdminError { status: StatusCode::UNAUTHORIZED, code: 4100, msg: "admin token missing or invalid".into() }
+    }
+    fn method_not_allowed() -> AdminError {
+        AdminError { status: StatusCode::METHOD_NOT_ALLOWED, code: 4000, msg: "method not allowed".into() }
+    }
+    fn too_large() -> AdminError {
+        AdminError { status: StatusCode::PAYLOAD_TOO_LARGE, code: 4000, msg: "request body too large".into() }
+    }
+}
+
+pub type AdminResult = Result<(StatusCode, Value), AdminError>;
+
+/// A parsed admin request.
+pub struct AdminRequest {
+    pub method: Method,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    pub body: Bytes,
+}
+
+impl AdminRequest {
+    /// The body as JSON of type `T`, with a 400 naming the problem otherwise.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, AdminError> {
+        if self.body.is_empty() {
+            return Err(AdminError::bad_request("a JSON body is required"));
+        }
+        serde_json::from_slice(&self.body).map_err(|e| AdminError::bad_request(format!("invalid JSON body: {e}")))
+    }
+    /// The body as JSON, or `T::default()` when empty.
+    pub fn json_or_default<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, AdminError> {
+        if self.body.is_empty() {
+            return Ok(T::default());
+        }
+        self.json()
+    }
+}
+
+/// Constant-time equality of two secrets (compares SHA-256 digests, so lengths leak nothing).
+pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
+    let da = ring::digest::digest(&ring::digest::SHA256, a);
+    let db = ring::digest::digest(&ring::digest::SHA256, b);
+    da.as_ref().iter().zip(db.as_ref()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse_query(q: Option<&str>) -> BTreeMap<String, String> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_owned(), v.replace("%20", " ").replace('+', " "))
+        })
+        .collect()
+}
+
+fn respond(status: StatusCode, body: &Value, logid: &str) -> Response<Vec<u8>> {
+    let bytes = body.to_string().into_bytes();
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("content-length", bytes.len())
+        .header("x-tt-logid", logid)
+        .body(bytes)
+        .unwrap_or_else(|_| Response::new(Vec::new()))
+}
+
+impl AdminApp {
+    async fn read_body(session: &mut ServerSession) -> Result<Bytes, AdminError> {
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_BODY {
+                        return Err(AdminError::too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(Bytes::from(body)),
+                Err(_) => return Err(AdminError::bad_request("could not read the request body")),
+            }
+        }
+    }
+
+    async fn route(&self, session: &mut ServerSession) -> AdminResult {
+        let req = session.req_header();
+        let method = req.method.clone();
+        let path = req.uri.path().to_owned();
+        let query = parse_query(req.uri.query());
+        let authorized = crate::proxy::admit::bearer(
+            req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
+        )
+        .is_some_and(|t| secrets_equal(t.as_bytes(), self.state.config.admin_token.expose().as_bytes()));
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/healthz") => return Ok((StatusCode::OK, json!({"status": "ok"}))),
+            ("GET", "/readyz") => {
+                let ready = self.state.is_ready();
+                let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let phase = format!("{:?}", self.state.phase()).to_lowercase();
+                return Ok((status, json!({"ready": ready, "phase": phase})));
+            }
+            _ => {}
+        }
+        if !authorized {
+            return Err(AdminError::unauthorized());
+        }
+        let body = Self::read_body(session).await?;
+        let req = AdminRequest { method, path, query, body };
+        devices::route(&self.state, &req)
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let logid = crate::logid::new_logid(now_ms());
+        let is_metrics = session.req_header().uri.path() == "/metrics"
+            && session.req_header().method == Method::GET;
+        if is_metrics {
+            let body = self.state.metrics.encode();
+            self.state.metrics.admin_requests.with_label_values(&["2xx"]).inc();
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "text/plain; version=0.0.4")
+                .header("content-length", body.len())
+                .body(body)
+                .unwrap_or_else(|_| Response::new(Vec::new()));
+        }
+        let (status, body) = match self.route(session).await {
+            Ok((status, v)) => (status, v),
+            Err(e) => (e.status, json!({"code": e.code, "msg": e.msg, "detail": {"logid": logid}})),
+        };
+        self.state
+            .metrics
+            .admin_requests
+            .with_label_values(&[crate::metrics::status_class(status.as_u16())])
+            .inc();
+        respond(status, &body, &logid)
+    }
+}
+
+/// Used by routes for unsupported methods on known paths.
+pub fn method_not_allowed() -> AdminError {
+    AdminError::method_not_allowed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_compare_is_correct() {
+        assert!(secrets_equal(b"abc", b"abc"));
+        assert!(!secrets_equal(b"abc", b"abd"));
+        assert!(!secrets_equal(b"abc", b"abcd"));
+    }
+}

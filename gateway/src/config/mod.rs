@@ -1,0 +1,440 @@
+//! Configuration: [`raw`] mirrors the file; [`GatewayConfig`] is what the code needs.
+//!
+//! [`load_str`] parses and validates in one go and reports *every* problem with its key path
+//! (`upstream.base_url: ...`). Secrets are never in the file: it names environment variables
+//! (or files) and validation reads them through an injected lookup, so tests need no real
+//! environment. `Debug` on [`Secret`] is redacted.
+
+pub mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine as _;
+use policy::route::RouteTable;
+use policy::token::Keyring;
+
+pub use raw::{LogFormat, UpstreamAuthMode};
+
+/// A secret value. `Debug` prints `<redacted>`; there is no `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// One upstream endpoint (REST or WebSocket).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl UpstreamTarget {
+    /// `host[:port]` as sent in `Host` (port omitted when it is the scheme default).
+    pub fn authority(&self) -> String {
+        if (self.tls && self.port == 443) || (!self.tls && self.port == 80) {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// How fleetgate authenticates to the upstream.
+#[derive(Clone, Debug)]
+pub enum UpstreamAuth {
+    /// One PAT / service token for every call, plus `X-Coze-DeviceInfo`.
+    Pat(Secret),
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamSettings {
+    pub rest: UpstreamTarget,
+    pub ws: UpstreamTarget,
+    pub auth: UpstreamAuth,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub total_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct WsSettings {
+    pub ping_interval: Option<Duration>,
+    pub buffer_bytes: usize,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenSettings {
+    pub keyring: Keyring,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+    pub access_log: bool,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub device_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub admin_token: Secret,
+    pub upstream: UpstreamSettings,
+    pub routes: RouteTable,
+    pub ws: WsSettings,
+    pub tokens: TokenSettings,
+    pub log: LogSettings,
+}
+
+/// One problem, with the key path it concerns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in a config file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration error(s):", self.0.len())?;
+        for e in &self.0 {
+            if e.path.is_empty() {
+                writeln!(f, "  - {}", e.message)?;
+            } else {
+                writeln!(f, "  - `{}`: {}", e.path, e.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Collector(Vec<ConfigError>);
+
+impl Collector {
+    fn err(&mut self, path: &str, message: impl Into<String>) {
+        self.0.push(ConfigError { path: path.to_owned(), message: message.into() });
+    }
+}
+
+/// Reads an environment variable (injected so tests control it).
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment.
+pub fn process_env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
+}
+
+/// Parses and validates a config file's text.
+pub fn load_str(text: &str, env: EnvLookup<'_>) -> Result<GatewayConfig, ConfigErrors> {
+    let file: raw::ConfigFile = toml::from_str(text).map_err(|e| {
+        ConfigErrors(vec![ConfigError { path: String::new(), message: e.to_string() }])
+    })?;
+    validate(file, env)
+}
+
+/// Reads, parses and validates a config file.
+pub fn load_file(path: &std::path::Path, env: EnvLookup<'_>) -> Result<GatewayConfig, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: format!("cannot read {}: {e}", path.display()),
+        }])
+    })?;
+    load_str(&text, env)
+}
+
+fn parse_addr(c: &mut Collector, path: &str, s: &str) -> Option<SocketAddr> {
+    match s.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            c.err(path, format!("`{s}` is not an IP:port address"));
+            None
+        }
+    }
+}
+
+fn parse_target(c: &mut Collector, path: &str, s: &str, ws: bool) -> Option<UpstreamTarget> {
+    let uri = match s.parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(e) => {
+            c.err(path, format!("`{s}` is not a URL: {e}"));
+            return None;
+        }
+    };
+    let tls = match (uri.scheme_str(), ws) {
+        (Some("https"), false) | (Some("wss"), true) => true,
+        (Some("http"), false) | (Some("ws"), true) => false,
+        _ => {
+            let want = if ws { "ws:// or wss://" } else { "http:// or https://" };
+            c.err(path, format!("`{s}` must start with {want}"));
+            return None;
+        }
+    };
+    let Some(host) = uri.host() else {
+        c.err(path, format!("`{s}` has no host"));
+        return None;
+    };
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        c.err(path, format!("`{s}` must not have a path or query"));
+        return None;
+    }
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    Some(UpstreamTarget { tls, host: host.trim_matches(['[', ']']).to_owned(), port })
+}
+
+/// `https://api.coze.cn` → `wss://ws.coze.cn`, as the Coze SDKs derive it.
+pub fn derive_ws_base(base: &str) -> String {
+    let s = base.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
+    s.replacen("://api.", "://ws.", 1).replacen("://api-", "://ws-", 1)
+}
+
+fn secret_from_env(c: &mut Collector, env: EnvLookup<'_>, path: &str, var: &str) -> Option<Secret> {
+    match env(var) {
+        Some(v) => Some(Secret::new(v.trim())),
+        None => {
+            c.err(path, format!("environment variable `{var}` is not set"));
+            None
+        }
+    }
+}
+
+fn keyring(c: &mut Collector, env: EnvLookup<'_>, t: &raw::TokensConfig) -> Option<Keyring> {
+    if t.signing_keys.is_empty() {
+        c.err("tokens.signing_keys", "at least one signing key is required (see `fleetgate keygen`)");
+        return None;
+    }
+    let mut keys: Vec<(String, Vec<u8>)> = Vec::new();
+    for (i, k) in t.signing_keys.iter().enumerate() {
+        let path = format!("tokens.signing_keys[{i}]");
+        let text = match (&k.secret_env, &k.secret_file) {
+            (Some(var), None) => match env(var) {
+                Some(v) => v,
+                None => {
+                    c.err(&format!("{path}.secret_env"), format!("environment variable `{var}` is not set"));
+                    continue;
+                }
+            },
+            (None, Some(file)) => match std::fs::read_to_string(file) {
+                Ok(v) => v,
+                Err(e) => {
+                    c.err(&format!("{path}.secret_file"), format!("cannot read `{file}`: {e}"));
+                    continue;
+                }
+            },
+            _ => {
+                c.err(&path, "set exactly one of `secret_env` and `secret_file`");
+                continue;
+            }
+        };
+        match base64::engine::general_purpose::STANDARD.decode(text.trim()) {
+            Ok(bytes) => keys.push((k.kid.clone(), bytes)),
+            Err(_) => c.err(&path, "the key is not base64 (use `fleetgate keygen`)"),
+        }
+    }
+    if keys.len() != t.signing_keys.len() {
+        return None;
+    }
+    let active = t.active_kid.clone().unwrap_or_else(|| keys[0].0.clone());
+    match Keyring::new(keys.iter().map(|(k, v)| (k.as_str(), v.as_slice())), &active) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            c.err("tokens", e.to_string());
+            None
+        }
+    }
+}
+
+fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, ConfigErrors> {
+    let mut c = Collector(Vec::new());
+    let threads = f.server.threads.unwrap_or(2);
+    if threads == 0 || threads > 256 {
+        c.err("server.threads", "must be between 1 and 256");
+    }
+    let device_addr = parse_addr(&mut c, "device_listener.addr", &f.device_listener.addr);
+    let admin_addr = parse_addr(&mut c, "admin_listener.addr", &f.admin_listener.addr);
+    if let (Some(d), Some(a)) = (device_addr, admin_addr)
+        && d == a
+        && d.port() != 0
+    {
+        c.err("admin_listener.addr", "must differ from `device_listener.addr`");
+    }
+    let admin_token = secret_from_env(&mut c, env, "admin_listener.token_env", &f.admin_listener.token_env);
+    if let Some(t) = &admin_token
+        && t.expose().len() < 16
+    {
+        c.err("admin_listener.token_env", "the admin token must be at least 16 characters");
+    }
+    let rest = parse_target(&mut c, "upstream.base_url", &f.upstream.base_url, false);
+    let ws_base = f.upstream.ws_base_url.clone().unwrap_or_else(|| derive_ws_base(&f.upstream.base_url));
+    let ws = parse_target(&mut c, "upstream.ws_base_url", &ws_base, true);
+    let auth = match f.upstream.auth {
+        UpstreamAuthMode::Pat => {
+            secret_from_env(&mut c, env, "upstream.pat_env", &f.upstream.pat_env).map(UpstreamAuth::Pat)
+        }
+        UpstreamAuthMode::Jwt => {
+            c.err("upstream.auth", "`jwt` mode is not available in this build yet; use `pat`");
+            None
+        }
+    };
+    for (path, d) in [
+        ("upstream.connect_timeout", f.upstream.connect_timeout),
+        ("upstream.read_timeout", f.upstream.read_timeout),
+        ("upstream.stream_idle_timeout", f.upstream.stream_idle_timeout),
+        ("upstream.total_timeout", f.upstream.total_timeout),
+        ("websocket.handshake_timeout", f.websocket.handshake_timeout),
+    ] {
+        if d.is_zero() {
+            c.err(path, "must be greater than 0");
+        }
+    }
+    let prefixes = f.routes.allow.clone().unwrap_or_else(RouteTable::default_prefixes);
+    for (i, p) in prefixes.iter().enumerate() {
+        if !p.starts_with('/') {
+            c.err(&format!("routes.allow[{i}]"), format!("`{p}` must start with `/`"));
+        }
+    }
+    if f.routes.body_limit_bytes == 0 {
+        c.err("routes.body_limit_bytes", "must be greater than 0");
+    }
+    if f.routes.workflow_body_limit_bytes == 0 {
+        c.err("routes.workflow_body_limit_bytes", "must be greater than 0");
+    }
+    if !(512..=1 << 20).contains(&f.websocket.buffer_bytes) {
+        c.err("websocket.buffer_bytes", "must be between 512 and 1048576");
+    }
+    if f.tokens.max_ttl > Duration::from_secs(86399) || f.tokens.max_ttl.is_zero() {
+        c.err("tokens.max_ttl", "must be between 1s and 86399s");
+    }
+    if f.tokens.default_ttl > f.tokens.max_ttl || f.tokens.default_ttl.is_zero() {
+        c.err("tokens.default_ttl", "must be greater than 0 and at most `tokens.max_ttl`");
+    }
+    let keyring = keyring(&mut c, env, &f.tokens);
+    if tracing_subscriber::EnvFilter::try_new(&f.log.level).is_err() {
+        c.err("log.level", format!("`{}` is not a valid filter (e.g. `info`)", f.log.level));
+    }
+    if f.server.grace_period > Duration::from_secs(3600) {
+        c.err("server.grace_period", "must be at most 1h");
+    }
+
+    let (Some(device_addr), Some(admin_addr), Some(admin_token), Some(rest), Some(ws), Some(auth), Some(keyring)) =
+        (device_addr, admin_addr, admin_token, rest, ws, auth, keyring)
+    else {
+        return Err(ConfigErrors(c.0));
+    };
+    if !c.0.is_empty() {
+        return Err(ConfigErrors(c.0));
+    }
+    Ok(GatewayConfig {
+        threads,
+        grace_period: f.server.grace_period,
+        device_addr,
+        admin_addr,
+        admin_token,
+        upstream: UpstreamSettings {
+            rest,
+            ws,
+            auth,
+            connect_timeout: f.upstream.connect_timeout,
+            read_timeout: f.upstream.read_timeout,
+            stream_idle_timeout: f.upstream.stream_idle_timeout,
+            total_timeout: f.upstream.total_timeout,
+        },
+        routes: RouteTable::new(prefixes, f.routes.body_limit_bytes, f.routes.workflow_body_limit_bytes),
+        ws: WsSettings {
+            ping_interval: (!f.websocket.ping_interval.is_zero()).then_some(f.websocket.ping_interval),
+            buffer_bytes: f.websocket.buffer_bytes,
+            handshake_timeout: f.websocket.handshake_timeout,
+        },
+        tokens: TokenSettings {
+            keyring,
+            default_ttl: f.tokens.default_ttl,
+            max_ttl: f.tokens.max_ttl,
+        },
+        log: LogSettings { format: f.log.format, level: f.log.level, access_log: f.log.access_log },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "FLEETGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".into()),
+            "COZE_API_TOKEN" => Some("pat_x".into()),
+            "KEY" => Some(base64::engine::general_purpose::STANDARD.encode([7u8; 32])),
+            _ => None,
+        }
+    }
+
+    const MINIMAL: &str = r#"
+        [tokens]
+        signing_keys = [{ kid = "k1", secret_env = "KEY" }]
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = load_str(MINIMAL, &env).unwrap();
+        assert_eq!(c.upstream.rest, UpstreamTarget { tls: true, host: "api.coze.cn".into(), port: 443 });
+        assert_eq!(c.upstream.ws, UpstreamTarget { tls: true, host: "ws.coze.cn".into(), port: 443 });
+        assert_eq!(c.tokens.keyring.active_kid(), "k1");
+        assert!(!format!("{c:?}").contains("admin-token-0123456789"), "secrets are redacted");
+    }
+
+    #[test]
+    fn misspelled_key_fails_with_its_path() {
+        let e = load_str("[upstream]\nbase_ur = \"x\"\n", &env).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("base_ur") && text.contains("upstream"), "{text}");
+    }
+
+    #[test]
+    fn all_errors_are_reported_at_once() {
+        let text = r#"
+            [server]
+            threads = 0
+            [device_listener]
+            addr = "nope"
+            [upstream]
+            base_url = "ftp://x"
+            pat_env = "MISSING_VAR"
+        "#;
+        let e = load_str(text, &env).unwrap_err();
+        let paths: Vec<_> = e.0.iter().map(|e| e.path.as_str()).collect();
+        for want in ["server.threads", "device_listener.addr", "upstream.base_url", "upstream.pat_env", "tokens.signing_keys"] {
+            assert!(paths.contains(&want), "{want} missing from {paths:?}");
+        }
+    }
+
+    #[test]
+    fn derives_ws_host_like_the_sdks() {
+        assert_eq!(derive_ws_base("https://api.coze.cn"), "wss://ws.coze.cn");
+        assert_eq!(derive_ws_base("http://127.0.0.1:9"), "ws://127.0.0.1:9");
+    }
+}

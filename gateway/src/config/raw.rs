@@ -1,0 +1,234 @@
+//! The file shape of `config.toml`: serde structs that mirror the file, strict about unknown
+//! keys. Nothing here is validated beyond types; see [`super::validate`].
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub device_listener: ListenerConfig,
+    #[serde(default)]
+    pub admin_listener: AdminListenerConfig,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub routes: RoutesConfig,
+    #[serde(default)]
+    pub websocket: WebSocketConfig,
+    #[serde(default)]
+    pub tokens: TokensConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Worker threads of the device listener.
+    pub threads: Option<usize>,
+    /// How long SIGTERM waits for streams to finish before closing them.
+    #[serde(default = "d_grace", with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { threads: None, grace_period: d_grace() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    #[serde(default = "d_device_addr")]
+    pub addr: String,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self { addr: d_device_addr() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminListenerConfig {
+    #[serde(default = "d_admin_addr")]
+    pub addr: String,
+    /// Environment variable holding the admin bearer token.
+    #[serde(default = "d_admin_token_env")]
+    pub token_env: String,
+}
+
+impl Default for AdminListenerConfig {
+    fn default() -> Self {
+        Self { addr: d_admin_addr(), token_env: d_admin_token_env() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamAuthMode {
+    #[default]
+    Pat,
+    Jwt,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(default = "d_base_url")]
+    pub base_url: String,
+    /// WebSocket base; derived from `base_url` (`https://api.` → `wss://ws.`) when absent.
+    pub ws_base_url: Option<String>,
+    #[serde(default)]
+    pub auth: UpstreamAuthMode,
+    /// Environment variable holding the PAT / service token for `auth = "pat"`.
+    #[serde(default = "d_pat_env")]
+    pub pat_env: String,
+    #[serde(default = "d_connect", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// REST: time to the first response byte, and the longest gap between body chunks.
+    #[serde(default = "d_read", with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Streaming routes (SSE): time to first byte and longest gap between events.
+    #[serde(default = "d_stream_idle", with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// Whole request/stream, WebSockets excepted.
+    #[serde(default = "d_total", with = "humantime_serde")]
+    pub total_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: d_base_url(),
+            ws_base_url: None,
+            auth: UpstreamAuthMode::Pat,
+            pat_env: d_pat_env(),
+            connect_timeout: d_connect(),
+            read_timeout: d_read(),
+            stream_idle_timeout: d_stream_idle(),
+            total_timeout: d_total(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesConfig {
+    /// Allowed path prefixes (a trailing `/` matches everything below).
+    pub allow: Option<Vec<String>>,
+    #[serde(default = "d_body_limit")]
+    pub body_limit_bytes: u64,
+    #[serde(default = "d_wf_body_limit")]
+    pub workflow_body_limit_bytes: u64,
+}
+
+impl Default for RoutesConfig {
+    fn default() -> Self {
+        Self { allow: None, body_limit_bytes: d_body_limit(), workflow_body_limit_bytes: d_wf_body_limit() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Ping the upstream after this long without upstream traffic (0 disables).
+    #[serde(default = "d_ping", with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// Per-direction relay buffer, bytes.
+    #[serde(default = "d_ws_buf")]
+    pub buffer_bytes: usize,
+    /// Longest time for the upstream WebSocket handshake.
+    #[serde(default = "d_connect", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self { ping_interval: d_ping(), buffer_bytes: d_ws_buf(), handshake_timeout: d_connect() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningKeyConfig {
+    pub kid: String,
+    /// Environment variable with the base64 key (as printed by `fleetgate keygen`).
+    pub secret_env: Option<String>,
+    /// File with the base64 key.
+    pub secret_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    /// Lifetime of gateway access tokens when the caller asks for none.
+    #[serde(default = "d_ttl", with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Longest lifetime a caller may ask for (at most 86399 s).
+    #[serde(default = "d_max_ttl", with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Gateway signing keys; `active_kid` signs, all verify.
+    #[serde(default)]
+    pub signing_keys: Vec<SigningKeyConfig>,
+    pub active_kid: Option<String>,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        Self { default_ttl: d_ttl(), max_ttl: d_max_ttl(), signing_keys: Vec::new(), active_kid: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// `tracing` filter directive, e.g. `info` or `info,pingora=warn`.
+    #[serde(default = "d_level")]
+    pub level: String,
+    /// Emit one access-log line per request/session.
+    #[serde(default = "d_true")]
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Json, level: d_level(), access_log: true }
+    }
+}
+
+fn d_grace() -> Duration { Duration::from_secs(30) }
+fn d_device_addr() -> String { "0.0.0.0:8080".into() }
+fn d_admin_addr() -> String { "127.0.0.1:9090".into() }
+fn d_admin_token_env() -> String { "FLEETGATE_ADMIN_TOKEN".into() }
+fn d_base_url() -> String { "https://api.coze.cn".into() }
+fn d_pat_env() -> String { "COZE_API_TOKEN".into() }
+fn d_connect() -> Duration { Duration::from_secs(5) }
+fn d_read() -> Duration { Duration::from_secs(60) }
+fn d_stream_idle() -> Duration { Duration::from_secs(120) }
+fn d_total() -> Duration { Duration::from_secs(1800) }
+fn d_body_limit() -> u64 { 15 << 20 }
+fn d_wf_body_limit() -> u64 { 20 << 20 }
+fn d_ping() -> Duration { Duration::from_secs(30) }
+fn d_ws_buf() -> usize { 4096 }
+fn d_ttl() -> Duration { Duration::from_secs(3600) }
+fn d_max_ttl() -> Duration { Duration::from_secs(86399) }
+fn d_level() -> String { "info".into() }
+fn d_true() -> bool { true }

@@ -1,0 +1,149 @@
+//! The device listener: a pingora [`ServerApp`] that reads each HTTP/1 request head itself.
+//!
+//! WebSocket upgrades are served by [`crate::ws`], fleetgate's own relay, instead of pingora's
+//! upgrade tunnel. That tunnel loses ~0.8% of sessions right after the 101 (pingora #946),
+//! cuts client-silent sessions at 60 s, resets sessions on shutdown and holds ~70 kB per idle
+//! session; owning the path fixes all four. Every other request is handed, with the bytes
+//! already read as a pipelined prefix (no copy), to pingora's [`HttpProxy`] running
+//! [`crate::proxy::Gateway`]. HTTP/2 (ALPN `h2`) goes straight to pingora; WebSocket over
+//! HTTP/2 is not supported by pingora, and clients fall back to HTTP/1.1 for it.
+//!
+//! The loop mirrors pingora's own HTTP/1 keep-alive loop (`apps::ServerApp` for
+//! `HttpServerApp`), with the head read in front of it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{ALPN, Stream};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use tokio::io::AsyncReadExt;
+
+use crate::proxy::Gateway;
+use crate::ws::WsRelay;
+
+/// Keep-alive idle time between requests on one connection.
+const KEEPALIVE: Duration = Duration::from_secs(60);
+/// Once a request has started arriving, its head must complete within this.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head accepted (pingora's own limit is larger; devices need far less).
+pub const MAX_HEAD: usize = 64 * 1024;
+
+pub struct DeviceApp {
+    pub proxy: Arc<HttpProxy<Gateway>>,
+    pub ws: Arc<WsRelay>,
+}
+
+/// Outcome of reading a request head.
+enum Head {
+    /// A complete head (and possibly bytes after it).
+    Complete(BytesMut),
+    /// Bytes that are not a parseable head; pingora answers them (400/431).
+    Unparsed(BytesMut),
+    /// Connection closed, timed out idle, or shutting down.
+    Closed,
+}
+
+async fn read_head(stream: &mut Stream, shutdown: &ShutdownWatch) -> Head {
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut shutdown = shutdown.clone();
+    // Wait for the first byte: idle keep-alive, ended early by shutdown.
+    let first = tokio::select! {
+        r = tokio::time::timeout(KEEPALIVE, stream.read_buf(&mut buf)) => r,
+        _ = shutdown.wait_for(|s| *s) => return Head::Closed,
+    };
+    match first {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return Head::Closed,
+    }
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => return Head::Complete(buf),
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            _ => return Head::Unparsed(buf),
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Incomplete head at EOF or timeout: let pingora answer what it can.
+            _ => return Head::Unparsed(buf),
+        }
+    }
+}
+
+/// True when the head is a WebSocket upgrade request (`GET` + `Upgrade: websocket`).
+pub fn is_websocket_upgrade(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) || req.method != Some("GET") {
+        return false;
+    }
+    req.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("upgrade")
+            && std::str::from_utf8(h.value)
+                .is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")))
+    })
+}
+
+#[async_trait]
+impl ServerApp for DeviceApp {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.proxy.process_new(stream, shutdown).await;
+        }
+        let mut stream = stream;
+        let mut persistent: Option<HttpPersistentSettings> = None;
+        loop {
+            let prefix = match read_head(&mut stream, shutdown).await {
+                Head::Complete(buf) if is_websocket_upgrade(&buf) => {
+                    self.ws.serve(stream, buf).await;
+                    return None;
+                }
+                Head::Complete(buf) | Head::Unparsed(buf) => buf,
+                Head::Closed => return None,
+            };
+            let mut session = ServerSession::new_http1(stream);
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            } else {
+                session.set_keepalive(Some(KEEPALIVE.as_secs()));
+            }
+            if let Some(p) = persistent.take() {
+                p.apply_to_session(&mut session);
+            }
+            session.set_pipelined_prefix(prefix);
+            let reused = self.proxy.process_new_http(session, shutdown).await?;
+            let (s, p) = reused.consume();
+            stream = s;
+            persistent = p;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_websocket_upgrades_only() {
+        assert!(is_websocket_upgrade(
+            b"GET /v1/chat?bot_id=1 HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\r\n"
+        ));
+        assert!(!is_websocket_upgrade(b"POST /v1/chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"));
+        assert!(!is_websocket_upgrade(b"GET /v3/chat HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(!is_websocket_upgrade(b"GET /v1/chat HTTP/1.1\r\nUpgrade: websocket\r\n"));
+    }
+}

@@ -1,0 +1,43 @@
+//! Request ids in Coze's `X-Tt-Logid` style: `YYYYMMDDhhmmss` (UTC) + 18 uppercase hex digits.
+
+/// Formats a log id for `unix_ms` with 72 random bits.
+pub fn new_logid(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    let r: u128 = rand::random::<u128>() & ((1u128 << 72) - 1);
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}{r:018X}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_timestamp_prefix() {
+        // 2026-11-21T05:32:14Z
+        let id = new_logid(1_795_325_534_000);
+        assert_eq!(&id[..14], "20261121053214");
+        assert_eq!(id.len(), 32);
+        assert!(id[14..].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
+    }
+}

@@ -1,0 +1,124 @@
+//! Prometheus metrics, registered on a registry passed in (no globals). Label values come
+//! from closed enums only; device ids never become labels. The catalog is `docs/metrics.md`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Latency buckets in seconds: 100 µs .. 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    /// `fleetgate_requests_total{route,protocol,status_class}`
+    pub requests: IntCounterVec,
+    /// `fleetgate_denials_total{reason}`
+    pub denials: IntCounterVec,
+    /// `fleetgate_request_duration_seconds{route,protocol}`: whole request, device's view.
+    pub duration: HistogramVec,
+    /// `fleetgate_upstream_first_byte_seconds{route,protocol}`
+    pub first_byte: HistogramVec,
+    /// `fleetgate_websocket_sessions` (gauge)
+    pub ws_sessions: IntGauge,
+    /// `fleetgate_sse_streams` (gauge)
+    pub sse_streams: IntGauge,
+    /// `fleetgate_relayed_bytes_total{direction}`
+    pub relayed_bytes: IntCounterVec,
+    /// `fleetgate_tokens_issued_total{grant}`
+    pub tokens_issued: IntCounterVec,
+    /// `fleetgate_upstream_errors_total{kind}`
+    pub upstream_errors: IntCounterVec,
+    /// `fleetgate_websocket_sessions_closed_total{by}`
+    pub ws_closed: IntCounterVec,
+    /// `fleetgate_admin_requests_total{status_class}`
+    pub admin_requests: IntCounterVec,
+    /// `fleetgate_devices` (gauge): registered devices.
+    pub devices: IntGauge,
+    /// `fleetgate_config_reloads_total`
+    pub reloads: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    pub fn register(registry: Registry) -> prometheus::Result<Metrics> {
+        let r = &registry;
+        let m = Metrics {
+            requests: counter_vec(r, "fleetgate_requests_total", "Device requests and WebSocket sessions by route class, protocol and status class.", &["route", "protocol", "status_class"])?,
+            denials: counter_vec(r, "fleetgate_denials_total", "Requests refused by the gateway, by deny reason.", &["reason"])?,
+            duration: histogram_vec(r, "fleetgate_request_duration_seconds", "Device-observed request duration (REST/SSE; WebSocket: session length).", &["route", "protocol"])?,
+            first_byte: histogram_vec(r, "fleetgate_upstream_first_byte_seconds", "Time from admission to the upstream's response header.", &["route", "protocol"])?,
+            ws_sessions: gauge(r, "fleetgate_websocket_sessions", "Open WebSocket sessions.")?,
+            sse_streams: gauge(r, "fleetgate_sse_streams", "Open SSE streams.")?,
+            relayed_bytes: counter_vec(r, "fleetgate_relayed_bytes_total", "Bytes relayed, by direction (uplink = device to upstream).", &["direction"])?,
+            tokens_issued: counter_vec(r, "fleetgate_tokens_issued_total", "Gateway access tokens issued, by grant.", &["grant"])?,
+            upstream_errors: counter_vec(r, "fleetgate_upstream_errors_total", "Upstream failures, by kind.", &["kind"])?,
+            ws_closed: counter_vec(r, "fleetgate_websocket_sessions_closed_total", "WebSocket sessions ended, by who ended them.", &["by"])?,
+            admin_requests: counter_vec(r, "fleetgate_admin_requests_total", "Admin API requests by status class.", &["status_class"])?,
+            devices: gauge(r, "fleetgate_devices", "Registered devices.")?,
+            reloads: {
+                let c = IntCounter::new("fleetgate_config_reloads_total", "Configuration reloads.")?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            registry,
+        };
+        for reason in policy::decision::DenyReason::ALL {
+            m.denials.with_label_values(&[reason.code()]);
+        }
+        Ok(m)
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "Metrics encoding failed.");
+        }
+        buf
+    }
+}
+
+/// `2xx`, `4xx`, ... for a status code.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}
+
+/// A bounded label for a pingora error.
+pub fn error_kind(e: &pingora::Error) -> &'static str {
+    use pingora::ErrorType::*;
+    match e.etype() {
+        ConnectTimedout | ConnectRefused | ConnectError | ConnectNoRoute | TLSHandshakeFailure => "connect",
+        ReadTimedout | WriteTimedout => "timeout",
+        ConnectionClosed | ReadError | WriteError => "connection",
+        HTTPStatus(_) => "status",
+        _ => "other",
+    }
+}

@@ -1,0 +1,115 @@
+//! Admission: route, device token, body limit. Used by the REST/SSE proxy and by the
+//! WebSocket path alike, so both refuse exactly the same requests.
+
+use policy::decision::{DenyReason, Denial};
+use policy::ids::DeviceId;
+use policy::route::Route;
+use policy::token::{self, TokenError};
+
+use crate::state::GatewayState;
+
+/// Proof that a request passed admission.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    pub device: DeviceId,
+    pub route: Route,
+}
+
+/// Clock skew tolerated on token `iat`, seconds.
+const IAT_LEEWAY_S: u64 = 60;
+
+/// The token from `Authorization: Bearer <token>`.
+pub fn bearer(header: Option<&[u8]>) -> Option<&str> {
+    let v = std::str::from_utf8(header?).ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim()).filter(|t| !t.is_empty())
+}
+
+/// The token from an `authorization=Bearer <token>` query parameter (WebSocket clients that
+/// cannot set headers), tolerating a raw space, `%20` or `+`.
+pub fn bearer_from_query(query: &str) -> Option<String> {
+    for pair in query.split('&') {
+        if let Some(v) = pair.strip_prefix("authorization=") {
+            let v = v.replace("%20", " ").replace('+', " ");
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            return scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| rest.trim().to_owned())
+                .filter(|t| !t.is_empty() && !t.contains('%'));
+        }
+    }
+    None
+}
+
+/// Removes the `authorization` parameter from a query string (it must not reach upstream).
+pub fn strip_authorization_param(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("authorization="))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn token_denial(e: TokenError) -> Denial {
+    let msg = match e {
+        TokenError::Expired => "access token expired",
+        TokenError::Revoked => "access token revoked",
+        TokenError::DeviceDisabled => "device disabled",
+        _ => "access token invalid",
+    };
+    Denial::new(DenyReason::InvalidToken, msg)
+}
+
+/// Verifies a device token with no I/O: signature, lifetime, then the device's current
+/// status in the in-memory registry.
+pub fn verify_token(state: &GatewayState, token: &str, now_s: u64) -> Result<DeviceId, Denial> {
+    let claims = state
+        .config
+        .tokens
+        .keyring
+        .verify(token, now_s, IAT_LEEWAY_S)
+        .map_err(token_denial)?;
+    let status = state.devices.get(&claims.sub).map(|d| d.status());
+    token::check_device(&claims, status).map_err(token_denial)?;
+    Ok(claims.sub)
+}
+
+/// The whole admission chain for a proxied request.
+pub fn admit(
+    state: &GatewayState,
+    path: &str,
+    token: Option<&str>,
+    content_length: Option<u64>,
+    now_s: u64,
+) -> Result<Admission, Denial> {
+    let route = state.config.routes.resolve(path)?;
+    let token = token.ok_or(Denial::new(DenyReason::MissingToken, "missing access token"))?;
+    let device = verify_token(state, token, now_s)?;
+    if content_length.is_some_and(|n| n > route.body_limit) {
+        return Err(Denial::new(DenyReason::BodyTooLarge, "request body too large"));
+    }
+    Ok(Admission { device, route })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer(Some(b"Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some(b"bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(Some(b"Basic abc")), None);
+        assert_eq!(bearer(Some(b"Bearer ")), None);
+        assert_eq!(bearer(None), None);
+    }
+
+    #[test]
+    fn query_token_parsing_and_stripping() {
+        for q in ["bot_id=1&authorization=Bearer%20t.k", "authorization=Bearer+t.k", "authorization=Bearer t.k&x=1"] {
+            assert_eq!(bearer_from_query(q).as_deref(), Some("t.k"), "{q}");
+        }
+        assert_eq!(strip_authorization_param("bot_id=1&authorization=Bearer%20x&device_id=2"), "bot_id=1&device_id=2");
+        assert_eq!(strip_authorization_param("authorization=Bearer%20x"), "");
+    }
+}

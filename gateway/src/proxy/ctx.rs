@@ -1,0 +1,61 @@
+//! Per-request state, grouped by concern.
+
+use std::time::Instant;
+
+use policy::decision::DenyReason;
+
+use super::admit::Admission;
+
+/// How the response is being relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    Rest,
+    Sse,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Rest => "rest",
+            Protocol::Sse => "sse",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// The gateway's log id for this request (`X-Tt-Logid` unless upstream sent one).
+    pub logid: String,
+    pub started: Instant,
+    pub admission: Option<Admission>,
+    pub denied: Option<DenyReason>,
+    pub protocol: Protocol,
+    pub first_byte_at: Option<Instant>,
+    pub upstream_logid: Option<String>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// Set once the SSE-stream gauge was incremented (so `logging` decrements it once).
+    pub sse_counted: bool,
+}
+
+impl RequestCtx {
+    pub fn new(logid: String) -> RequestCtx {
+        RequestCtx {
+            logid,
+            started: Instant::now(),
+            admission: None,
+            denied: None,
+            protocol: Protocol::Rest,
+            first_byte_at: None,
+            upstream_logid: None,
+            request_bytes: 0,
+            response_bytes: 0,
+            sse_counted: false,
+        }
+    }
+
+    pub fn route_label(&self) -> &'static str {
+        self.admission.as_ref().map_or("none", |a| a.route.class.as_str())
+    }
+}

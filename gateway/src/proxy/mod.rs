@@ -1,0 +1,171 @@
+//! The REST/SSE proxy: pingora's [`ProxyHttp`] as a phase map. Each phase reads what it needs
+//! from the session, calls a named module, and acts on the typed answer.
+//!
+//! | phase | module | what happens |
+//! |---|---|---|
+//! | `request_filter` | [`admit`] / [`respond`] | route, token, body limit; denials answered here |
+//! | `request_body_filter` | here | streamed body size enforced for chunked uploads |
+//! | `upstream_peer` | [`upstream::peer`] | upstream address and per-route timeouts |
+//! | `upstream_request_filter` | [`upstream::rewrite`] | upstream credentials, `X-Coze-DeviceInfo`, `Host` |
+//! | `response_filter` | here | `X-Tt-Logid`, SSE detection from the upstream's content type |
+//! | `response_body_filter` | here | total-time limit, byte counts (chunks pass unchanged) |
+//! | `fail_to_proxy` | [`respond`] | upstream failures → 502/504 in Coze's envelope |
+//! | `logging` | [`settle`] | metrics and the access log |
+//!
+//! WebSocket upgrades never reach this impl: `crate::listener` hands them to `crate::ws`.
+
+pub mod admit;
+pub mod ctx;
+pub mod respond;
+pub mod settle;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use policy::decision::{DenyReason, Denial};
+
+use ctx::{Protocol, RequestCtx};
+
+use crate::state::{SharedState, now_ms};
+use crate::upstream::ResolvedUpstream;
+
+pub struct Gateway {
+    pub state: SharedState,
+    pub rest: Arc<ResolvedUpstream>,
+}
+
+impl Gateway {
+    async fn deny(&self, session: &mut Session, ctx: &mut RequestCtx, denial: Denial) -> Result<bool> {
+        ctx.denied = Some(denial.reason);
+        respond::deny(session, &denial, &ctx.logid).await?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new(crate::logid::new_logid(now_ms()))
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        let content_length = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let token = admit::bearer(req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()));
+        let path = req.uri.path().to_owned();
+        match admit::admit(&self.state, &path, token, content_length, now_ms() / 1000) {
+            Ok(admission) => {
+                ctx.admission = Some(admission);
+                Ok(false)
+            }
+            Err(denial) => self.deny(session, ctx, denial).await,
+        }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.request_bytes += b.len() as u64;
+        }
+        let limit = ctx.admission.as_ref().map_or(0, |a| a.route.body_limit);
+        if ctx.request_bytes > limit {
+            ctx.denied = Some(DenyReason::BodyTooLarge);
+            return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the route limit");
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        Ok(upstream::peer(&self.rest, &self.state.config.upstream, session.req_header().uri.path()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let admission = ctx
+            .admission
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admission"))?;
+        upstream::rewrite(req, &self.rest, &self.state.config.upstream, admission)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.first_byte_at = Some(Instant::now());
+        match resp.headers.get("x-tt-logid").and_then(|v| v.to_str().ok()) {
+            Some(up) => ctx.upstream_logid = Some(up.to_owned()),
+            None => resp.insert_header("x-tt-logid", &ctx.logid)?,
+        }
+        let is_sse = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        if is_sse {
+            ctx.protocol = Protocol::Sse;
+            ctx.sse_counted = true;
+            self.state.metrics.sse_streams.inc();
+            resp.insert_header("x-accel-buffering", "no")?;
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(b) = body {
+            ctx.response_bytes += b.len() as u64;
+        }
+        if ctx.started.elapsed() > self.state.config.upstream.total_timeout {
+            return Error::e_explain(ErrorType::ReadTimedout, "total request time exceeded");
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let denial = respond::denial_for_error(e);
+        let code = match denial {
+            Some(d) => {
+                ctx.denied = Some(d.reason);
+                if let Err(we) = respond::deny(session, &d, &ctx.logid).await {
+                    tracing::debug!(error = %we, "Could not write the error response.");
+                }
+                d.reason.status_and_code().0
+            }
+            None => 0,
+        };
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        settle::finish(&self.state, session, e, ctx);
+    }
+}

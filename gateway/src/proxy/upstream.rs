@@ -1,0 +1,57 @@
+//! Upstream peer selection and request rewriting (credentials, attribution, `Host`).
+
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+
+use super::admit::Admission;
+use crate::config::{UpstreamAuth, UpstreamSettings};
+use crate::upstream::ResolvedUpstream;
+
+/// Routes whose answers may be SSE streams get the stream idle timeout instead of the REST one.
+fn may_stream(path: &str) -> bool {
+    path.starts_with("/v3/chat")
+        || path.starts_with("/v1/workflow/stream_")
+        || path.starts_with("/v1/workflows/chat")
+}
+
+/// The peer for a proxied request, with per-route timeouts.
+pub fn peer(up: &ResolvedUpstream, settings: &UpstreamSettings, path: &str) -> Box<HttpPeer> {
+    let t = &up.target;
+    let mut peer = HttpPeer::new(up.addr(), t.tls, t.host.clone());
+    peer.options.connection_timeout = Some(settings.connect_timeout);
+    peer.options.total_connection_timeout = Some(settings.connect_timeout);
+    peer.options.read_timeout = Some(if may_stream(path) {
+        settings.stream_idle_timeout
+    } else {
+        settings.read_timeout
+    });
+    peer.options.write_timeout = Some(settings.read_timeout);
+    peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+    Box::new(peer)
+}
+
+/// `{"device_id":"<id>"}` for `X-Coze-DeviceInfo`. Device ids are validated to contain no
+/// characters that need JSON escaping, but serialise properly anyway.
+pub fn device_info_header(device: &str) -> String {
+    serde_json::json!({ "device_id": device }).to_string()
+}
+
+/// Replaces the device's credentials with the upstream's and attributes the call.
+pub fn rewrite(
+    req: &mut RequestHeader,
+    up: &ResolvedUpstream,
+    settings: &UpstreamSettings,
+    admission: &Admission,
+) -> Result<()> {
+    req.remove_header("authorization");
+    req.remove_header("x-coze-deviceinfo");
+    match &settings.auth {
+        UpstreamAuth::Pat(pat) => {
+            req.insert_header("authorization", format!("Bearer {}", pat.expose()))?;
+        }
+    }
+    // Attribution on every call (Coze ignores it where it doesn't apply).
+    req.insert_header("x-coze-deviceinfo", device_info_header(admission.device.as_str()))?;
+    req.insert_header("host", up.target.authority())?;
+    Ok(())
+}

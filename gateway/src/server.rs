@@ -1,0 +1,156 @@
+//! Assembles the pingora [`Server`]: the device listener, the admin listener, and the
+//! shutdown sequence; runs it until a signal.
+//!
+//! Port `0` in a listener address picks a free port without a race: the port is reserved by
+//! binding (not listening) a socket with `SO_REUSEPORT`, and pingora's listener joins it with
+//! the same option. The actual addresses are reported through [`Ready`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::listeners::TcpSocketOptions;
+use pingora::proxy::http_proxy;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
+use crate::config::GatewayConfig;
+use crate::listener::DeviceApp;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::state::{GatewayState, Phase, SharedState};
+use crate::upstream::ResolvedUpstream;
+use crate::ws::WsRelay;
+
+/// The addresses a started gateway listens on.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Ready {
+    pub device_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+/// A socket holding a port for pingora's listener to join.
+fn reserve(addr: SocketAddr) -> std::io::Result<(SocketAddr, socket2::Socket)> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    s.set_reuse_port(true)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    let bound = s
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("reserved socket has no IP address"))?;
+    Ok((bound, s))
+}
+
+fn tcp_options() -> TcpSocketOptions {
+    let mut o = TcpSocketOptions::default();
+    o.so_reuseport = Some(true);
+    o
+}
+
+/// Waits for SIGTERM (drain, then graceful stop), SIGINT/SIGQUIT (fast stop).
+struct DrainOnSignal {
+    state: SharedState,
+}
+
+impl DrainOnSignal {
+    /// SIGTERM: readiness fails, new upgrades are refused, WebSockets get `close 1001`, SSE
+    /// streams get up to the grace period to finish.
+    async fn drain(&self) {
+        let grace = self.state.config.grace_period;
+        tracing::info!(grace_s = grace.as_secs_f64(), "SIGTERM: draining.");
+        self.state.set_phase(Phase::Draining);
+        let start = Instant::now();
+        let m = &self.state.metrics;
+        while start.elapsed() < grace && (m.ws_sessions.get() > 0 || m.sse_streams.get() > 0) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(
+            open_websockets = m.ws_sessions.get(),
+            open_sse = m.sse_streams.get(),
+            "Drain finished; stopping listeners."
+        );
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            tracing::error!("Cannot install signal handlers; stopping.");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = term.recv() => {
+                self.drain().await;
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = quit.recv() => ShutdownSignal::FastShutdown,
+        }
+    }
+}
+
+/// Builds everything and runs until a signal. `on_ready` is called once both listeners accept.
+pub fn run(config: GatewayConfig, on_ready: impl FnOnce(&Ready, &SharedState) + Send + 'static) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let (device_addr, device_hold) = reserve(config.device_addr).context("reserving the device listener address")?;
+    let (admin_addr, admin_hold) = reserve(config.admin_addr).context("reserving the admin listener address")?;
+    let rest = ResolvedUpstream::new(config.upstream.rest.clone())?;
+    let ws_up = ResolvedUpstream::new(config.upstream.ws.clone())?;
+    let metrics = Metrics::register(prometheus::Registry::new())?;
+    let threads = config.threads;
+    let state: SharedState = Arc::new(GatewayState::new(config, metrics));
+
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    let gateway = Gateway { state: state.clone(), rest };
+    let proxy = Arc::new(http_proxy(&conf, gateway));
+    let ws = Arc::new(WsRelay::new(state.clone(), ws_up));
+    let mut device = Service::new("fleetgate device API".to_owned(), DeviceApp { proxy, ws });
+    device.add_tcp_with_settings(&device_addr.to_string(), tcp_options());
+    device.threads = Some(threads);
+    server.add_service(device);
+
+    let mut admin = Service::new("fleetgate admin API".to_owned(), HttpServer::new_app(AdminApp { state: state.clone() }));
+    admin.add_tcp_with_settings(&admin_addr.to_string(), tcp_options());
+    admin.threads = Some(1);
+    server.add_service(admin);
+
+    let ready = Ready { device_addr, admin_addr };
+    let st = state.clone();
+    std::thread::Builder::new().name("fleetgate-ready".into()).spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let up = |a: SocketAddr| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok();
+        while Instant::now() < deadline && !(up(ready.device_addr) && up(ready.admin_addr)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Both listeners own their ports now.
+        drop(device_hold);
+        drop(admin_hold);
+        st.set_phase(Phase::Serving);
+        tracing::info!(device = %ready.device_addr, admin = %ready.admin_addr, "fleetgate is serving.");
+        on_ready(&ready, &st);
+    })?;
+
+    server.run(RunArgs { shutdown_signal: Box::new(DrainOnSignal { state }) });
+    Ok(())
+}

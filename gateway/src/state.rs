@@ -1,0 +1,71 @@
+//! Shared state handed to every service: configuration, device registry, keys, metrics and
+//! lifecycle flags. Per-request state lives in `proxy::ctx::RequestCtx` instead.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use crate::config::GatewayConfig;
+use crate::devices::DeviceRegistry;
+use crate::metrics::Metrics;
+
+/// Where the gateway is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    Serving,
+    /// SIGTERM received: readiness fails, new upgrades are refused, streams are closing.
+    Draining,
+}
+
+pub struct GatewayState {
+    pub config: GatewayConfig,
+    pub devices: DeviceRegistry,
+    pub metrics: Metrics,
+    ready: AtomicBool,
+    phase: watch::Sender<Phase>,
+}
+
+pub type SharedState = Arc<GatewayState>;
+
+impl GatewayState {
+    pub fn new(config: GatewayConfig, metrics: Metrics) -> GatewayState {
+        GatewayState {
+            config,
+            devices: DeviceRegistry::default(),
+            metrics,
+            ready: AtomicBool::new(false),
+            phase: watch::channel(Phase::Starting).0,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// A receiver that sees phase changes (WebSocket relays watch it to close on drain).
+    pub fn watch_phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    pub fn set_phase(&self, p: Phase) {
+        self.phase.send_replace(p);
+        self.ready.store(p == Phase::Serving, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// Wall clock in unix milliseconds (the gateway's only clock read for tokens and log ids).
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Wall clock in unix seconds.
+pub fn now_s() -> u64 {
+    now_ms() / 1000
+}

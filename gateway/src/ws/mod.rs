@@ -1,0 +1,367 @@
+//! fleetgate's own WebSocket path: admission, the upstream handshake, and a byte relay.
+//!
+//! Frames pass unchanged in both directions and are flushed as soon as they are read; close
+//! frames therefore pass at once. The relay follows frame boundaries ([`frames::FrameCursor`])
+//! so that it can inject frames of its own only between frames:
+//! - on drain (SIGTERM) the device gets `close 1001` with a reconnect hint, the upstream a
+//!   masked `close 1001`;
+//! - when the upstream has been silent for `websocket.ping_interval`, it gets a masked ping
+//!   (keeps NATs and upstream idle timers from cutting long voice sessions).
+//!
+//! Nothing cuts a session for being idle: device reads have no timeout.
+//!
+//! `permessage-deflate`: `Sec-WebSocket-Extensions` is removed from the upstream handshake, so
+//! no extension is ever negotiated and frame payloads are the application's bytes (exact
+//! metering, no per-session inflate state).
+//!
+//! Memory per idle session: two `buffer_bytes` relay buffers (4 KiB each by default), the two
+//! sockets' user-space state and this task; the handshake buffers are freed before relaying.
+
+pub mod frames;
+mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pingora::protocols::Stream;
+use policy::decision::{DenyReason, Denial};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::proxy::admit;
+use crate::proxy::respond;
+use crate::state::{Phase, SharedState, now_ms};
+use crate::upstream::ResolvedUpstream;
+use frames::FrameCursor;
+pub use upstream::UpstreamIo;
+
+/// How long a closing side may take to answer a close before the connection is dropped.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Reason sent with `1001` on drain: clients should reconnect (to another node).
+pub const DRAIN_REASON: &str = "gateway shutting down; reconnect";
+
+pub struct WsRelay {
+    pub state: SharedState,
+    pub upstream: Arc<ResolvedUpstream>,
+    tls: Arc<tokio_rustls::TlsConnector>,
+}
+
+/// The parts of the device's handshake the relay needs.
+struct DeviceRequest {
+    path: String,
+    query: String,
+    headers: Vec<(String, Vec<u8>)>,
+    /// Bytes the device sent after its head (frames sent before our 101).
+    early: Vec<u8>,
+}
+
+fn parse_request(head: &[u8]) -> Option<DeviceRequest> {
+    let mut hs = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut hs);
+    let httparse::Status::Complete(n) = req.parse(head).ok()? else {
+        return None;
+    };
+    let target = req.path?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Some(DeviceRequest {
+        path: path.to_owned(),
+        query: query.to_owned(),
+        headers: req.headers.iter().map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())).collect(),
+        early: head.get(n..).unwrap_or_default().to_vec(),
+    })
+}
+
+impl DeviceRequest {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+    }
+}
+
+/// What ended a relay, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EndedBy {
+    Device,
+    Upstream,
+    Drain,
+}
+
+impl EndedBy {
+    fn label(self) -> &'static str {
+        match self {
+            EndedBy::Device => "device",
+            EndedBy::Upstream => "upstream",
+            EndedBy::Drain => "drain",
+        }
+    }
+}
+
+impl WsRelay {
+    pub fn new(state: SharedState, upstream: Arc<ResolvedUpstream>) -> WsRelay {
+        WsRelay { state, upstream, tls: Arc::new(upstream::tls_connector()) }
+    }
+
+    async fn refuse(&self, device: &mut Stream, denial: &Denial, logid: &str) {
+        self.state.metrics.denials.with_label_values(&[denial.reason.code()]).inc();
+        let route = policy::route::RouteClass::Voice.as_str();
+        let (status, _, _) = respond::parts(denial, logid);
+        self.state
+            .metrics
+            .requests
+            .with_label_values(&[route, "websocket", crate::metrics::status_class(status)])
+            .inc();
+        let bytes = respond::raw_http1(denial, logid);
+        if device.write_all(&bytes).await.is_ok() {
+            let _ = device.flush().await;
+        }
+        close(device).await;
+    }
+
+    /// Serves one upgrade request whose head (and any bytes after it) is in `head`.
+    pub async fn serve(&self, mut device: Stream, head: BytesMut) {
+        let logid = crate::logid::new_logid(now_ms());
+        let Some(req) = parse_request(&head) else {
+            return self.refuse(&mut device, &Denial::new(DenyReason::BadRequest, "malformed request"), &logid).await;
+        };
+        drop(head);
+        if self.state.phase() == Phase::Draining {
+            let d = Denial::new(DenyReason::ShuttingDown, "gateway shutting down; reconnect").retry_after(1);
+            return self.refuse(&mut device, &d, &logid).await;
+        }
+        let token = admit::bearer(req.header("authorization"))
+            .map(str::to_owned)
+            .or_else(|| admit::bearer_from_query(&req.query));
+        let admission = match admit::admit(&self.state, &req.path, token.as_deref(), None, now_ms() / 1000) {
+            Ok(a) => a,
+            Err(d) => return self.refuse(&mut device, &d, &logid).await,
+        };
+        let started = Instant::now();
+        let cfg = &self.state.config;
+        let conn = tokio::time::timeout(
+            cfg.ws.handshake_timeout,
+            upstream::connect_and_handshake(
+                &self.upstream,
+                &self.tls,
+                &cfg.upstream,
+                &req.path,
+                &admit::strip_authorization_param(&req.query),
+                &req.headers,
+                admission.device.as_str(),
+            ),
+        )
+        .await;
+        let mut up = match conn {
+            Ok(Ok(up)) => up,
+            Ok(Err(e)) => {
+                tracing::warn!(request_id = %logid, error = %e, "Upstream WebSocket handshake failed.");
+                self.state.metrics.upstream_errors.with_label_values(&["connect"]).inc();
+                let d = Denial::new(DenyReason::UpstreamUnavailable, "upstream unavailable");
+                return self.refuse(&mut device, &d, &logid).await;
+            }
+            Err(_) => {
+                self.state.metrics.upstream_errors.with_label_values(&["timeout"]).inc();
+                let d = Denial::new(DenyReason::UpstreamTimeout, "upstream timed out");
+                return self.refuse(&mut device, &d, &logid).await;
+            }
+        };
+        // Forward the upstream's answer head (101 or an error) to the device.
+        let head_out = upstream::response_head_for_device(&up.head, &logid);
+        if device.write_all(&head_out).await.is_err() || device.flush().await.is_err() {
+            return;
+        }
+        let status = up.status;
+        let route = admission.route.class.as_str();
+        if status != 101 {
+            // Relay the error body (bounded) and finish.
+            if let Err(e) = relay_error_body(&mut up.io, &mut device, up.rest, up.content_length).await {
+                tracing::debug!(request_id = %logid, error = %e, "Could not relay the upstream's refusal.");
+            }
+            close(&mut device).await;
+            self.state
+                .metrics
+                .requests
+                .with_label_values(&[route, "websocket", crate::metrics::status_class(status)])
+                .inc();
+            return;
+        }
+        let m = &self.state.metrics;
+        m.ws_sessions.inc();
+        let mut counters = Counters::default();
+        let ended = self.relay(&mut device, &mut up.io, req.early, up.rest, &mut counters).await;
+        m.ws_sessions.dec();
+        m.ws_closed.with_label_values(&[ended.label()]).inc();
+        m.requests.with_label_values(&[route, "websocket", "1xx"]).inc();
+        m.relayed_bytes.with_label_values(&["uplink"]).inc_by(counters.up);
+        m.relayed_bytes.with_label_values(&["downlink"]).inc_by(counters.down);
+        m.duration.with_label_values(&[route, "websocket"]).observe(started.elapsed().as_secs_f64());
+        if cfg.log.access_log {
+            tracing::info!(
+                target: "access",
+                request_id = %logid,
+                device_id = admission.device.as_str(),
+                method = "GET",
+                path = %req.path,
+                route,
+                protocol = "websocket",
+                status = 101,
+                ended_by = ended.label(),
+                request_bytes = counters.up,
+                response_bytes = counters.down,
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            );
+        }
+    }
+
+    /// Relays until either side closes. `early_up`: device bytes already read; `early_down`:
+    /// upstream bytes read after its 101 (these are the frames pingora #946 loses).
+    async fn relay(
+        &self,
+        device: &mut Stream,
+        up: &mut UpstreamIo,
+        early_up: Vec<u8>,
+        early_down: Vec<u8>,
+        counters: &mut Counters,
+    ) -> EndedBy {
+        let cfg = &self.state.config.ws;
+        let mut upc = FrameCursor::default();
+        let mut downc = FrameCursor::default();
+        if !early_down.is_empty() {
+            downc.feed(&early_down);
+            counters.down += early_down.len() as u64;
+            if device.write_all(&early_down).await.is_err() || device.flush().await.is_err() {
+                return EndedBy::Device;
+            }
+        }
+        if !early_up.is_empty() {
+            upc.feed(&early_up);
+            counters.up += early_up.len() as u64;
+            if up.write_all(&early_up).await.is_err() || up.flush().await.is_err() {
+                return EndedBy::Upstream;
+            }
+        }
+        let mut dbuf = vec![0u8; cfg.buffer_bytes];
+        let mut ubuf = vec![0u8; cfg.buffer_bytes];
+        let mut phase = self.state.watch_phase();
+        let mut draining = *phase.borrow() == Phase::Draining;
+        let mut sent_close_down = false;
+        let mut sent_close_up = false;
+        let mut close_deadline: Option<tokio::time::Instant> = None;
+        let ping_every = cfg.ping_interval;
+        let mut last_up_rx = tokio::time::Instant::now();
+        loop {
+            // Inject drain closes at frame boundaries.
+            if draining {
+                if !sent_close_down && downc.at_boundary() && !downc.saw_close {
+                    let f = frames::close_frame(1001, DRAIN_REASON);
+                    if device.write_all(&f).await.is_err() || device.flush().await.is_err() {
+                        return EndedBy::Drain;
+                    }
+                    sent_close_down = true;
+                }
+                if !sent_close_up && upc.at_boundary() && !upc.saw_close {
+                    let f = frames::masked_close(1001, "gateway shutting down");
+                    if up.write_all(&f).await.is_err() || up.flush().await.is_err() {
+                        return EndedBy::Drain;
+                    }
+                    sent_close_up = true;
+                }
+                close_deadline.get_or_insert_with(|| tokio::time::Instant::now() + CLOSE_WAIT);
+            }
+            let ping_at = ping_every.map(|p| last_up_rx + p);
+            let deadline = close_deadline;
+            tokio::select! {
+                r = device.read(&mut dbuf) => {
+                    let n = match r { Ok(0) | Err(_) => {
+                        close(up).await;
+                        return if draining { EndedBy::Drain } else { EndedBy::Device };
+                    } Ok(n) => n };
+                    let chunk = dbuf.get(..n).unwrap_or_default();
+                    upc.feed(chunk);
+                    counters.up += n as u64;
+                    if up.write_all(chunk).await.is_err() || up.flush().await.is_err() {
+                        close(device).await;
+                        return EndedBy::Upstream;
+                    }
+                }
+                r = up.read(&mut ubuf) => {
+                    let n = match r { Ok(0) | Err(_) => {
+                        close(device).await;
+                        return if draining { EndedBy::Drain } else { EndedBy::Upstream };
+                    } Ok(n) => n };
+                    last_up_rx = tokio::time::Instant::now();
+                    let chunk = ubuf.get(..n).unwrap_or_default();
+                    downc.feed(chunk);
+                    counters.down += n as u64;
+                    if device.write_all(chunk).await.is_err() || device.flush().await.is_err() {
+                        close(up).await;
+                        return EndedBy::Device;
+                    }
+                }
+                _ = phase.changed(), if !draining => {
+                    draining = *phase.borrow() == Phase::Draining;
+                }
+                _ = sleep_until_opt(ping_at), if ping_at.is_some() && !draining => {
+                    last_up_rx = tokio::time::Instant::now();
+                    if upc.at_boundary() && !upc.saw_close {
+                        let f = frames::masked_frame(0x9, b"fleetgate");
+                        if up.write_all(&f).await.is_err() || up.flush().await.is_err() {
+                            close(device).await;
+                            return EndedBy::Upstream;
+                        }
+                    }
+                }
+                _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                    close(device).await;
+                    close(up).await;
+                    return EndedBy::Drain;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    up: u64,
+    down: u64,
+}
+
+/// Half-closes a socket; a failure only means the peer is already gone.
+async fn close<W: AsyncWrite + Unpin + ?Sized>(w: &mut W) {
+    if let Err(e) = w.shutdown().await {
+        tracing::trace!(error = %e, "Shutdown of an already broken socket.");
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Copies an upstream error body to the device: `content_length` bytes, or until close, at
+/// most 64 KiB and 5 s.
+async fn relay_error_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    up: &mut R,
+    device: &mut W,
+    already: Vec<u8>,
+    content_length: Option<usize>,
+) -> std::io::Result<()> {
+    let limit = content_length.unwrap_or(64 * 1024).min(64 * 1024);
+    let mut body = already;
+    body.truncate(limit);
+    let fill = async {
+        let mut buf = [0u8; 4096];
+        while body.len() < limit {
+            let n = up.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(buf.get(..n.min(limit - body.len())).unwrap_or_default());
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), fill).await;
+    device.write_all(&body).await?;
+    device.flush().await
+}

@@ -1,0 +1,73 @@
+//! Identifier newtypes.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A device id: 1–128 visible ASCII characters, no whitespace, no `/`, no `?`, no `#`, no `%`
+/// (it appears in admin paths unescaped).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct DeviceId(String);
+
+/// Why a string is not a valid [`DeviceId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceIdError {
+    #[error("device_id must not be empty")]
+    Empty,
+    #[error("device_id must be at most 128 characters (got {0})")]
+    TooLong(usize),
+    #[error("device_id may only contain visible ASCII other than / ? # % and quotes")]
+    BadChar,
+}
+
+impl DeviceId {
+    pub const MAX_LEN: usize = 128;
+
+    pub fn parse(s: &str) -> Result<DeviceId, DeviceIdError> {
+        if s.is_empty() {
+            return Err(DeviceIdError::Empty);
+        }
+        if s.len() > Self::MAX_LEN {
+            return Err(DeviceIdError::TooLong(s.len()));
+        }
+        let ok = s
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b'?' | b'#' | b'%' | b'"' | b'\\'));
+        if !ok {
+            return Err(DeviceIdError::BadChar);
+        }
+        Ok(DeviceId(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DeviceId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_device_ids() {
+        assert!(DeviceId::parse("SN-0001_a.b").is_ok());
+        assert_eq!(DeviceId::parse(""), Err(DeviceIdError::Empty));
+        assert_eq!(DeviceId::parse("a/b"), Err(DeviceIdError::BadChar));
+        assert_eq!(DeviceId::parse("a b"), Err(DeviceIdError::BadChar));
+        assert_eq!(DeviceId::parse(&"x".repeat(129)), Err(DeviceIdError::TooLong(129)));
+    }
+}
