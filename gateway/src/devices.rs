@@ -89,7 +89,12 @@ impl DeviceRegistry {
     }
 
     /// Registers a device; an existing device is left untouched.
-    pub fn register(&self, id: DeviceId, labels: BTreeMap<String, String>, now: u64) -> (Arc<Device>, Registered) {
+    pub fn register(
+        &self,
+        id: DeviceId,
+        labels: BTreeMap<String, String>,
+        now: u64,
+    ) -> (Arc<Device>, Registered) {
         let mut shard = self.shard(&id).write().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = shard.get(&id) {
             return (d.clone(), Registered::AlreadyExists);

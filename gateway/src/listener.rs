@@ -89,14 +89,20 @@ pub fn is_websocket_upgrade(head: &[u8]) -> bool {
     }
     req.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("upgrade")
-            && std::str::from_utf8(h.value)
-                .is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")))
+            && std::str::from_utf8(h.value).is_ok_and(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+            })
     })
 }
 
 #[async_trait]
 impl ServerApp for DeviceApp {
-    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.proxy.process_new(stream, shutdown).await;
         }
@@ -142,8 +148,14 @@ mod tests {
         assert!(is_websocket_upgrade(
             b"GET /v1/chat?bot_id=1 HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\r\n"
         ));
-        assert!(!is_websocket_upgrade(b"POST /v1/chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"));
-        assert!(!is_websocket_upgrade(b"GET /v3/chat HTTP/1.1\r\nHost: x\r\n\r\n"));
-        assert!(!is_websocket_upgrade(b"GET /v1/chat HTTP/1.1\r\nUpgrade: websocket\r\n"));
+        assert!(!is_websocket_upgrade(
+            b"POST /v1/chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"
+        ));
+        assert!(!is_websocket_upgrade(
+            b"GET /v3/chat HTTP/1.1\r\nHost: x\r\n\r\n"
+        ));
+        assert!(!is_websocket_upgrade(
+            b"GET /v1/chat HTTP/1.1\r\nUpgrade: websocket\r\n"
+        ));
     }
 }

@@ -35,9 +35,13 @@ mod tests {
     #[test]
     fn formats_utc_timestamp_prefix() {
         // 2026-11-21T05:32:14Z
-        let id = new_logid(1_795_325_534_000);
+        let id = new_logid(1_795_239_134_000);
         assert_eq!(&id[..14], "20261121053214");
         assert_eq!(id.len(), 32);
-        assert!(id[14..].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
+        assert!(
+            id[14..]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
+        );
     }
 }

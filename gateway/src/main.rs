@@ -11,7 +11,11 @@ use gateway::{config, sandbox_cmd, server, telemetry};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "fleetgate", version, about = "Edge gateway between device fleets and the Coze Open API")]
+#[command(
+    name = "fleetgate",
+    version,
+    about = "Edge gateway between device fleets and the Coze Open API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,8 +73,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config: path, ready_json } => {
-            let cfg = config::load_file(&path, &config::process_env).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Command::Serve {
+            config: path,
+            ready_json,
+        } => {
+            let cfg = config::load_file(&path, &config::process_env)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             telemetry::init(&cfg.log);
             server::run(cfg, move |ready, _| {
                 if ready_json {
@@ -89,11 +97,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let key: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
             let b64 = base64::engine::general_purpose::STANDARD.encode(key);
             println!("# kid = \"{kid}\"; keep the key secret (env var or file), e.g.:");
-            println!("FLEETGATE_SIGNING_KEY_{}={b64}", kid.to_uppercase().replace(['-', '.'], "_"));
+            println!(
+                "FLEETGATE_SIGNING_KEY_{}={b64}",
+                kid.to_uppercase().replace(['-', '.'], "_")
+            );
             Ok(())
         }
-        Command::Sandbox { port, admin_port, upstream_port, sse_delay_ms, json } => {
-            sandbox_cmd::run(sandbox_cmd::SandboxOptions { port, admin_port, upstream_port, json, sse_delay_ms })
-        }
+        Command::Sandbox {
+            port,
+            admin_port,
+            upstream_port,
+            sse_delay_ms,
+            json,
+        } => sandbox_cmd::run(sandbox_cmd::SandboxOptions {
+            port,
+            admin_port,
+            upstream_port,
+            json,
+            sse_delay_ms,
+        }),
     }
 }

@@ -42,14 +42,27 @@ pub struct Metrics {
     pub reloads: IntCounter,
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )?;
     r.register(Box::new(h.clone()))?;
     Ok(h)
 }
@@ -64,20 +77,70 @@ impl Metrics {
     pub fn register(registry: Registry) -> prometheus::Result<Metrics> {
         let r = &registry;
         let m = Metrics {
-            requests: counter_vec(r, "fleetgate_requests_total", "Device requests and WebSocket sessions by route class, protocol and status class.", &["route", "protocol", "status_class"])?,
-            denials: counter_vec(r, "fleetgate_denials_total", "Requests refused by the gateway, by deny reason.", &["reason"])?,
-            duration: histogram_vec(r, "fleetgate_request_duration_seconds", "Device-observed request duration (REST/SSE; WebSocket: session length).", &["route", "protocol"])?,
-            first_byte: histogram_vec(r, "fleetgate_upstream_first_byte_seconds", "Time from admission to the upstream's response header.", &["route", "protocol"])?,
-            ws_sessions: gauge(r, "fleetgate_websocket_sessions", "Open WebSocket sessions.")?,
+            requests: counter_vec(
+                r,
+                "fleetgate_requests_total",
+                "Device requests and WebSocket sessions by route class, protocol and status class.",
+                &["route", "protocol", "status_class"],
+            )?,
+            denials: counter_vec(
+                r,
+                "fleetgate_denials_total",
+                "Requests refused by the gateway, by deny reason.",
+                &["reason"],
+            )?,
+            duration: histogram_vec(
+                r,
+                "fleetgate_request_duration_seconds",
+                "Device-observed request duration (REST/SSE; WebSocket: session length).",
+                &["route", "protocol"],
+            )?,
+            first_byte: histogram_vec(
+                r,
+                "fleetgate_upstream_first_byte_seconds",
+                "Time from admission to the upstream's response header.",
+                &["route", "protocol"],
+            )?,
+            ws_sessions: gauge(
+                r,
+                "fleetgate_websocket_sessions",
+                "Open WebSocket sessions.",
+            )?,
             sse_streams: gauge(r, "fleetgate_sse_streams", "Open SSE streams.")?,
-            relayed_bytes: counter_vec(r, "fleetgate_relayed_bytes_total", "Bytes relayed, by direction (uplink = device to upstream).", &["direction"])?,
-            tokens_issued: counter_vec(r, "fleetgate_tokens_issued_total", "Gateway access tokens issued, by grant.", &["grant"])?,
-            upstream_errors: counter_vec(r, "fleetgate_upstream_errors_total", "Upstream failures, by kind.", &["kind"])?,
-            ws_closed: counter_vec(r, "fleetgate_websocket_sessions_closed_total", "WebSocket sessions ended, by who ended them.", &["by"])?,
-            admin_requests: counter_vec(r, "fleetgate_admin_requests_total", "Admin API requests by status class.", &["status_class"])?,
+            relayed_bytes: counter_vec(
+                r,
+                "fleetgate_relayed_bytes_total",
+                "Bytes relayed, by direction (uplink = device to upstream).",
+                &["direction"],
+            )?,
+            tokens_issued: counter_vec(
+                r,
+                "fleetgate_tokens_issued_total",
+                "Gateway access tokens issued, by grant.",
+                &["grant"],
+            )?,
+            upstream_errors: counter_vec(
+                r,
+                "fleetgate_upstream_errors_total",
+                "Upstream failures, by kind.",
+                &["kind"],
+            )?,
+            ws_closed: counter_vec(
+                r,
+                "fleetgate_websocket_sessions_closed_total",
+                "WebSocket sessions ended, by who ended them.",
+                &["by"],
+            )?,
+            admin_requests: counter_vec(
+                r,
+                "fleetgate_admin_requests_total",
+                "Admin API requests by status class.",
+                &["status_class"],
+            )?,
             devices: gauge(r, "fleetgate_devices", "Registered devices.")?,
             reloads: {
-                let c = IntCounter::new("fleetgate_config_reloads_total", "Configuration reloads.")?;
+                let c =
+                    IntCounter::new("fleetgate_config_reloads_total", "Configuration reloads.")?;
                 r.register(Box::new(c.clone()))?;
                 c
             },
@@ -115,7 +178,9 @@ pub fn status_class(status: u16) -> &'static str {
 pub fn error_kind(e: &pingora::Error) -> &'static str {
     use pingora::ErrorType::*;
     match e.etype() {
-        ConnectTimedout | ConnectRefused | ConnectError | ConnectNoRoute | TLSHandshakeFailure => "connect",
+        ConnectTimedout | ConnectRefused | ConnectError | ConnectNoRoute | TLSHandshakeFailure => {
+            "connect"
+        }
         ReadTimedout | WriteTimedout => "timeout",
         ConnectionClosed | ReadError | WriteError => "connection",
         HTTPStatus(_) => "status",

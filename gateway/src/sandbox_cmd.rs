@@ -32,35 +32,44 @@ pub fn run(opts: SandboxOptions) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel();
     let upstream_port = opts.upstream_port;
     let sse_delay = std::time::Duration::from_millis(opts.sse_delay_ms);
-    std::thread::Builder::new().name("sandbox-upstream".into()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                let _ = tx.send(Err(e.to_string()));
-                return;
-            }
-        };
-        rt.block_on(async move {
-            let cfg = sandbox::SandboxConfig {
-                bind: std::net::SocketAddr::from(([127, 0, 0, 1], upstream_port)),
-                sse_event_delay: sse_delay,
-                ..Default::default()
-            };
-            match sandbox::start(cfg).await {
-                Ok(h) => {
-                    let _ = tx.send(Ok(h.base_url()));
-                    std::future::pending::<()>().await;
-                }
+    std::thread::Builder::new()
+        .name("sandbox-upstream".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
                 Err(e) => {
                     let _ = tx.send(Err(e.to_string()));
+                    return;
                 }
-            }
-        });
-    })?;
-    let upstream = rx.recv()?.map_err(|e| anyhow::anyhow!("sandbox upstream failed to start: {e}"))?;
+            };
+            rt.block_on(async move {
+                let cfg = sandbox::SandboxConfig {
+                    bind: std::net::SocketAddr::from(([127, 0, 0, 1], upstream_port)),
+                    sse_event_delay: sse_delay,
+                    ..Default::default()
+                };
+                match sandbox::start(cfg).await {
+                    Ok(h) => {
+                        let _ = tx.send(Ok(h.base_url()));
+                        std::future::pending::<()>().await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                    }
+                }
+            });
+        })?;
+    let upstream = rx
+        .recv()?
+        .map_err(|e| anyhow::anyhow!("sandbox upstream failed to start: {e}"))?;
 
     let admin_token = random_secret(24);
-    let key = base64::engine::general_purpose::STANDARD.encode((0..32).map(|_| rand::random::<u8>()).collect::<Vec<u8>>());
+    let key = base64::engine::general_purpose::STANDARD
+        .encode((0..32).map(|_| rand::random::<u8>()).collect::<Vec<u8>>());
     let text = format!(
         r#"
 [server]
@@ -97,8 +106,11 @@ level = "warn"
             Ok(d) => d,
             Err(_) => return,
         };
-        state.devices.register(device.clone(), BTreeMap::new(), crate::state::now_s());
-        let token = match crate::tokens::mint_for_device(state, &device, Some(86399), "admin", None) {
+        state
+            .devices
+            .register(device.clone(), BTreeMap::new(), crate::state::now_s());
+        let token = match crate::tokens::mint_for_device(state, &device, Some(86399), "admin", None)
+        {
             Ok(m) => m.access_token,
             Err(e) => {
                 eprintln!("cannot mint the demo token: {e}");

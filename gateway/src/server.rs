@@ -35,7 +35,11 @@ pub struct Ready {
 
 /// A socket holding a port for pingora's listener to join.
 fn reserve(addr: SocketAddr) -> std::io::Result<(SocketAddr, socket2::Socket)> {
-    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
     s.set_reuse_port(true)?;
     s.set_reuse_address(true)?;
@@ -102,10 +106,15 @@ impl ShutdownSignalWatch for DrainOnSignal {
 }
 
 /// Builds everything and runs until a signal. `on_ready` is called once both listeners accept.
-pub fn run(config: GatewayConfig, on_ready: impl FnOnce(&Ready, &SharedState) + Send + 'static) -> anyhow::Result<()> {
+pub fn run(
+    config: GatewayConfig,
+    on_ready: impl FnOnce(&Ready, &SharedState) + Send + 'static,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let (device_addr, device_hold) = reserve(config.device_addr).context("reserving the device listener address")?;
-    let (admin_addr, admin_hold) = reserve(config.admin_addr).context("reserving the admin listener address")?;
+    let (device_addr, device_hold) =
+        reserve(config.device_addr).context("reserving the device listener address")?;
+    let (admin_addr, admin_hold) =
+        reserve(config.admin_addr).context("reserving the admin listener address")?;
     let rest = ResolvedUpstream::new(config.upstream.rest.clone())?;
     let ws_up = ResolvedUpstream::new(config.upstream.ws.clone())?;
     let metrics = Metrics::register(prometheus::Registry::new())?;
@@ -122,7 +131,10 @@ pub fn run(config: GatewayConfig, on_ready: impl FnOnce(&Ready, &SharedState) + 
     server.bootstrap();
     let conf = server.configuration.clone();
 
-    let gateway = Gateway { state: state.clone(), rest };
+    let gateway = Gateway {
+        state: state.clone(),
+        rest,
+    };
     let proxy = Arc::new(http_proxy(&conf, gateway));
     let ws = Arc::new(WsRelay::new(state.clone(), ws_up));
     let mut device = Service::new("fleetgate device API".to_owned(), DeviceApp { proxy, ws });
@@ -130,12 +142,20 @@ pub fn run(config: GatewayConfig, on_ready: impl FnOnce(&Ready, &SharedState) + 
     device.threads = Some(threads);
     server.add_service(device);
 
-    let mut admin = Service::new("fleetgate admin API".to_owned(), HttpServer::new_app(AdminApp { state: state.clone() }));
+    let mut admin = Service::new(
+        "fleetgate admin API".to_owned(),
+        HttpServer::new_app(AdminApp {
+            state: state.clone(),
+        }),
+    );
     admin.add_tcp_with_settings(&admin_addr.to_string(), tcp_options());
     admin.threads = Some(1);
     server.add_service(admin);
 
-    let ready = Ready { device_addr, admin_addr };
+    let ready = Ready {
+        device_addr,
+        admin_addr,
+    };
     let st = state.clone();
     std::thread::Builder::new().name("fleetgate-ready".into()).spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -151,6 +171,8 @@ pub fn run(config: GatewayConfig, on_ready: impl FnOnce(&Ready, &SharedState) + 
         on_ready(&ready, &st);
     })?;
 
-    server.run(RunArgs { shutdown_signal: Box::new(DrainOnSignal { state }) });
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainOnSignal { state }),
+    });
     Ok(())
 }

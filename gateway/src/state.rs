@@ -62,7 +62,10 @@ impl GatewayState {
 
 /// Wall clock in unix milliseconds (the gateway's only clock read for tokens and log ids).
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Wall clock in unix seconds.

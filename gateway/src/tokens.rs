@@ -36,7 +36,9 @@ pub fn mint_for_device(
         return Err(MintError::Disabled);
     }
     let t = &state.config.tokens;
-    let ttl = requested_ttl_s.unwrap_or(t.default_ttl.as_secs()).clamp(1, t.max_ttl.as_secs());
+    let ttl = requested_ttl_s
+        .unwrap_or(t.default_ttl.as_secs())
+        .clamp(1, t.max_ttl.as_secs());
     let now = now_s();
     let claims = Claims {
         iss: ISSUER.to_owned(),
@@ -47,6 +49,13 @@ pub fn mint_for_device(
         cred,
         jti: format!("{:032x}", rand::random::<u128>()),
     };
-    state.metrics.tokens_issued.with_label_values(&[grant]).inc();
-    Ok(Minted { access_token: t.keyring.mint(&claims), expires_in: claims.exp })
+    state
+        .metrics
+        .tokens_issued
+        .with_label_values(&[grant])
+        .inc();
+    Ok(Minted {
+        access_token: t.keyring.mint(&claims),
+        expires_in: claims.exp,
+    })
 }

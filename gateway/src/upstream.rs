@@ -25,7 +25,11 @@ pub struct ResolveError {
 }
 
 fn resolve(t: &UpstreamTarget) -> Result<SocketAddr, ResolveError> {
-    let err = |reason: String| ResolveError { host: t.host.clone(), port: t.port, reason };
+    let err = |reason: String| ResolveError {
+        host: t.host.clone(),
+        port: t.port,
+        reason,
+    };
     (t.host.as_str(), t.port)
         .to_socket_addrs()
         .map_err(|e| err(e.to_string()))?
@@ -36,7 +40,10 @@ fn resolve(t: &UpstreamTarget) -> Result<SocketAddr, ResolveError> {
 impl ResolvedUpstream {
     pub fn new(target: UpstreamTarget) -> Result<Arc<ResolvedUpstream>, ResolveError> {
         let addr = resolve(&target)?;
-        let me = Arc::new(ResolvedUpstream { target, addr: RwLock::new(addr) });
+        let me = Arc::new(ResolvedUpstream {
+            target,
+            addr: RwLock::new(addr),
+        });
         if me.target.host.parse::<std::net::IpAddr>().is_err() {
             let weak = Arc::downgrade(&me);
             std::thread::Builder::new()

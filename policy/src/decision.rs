@@ -102,7 +102,11 @@ pub struct Denial {
 
 impl Denial {
     pub fn new(reason: DenyReason, message: &'static str) -> Denial {
-        Denial { reason, message, retry_after_s: None }
+        Denial {
+            reason,
+            message,
+            retry_after_s: None,
+        }
     }
 
     pub fn retry_after(mut self, seconds: u64) -> Denial {

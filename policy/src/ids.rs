@@ -31,9 +31,9 @@ impl DeviceId {
         if s.len() > Self::MAX_LEN {
             return Err(DeviceIdError::TooLong(s.len()));
         }
-        let ok = s
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b'?' | b'#' | b'%' | b'"' | b'\\'));
+        let ok = s.bytes().all(|b| {
+            b.is_ascii_graphic() && !matches!(b, b'/' | b'?' | b'#' | b'%' | b'"' | b'\\')
+        });
         if !ok {
             return Err(DeviceIdError::BadChar);
         }
@@ -68,6 +68,9 @@ mod tests {
         assert_eq!(DeviceId::parse(""), Err(DeviceIdError::Empty));
         assert_eq!(DeviceId::parse("a/b"), Err(DeviceIdError::BadChar));
         assert_eq!(DeviceId::parse("a b"), Err(DeviceIdError::BadChar));
-        assert_eq!(DeviceId::parse(&"x".repeat(129)), Err(DeviceIdError::TooLong(129)));
+        assert_eq!(
+            DeviceId::parse(&"x".repeat(129)),
+            Err(DeviceIdError::TooLong(129))
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! backslashes, absolute-form URIs) are refused outright rather than normalised: a device has
 //! no reason to send them.
 
-use crate::decision::{DenyReason, Denial};
+use crate::decision::{Denial, DenyReason};
 
 /// Bounded route classes: metric labels and per-route limits use these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -89,7 +89,11 @@ pub struct RouteTable {
 impl RouteTable {
     /// `prefixes` must each start with `/`. Limits are in bytes.
     pub fn new(prefixes: Vec<String>, body_limit: u64, workflow_body_limit: u64) -> RouteTable {
-        RouteTable { prefixes, body_limit, workflow_body_limit }
+        RouteTable {
+            prefixes,
+            body_limit,
+            workflow_body_limit,
+        }
     }
 
     /// The Coze API surface devices normally use.
@@ -114,10 +118,16 @@ impl RouteTable {
     /// Resolves a request path (no query string) or refuses it.
     pub fn resolve(&self, path: &str) -> Result<Route, Denial> {
         if !is_canonical(path) {
-            return Err(Denial::new(DenyReason::BadRequest, "malformed request path"));
+            return Err(Denial::new(
+                DenyReason::BadRequest,
+                "malformed request path",
+            ));
         }
         if !self.prefixes.iter().any(|p| matches_prefix(path, p)) {
-            return Err(Denial::new(DenyReason::RouteNotAllowed, "resource not found"));
+            return Err(Denial::new(
+                DenyReason::RouteNotAllowed,
+                "resource not found",
+            ));
         }
         let class = RouteClass::of(path);
         let body_limit = if class == RouteClass::Workflow {
@@ -129,7 +139,11 @@ impl RouteTable {
             class,
             RouteClass::Chat | RouteClass::Workflow | RouteClass::Audio | RouteClass::Voice
         );
-        Ok(Route { class, body_limit, credit_consuming })
+        Ok(Route {
+            class,
+            body_limit,
+            credit_consuming,
+        })
     }
 }
 
@@ -155,7 +169,10 @@ pub fn is_canonical(path: &str) -> bool {
         return false;
     }
     let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") || lower.contains("%25")
+    if lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%2e")
+        || lower.contains("%25")
     {
         return false;
     }
@@ -183,19 +200,35 @@ mod tests {
     fn allows_coze_paths_and_classifies_them() {
         let t = table();
         assert_eq!(t.resolve("/v3/chat").unwrap().class, RouteClass::Chat);
-        assert_eq!(t.resolve("/v3/chat/retrieve").unwrap().class, RouteClass::Chat);
+        assert_eq!(
+            t.resolve("/v3/chat/retrieve").unwrap().class,
+            RouteClass::Chat
+        );
         let w = t.resolve("/v1/workflow/stream_run").unwrap();
         assert_eq!((w.class, w.body_limit), (RouteClass::Workflow, 20 << 20));
         assert_eq!(t.resolve("/v1/chat").unwrap().class, RouteClass::Voice);
-        assert_eq!(t.resolve("/v1/audio/speech").unwrap().class, RouteClass::Audio);
+        assert_eq!(
+            t.resolve("/v1/audio/speech").unwrap().class,
+            RouteClass::Audio
+        );
         assert!(!t.resolve("/v1/conversations/1").unwrap().credit_consuming);
     }
 
     #[test]
     fn refuses_unknown_and_prefix_lookalikes() {
         let t = table();
-        for p in ["/admin/v1/devices", "/v3/chatty", "/v1/chatroom", "/", "/v1/commerce/benefit/limitations"] {
-            assert_eq!(t.resolve(p).unwrap_err().reason, DenyReason::RouteNotAllowed, "{p}");
+        for p in [
+            "/admin/v1/devices",
+            "/v3/chatty",
+            "/v1/chatroom",
+            "/",
+            "/v1/commerce/benefit/limitations",
+        ] {
+            assert_eq!(
+                t.resolve(p).unwrap_err().reason,
+                DenyReason::RouteNotAllowed,
+                "{p}"
+            );
         }
     }
 
@@ -213,7 +246,11 @@ mod tests {
             "http://evil/v3/chat",
             "v3/chat",
         ] {
-            assert_eq!(t.resolve(p).unwrap_err().reason, DenyReason::BadRequest, "{p}");
+            assert_eq!(
+                t.resolve(p).unwrap_err().reason,
+                DenyReason::BadRequest,
+                "{p}"
+            );
         }
     }
 }

@@ -126,14 +126,19 @@ impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut kids: Vec<_> = self.keys.keys().collect();
         kids.sort();
-        f.debug_struct("Keyring").field("kids", &kids).field("active", &self.active).finish()
+        f.debug_struct("Keyring")
+            .field("kids", &kids)
+            .field("active", &self.active)
+            .finish()
     }
 }
 
 fn valid_kid(kid: &str) -> bool {
     !kid.is_empty()
         && kid.len() <= 64
-        && kid.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && kid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl Keyring {
@@ -148,9 +153,15 @@ impl Keyring {
                 return Err(KeyError::BadKid(kid.to_owned()));
             }
             if secret.len() < MIN_KEY_LEN {
-                return Err(KeyError::TooShort { kid: kid.to_owned(), len: secret.len() });
+                return Err(KeyError::TooShort {
+                    kid: kid.to_owned(),
+                    len: secret.len(),
+                });
             }
-            if map.insert(kid.to_owned(), hmac::Key::new(hmac::HMAC_SHA256, secret)).is_some() {
+            if map
+                .insert(kid.to_owned(), hmac::Key::new(hmac::HMAC_SHA256, secret))
+                .is_some()
+            {
                 return Err(KeyError::Duplicate(kid.to_owned()));
             }
         }
@@ -160,7 +171,10 @@ impl Keyring {
         if !map.contains_key(active) {
             return Err(KeyError::BadKid(active.to_owned()));
         }
-        Ok(Keyring { keys: map, active: active.to_owned() })
+        Ok(Keyring {
+            keys: map,
+            active: active.to_owned(),
+        })
     }
 
     pub fn active_kid(&self) -> &str {
@@ -169,7 +183,11 @@ impl Keyring {
 
     /// Signs `claims` with the active key.
     pub fn mint(&self, claims: &Claims) -> String {
-        let header = Header { alg: "HS256", typ: Some("JWT"), kid: &self.active };
+        let header = Header {
+            alg: "HS256",
+            typ: Some("JWT"),
+            kid: &self.active,
+        };
         // Serialising these plain structs cannot fail.
         let h = serde_json::to_vec(&header).unwrap_or_default();
         let c = serde_json::to_vec(claims).unwrap_or_default();
@@ -195,7 +213,9 @@ impl Keyring {
             return Err(TokenError::Malformed);
         }
         let mut hbuf = [0u8; 192];
-        let hlen = B64.decode_slice(h64, &mut hbuf).map_err(|_| TokenError::Malformed)?;
+        let hlen = B64
+            .decode_slice(h64, &mut hbuf)
+            .map_err(|_| TokenError::Malformed)?;
         let header: Header<'_> =
             serde_json::from_slice(hbuf.get(..hlen).ok_or(TokenError::Malformed)?)
                 .map_err(|_| TokenError::Malformed)?;
@@ -204,12 +224,18 @@ impl Keyring {
         }
         let key = self.keys.get(header.kid).ok_or(TokenError::UnknownKey)?;
         let mut sig = [0u8; 32];
-        let slen = B64.decode_slice(s64, &mut sig).map_err(|_| TokenError::Malformed)?;
+        let slen = B64
+            .decode_slice(s64, &mut sig)
+            .map_err(|_| TokenError::Malformed)?;
         let signed_len = h64.len() + 1 + c64.len();
         let signed = token.get(..signed_len).ok_or(TokenError::Malformed)?;
         // ring's verify compares in constant time.
-        hmac::verify(key, signed.as_bytes(), sig.get(..slen).ok_or(TokenError::Malformed)?)
-            .map_err(|_| TokenError::Signature)?;
+        hmac::verify(
+            key,
+            signed.as_bytes(),
+            sig.get(..slen).ok_or(TokenError::Malformed)?,
+        )
+        .map_err(|_| TokenError::Signature)?;
         let claims_json = B64.decode(c64).map_err(|_| TokenError::Malformed)?;
         let claims: Claims =
             serde_json::from_slice(&claims_json).map_err(|_| TokenError::Malformed)?;
@@ -276,15 +302,27 @@ mod tests {
         let mut parts: Vec<&str> = t.split('.').collect();
         let other = claims(1000);
         let forged_claims = B64.encode(
-            serde_json::to_vec(&Claims { sub: DeviceId::parse("dev-2").unwrap(), ..other })
-                .unwrap(),
+            serde_json::to_vec(&Claims {
+                sub: DeviceId::parse("dev-2").unwrap(),
+                ..other
+            })
+            .unwrap(),
         );
         parts[1] = &forged_claims;
-        assert_eq!(k.verify(&parts.join("."), 1000, 0), Err(TokenError::Signature));
+        assert_eq!(
+            k.verify(&parts.join("."), 1000, 0),
+            Err(TokenError::Signature)
+        );
         let stranger = Keyring::new([("k2", &[9u8; 32][..])], "k2").unwrap();
-        assert_eq!(k.verify(&stranger.mint(&claims(1000)), 1000, 0), Err(TokenError::Signature));
+        assert_eq!(
+            k.verify(&stranger.mint(&claims(1000)), 1000, 0),
+            Err(TokenError::Signature)
+        );
         let unknown = Keyring::new([("k9", &[2u8; 32][..])], "k9").unwrap();
-        assert_eq!(k.verify(&unknown.mint(&claims(1000)), 1000, 0), Err(TokenError::UnknownKey));
+        assert_eq!(
+            k.verify(&unknown.mint(&claims(1000)), 1000, 0),
+            Err(TokenError::UnknownKey)
+        );
     }
 
     #[test]
@@ -294,25 +332,66 @@ mod tests {
         let rest = t.split_once('.').unwrap().1;
         for alg in ["none", "RS256", "HS512"] {
             let h = B64.encode(format!(r#"{{"alg":"{alg}","typ":"JWT","kid":"k2"}}"#));
-            assert_eq!(k.verify(&format!("{h}.{rest}"), 1000, 0), Err(TokenError::Algorithm));
+            assert_eq!(
+                k.verify(&format!("{h}.{rest}"), 1000, 0),
+                Err(TokenError::Algorithm)
+            );
         }
     }
 
     #[test]
     fn device_status_gates_tokens() {
         let c = claims(1000);
-        let ok = DeviceStatus { enabled: true, generation: 3, credential_present: true };
+        let ok = DeviceStatus {
+            enabled: true,
+            generation: 3,
+            credential_present: true,
+        };
         assert_eq!(check_device(&c, Some(ok)), Ok(()));
         assert_eq!(check_device(&c, None), Err(TokenError::UnknownDevice));
-        assert_eq!(check_device(&c, Some(DeviceStatus { enabled: false, ..ok })), Err(TokenError::DeviceDisabled));
-        assert_eq!(check_device(&c, Some(DeviceStatus { generation: 4, ..ok })), Err(TokenError::Revoked));
-        assert_eq!(check_device(&c, Some(DeviceStatus { credential_present: false, ..ok })), Err(TokenError::Revoked));
+        assert_eq!(
+            check_device(
+                &c,
+                Some(DeviceStatus {
+                    enabled: false,
+                    ..ok
+                })
+            ),
+            Err(TokenError::DeviceDisabled)
+        );
+        assert_eq!(
+            check_device(
+                &c,
+                Some(DeviceStatus {
+                    generation: 4,
+                    ..ok
+                })
+            ),
+            Err(TokenError::Revoked)
+        );
+        assert_eq!(
+            check_device(
+                &c,
+                Some(DeviceStatus {
+                    credential_present: false,
+                    ..ok
+                })
+            ),
+            Err(TokenError::Revoked)
+        );
     }
 
     #[test]
     fn garbage_never_panics() {
         let k = ring2();
-        for s in ["", ".", "..", "a.b.c", "a.b.cccccccccccccccccccccccccccccccccccccccccc", "é.é.é"] {
+        for s in [
+            "",
+            ".",
+            "..",
+            "a.b.c",
+            "a.b.cccccccccccccccccccccccccccccccccccccccccc",
+            "é.é.é",
+        ] {
             assert!(k.verify(s, 0, 0).is_err());
         }
     }
@@ -323,7 +402,13 @@ mod tests {
             Keyring::new([("k", &[1u8; 8][..])], "k"),
             Err(KeyError::TooShort { .. })
         ));
-        assert!(matches!(Keyring::new([("bad kid", &[1u8; 32][..])], "bad kid"), Err(KeyError::BadKid(_))));
-        assert!(matches!(Keyring::new([("k", &[1u8; 32][..])], "other"), Err(KeyError::BadKid(_))));
+        assert!(matches!(
+            Keyring::new([("bad kid", &[1u8; 32][..])], "bad kid"),
+            Err(KeyError::BadKid(_))
+        ));
+        assert!(matches!(
+            Keyring::new([("k", &[1u8; 32][..])], "other"),
+            Err(KeyError::BadKid(_))
+        ));
     }
 }

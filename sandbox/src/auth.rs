@@ -24,7 +24,9 @@ impl Caller {
         }
         let raw = self.device_info.as_deref()?;
         let v: serde_json::Value = serde_json::from_str(raw).ok()?;
-        v.get("device_id").and_then(|d| d.as_str()).map(str::to_owned)
+        v.get("device_id")
+            .and_then(|d| d.as_str())
+            .map(str::to_owned)
     }
 }
 
@@ -105,7 +107,10 @@ pub fn authenticate(
         *lock(&st.last_device_info) = device_info.clone();
     }
     st.counters.api_requests.fetch_add(1, Ordering::Relaxed);
-    Ok(Caller { minted, device_info })
+    Ok(Caller {
+        minted,
+        device_info,
+    })
 }
 
 /// Current unix time in seconds.

@@ -57,7 +57,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: i64, msg: impl Into<String>) -> Self {
-        Self { status, code, msg: msg.into() }
+        Self {
+            status,
+            code,
+            msg: msg.into(),
+        }
     }
     /// 4000: bad request parameters (HTTP 400).
     pub fn bad_request(msg: impl Into<String>) -> Self {

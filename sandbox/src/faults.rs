@@ -125,7 +125,10 @@ mod tests {
 
     #[test]
     fn query_knob_is_read_when_header_absent() {
-        let f = Fault::from_request(&HeaderMap::new(), Some("bot_id=1&sandbox_fault=stall_after%3D2"));
+        let f = Fault::from_request(
+            &HeaderMap::new(),
+            Some("bot_id=1&sandbox_fault=stall_after%3D2"),
+        );
         assert_eq!(f.stall_after, Some(2));
     }
 }

@@ -58,6 +58,8 @@ pub struct SandboxConfig {
     pub chat_deltas: usize,
     /// Pace audio frames in real time on the WebSocket APIs (false: as fast as possible).
     pub realtime_audio: bool,
+    /// Plan QPS reported by `GET /v1/commerce/benefit/benefits/get` for `api_run_qps`.
+    pub plan_qps: u32,
 }
 
 impl Default for SandboxConfig {
@@ -71,6 +73,7 @@ impl Default for SandboxConfig {
             sse_event_delay: Duration::from_millis(0),
             chat_deltas: 4,
             realtime_audio: true,
+            plan_qps: 500,
         }
     }
 }
@@ -137,5 +140,10 @@ pub async fn start(config: SandboxConfig) -> std::io::Result<SandboxHandle> {
             tracing::error!(error = %e, "Sandbox server failed.");
         }
     });
-    Ok(SandboxHandle { addr, state, stop, task })
+    Ok(SandboxHandle {
+        addr,
+        state,
+        stop,
+        task,
+    })
 }

@@ -1,1 +1,273 @@
-//! placeholder
+//! The end-to-end harness: a sandbox upstream in-process, a real `fleetgate` process wired to
+//! it, and device clients. Everything binds `127.0.0.1:0`; nothing is shared between tests.
+//!
+//! ```ignore
+//! let up = sandbox_upstream(SandboxConfig::default()).await;
+//! let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+//! let token = gw.register_device("dev-1").await;
+//! ```
+//!
+//! The gateway binary is `target/<profile>/fleetgate` next to the test binary (build it with
+//! `cargo build --bins`), or `$FLEETGATE_BIN`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub use sandbox::{SandboxConfig, SandboxHandle};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const PAT: &str = "pat_sandbox";
+
+/// Starts a sandbox upstream on a free port.
+pub async fn sandbox_upstream(config: SandboxConfig) -> SandboxHandle {
+    sandbox::start(config).await.expect("sandbox starts")
+}
+
+/// Path of the `fleetgate` binary under test.
+pub fn fleetgate_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEETGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/e2e-<hash> → target/<profile>/fleetgate
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("fleetgate");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --bins` first or set FLEETGATE_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Knobs for a gateway under test.
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    pub upstream: String,
+    pub extra_toml: String,
+    pub grace_period: &'static str,
+    pub ping_interval: &'static str,
+}
+
+impl GatewayOptions {
+    pub fn new(upstream: &str) -> GatewayOptions {
+        GatewayOptions {
+            upstream: upstream.to_owned(),
+            extra_toml: String::new(),
+            grace_period: "5s",
+            ping_interval: "30s",
+        }
+    }
+}
+
+/// A running `fleetgate serve` process. Killed on drop.
+pub struct GatewayProcess {
+    pub device: String,
+    pub admin: String,
+    pub device_addr: std::net::SocketAddr,
+    pub child: Child,
+    pub log_path: PathBuf,
+    _dir: TempDir,
+    pub http: reqwest::Client,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = std::env::temp_dir().join(format!("fleetgate-test-{:x}", rand_u64()));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+impl GatewayProcess {
+    pub async fn start(opts: &GatewayOptions) -> GatewayProcess {
+        let dir = TempDir::new();
+        let config = format!(
+            r#"
+[server]
+threads = 2
+grace_period = "{grace}"
+[device_listener]
+addr = "127.0.0.1:0"
+[admin_listener]
+addr = "127.0.0.1:0"
+token_env = "FG_TEST_ADMIN"
+[upstream]
+base_url = "{up}"
+pat_env = "FG_TEST_PAT"
+connect_timeout = "2s"
+read_timeout = "10s"
+stream_idle_timeout = "10s"
+[websocket]
+ping_interval = "{ping}"
+[tokens]
+signing_keys = [{{ kid = "t1", secret_env = "FG_TEST_KEY" }}]
+[log]
+format = "json"
+level = "info"
+{extra}
+"#,
+            grace = opts.grace_period,
+            up = opts.upstream,
+            ping = opts.ping_interval,
+            extra = opts.extra_toml,
+        );
+        let cfg_path = dir.0.join("config.toml");
+        std::fs::write(&cfg_path, config).expect("write config");
+        let log_path = dir.0.join("gateway.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let key = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
+        let mut child = Command::new(fleetgate_bin())
+            .args(["serve", "--ready-json", "-c"])
+            .arg(&cfg_path)
+            .env("FG_TEST_ADMIN", ADMIN_TOKEN)
+            .env("FG_TEST_PAT", PAT)
+            .env("FG_TEST_KEY", key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn fleetgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "gateway not ready in 60 s; log: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                )
+            })
+            .expect("read stdout")
+            .unwrap_or_else(|| {
+                panic!(
+                    "gateway exited; log: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                )
+            });
+        let ready: serde_json::Value = serde_json::from_str(&line).expect("ready json");
+        let device_addr: std::net::SocketAddr =
+            ready["device_addr"].as_str().unwrap().parse().unwrap();
+        GatewayProcess {
+            device: format!("http://{device_addr}"),
+            admin: format!("http://{}", ready["admin_addr"].as_str().unwrap()),
+            device_addr,
+            child,
+            log_path,
+            _dir: dir,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(32)
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.device_addr)
+    }
+
+    /// POST to the admin API with the admin token.
+    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request")
+    }
+
+    /// Registers a device and returns a fresh gateway access token for it.
+    pub async fn register_device(&self, id: &str) -> String {
+        let r = self
+            .admin_post("/admin/v1/devices", serde_json::json!({"device_id": id}))
+            .await;
+        assert!(r.status().is_success(), "register: {}", r.status());
+        self.device_token(id).await
+    }
+
+    pub async fn device_token(&self, id: &str) -> String {
+        let r = self
+            .admin_post(
+                &format!("/admin/v1/devices/{id}/tokens"),
+                serde_json::json!({}),
+            )
+            .await;
+        assert!(r.status().is_success(), "mint: {}", r.status());
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["access_token"].as_str().unwrap().to_owned()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Sends a signal to the gateway process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running");
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+/// Polls `f` until it returns true or `patience` runs out.
+pub async fn eventually<F, Fut>(patience: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

@@ -42,8 +42,13 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     if labels.len() > MAX_LABELS {
         return Err(format!("at most {MAX_LABELS} labels per device"));
     }
-    if labels.iter().any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN) {
-        return Err(format!("label keys must be 1-{MAX_LABEL_LEN} bytes and values at most {MAX_LABEL_LEN}"));
+    if labels
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN)
+    {
+        return Err(format!(
+            "label keys must be 1-{MAX_LABEL_LEN} bytes and values at most {MAX_LABEL_LEN}"
+        ));
     }
     Ok(())
 }
@@ -53,16 +58,26 @@ fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     let now = now_s();
     match body {
         RegisterBody::One(d) => {
-            let id = DeviceId::parse(&d.device_id).map_err(|e| AdminError::bad_request(format!("device_id: {e}")))?;
+            let id = DeviceId::parse(&d.device_id)
+                .map_err(|e| AdminError::bad_request(format!("device_id: {e}")))?;
             check_labels(&d.labels).map_err(AdminError::bad_request)?;
             let (dev, outcome) = state.devices.register(id, d.labels, now);
             state.metrics.devices.set(state.devices.len() as i64);
-            let status = if outcome == Registered::Created { StatusCode::CREATED } else { StatusCode::OK };
-            Ok((status, json!({"device": dev.view(), "created": outcome == Registered::Created})))
+            let status = if outcome == Registered::Created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((
+                status,
+                json!({"device": dev.view(), "created": outcome == Registered::Created}),
+            ))
         }
         RegisterBody::Many { devices } => {
             if devices.is_empty() || devices.len() > MAX_BULK {
-                return Err(AdminError::bad_request(format!("`devices` must hold 1-{MAX_BULK} entries")));
+                return Err(AdminError::bad_request(format!(
+                    "`devices` must hold 1-{MAX_BULK} entries"
+                )));
             }
             // Validate everything first: a bad entry registers nothing.
             let mut parsed = Vec::with_capacity(devices.len());
@@ -86,7 +101,10 @@ fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
                 }
             }
             state.metrics.devices.set(state.devices.len() as i64);
-            Ok((StatusCode::OK, json!({"created": created, "already_existed": existing})))
+            Ok((
+                StatusCode::OK,
+                json!({"created": created, "already_existed": existing}),
+            ))
         }
     }
 }
@@ -98,7 +116,9 @@ fn mint(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult 
             StatusCode::OK,
             json!({"access_token": m.access_token, "expires_in": m.expires_in, "token_type": "Bearer"}),
         )),
-        Err(crate::tokens::MintError::UnknownDevice) => Err(AdminError::not_found("device not found")),
+        Err(crate::tokens::MintError::UnknownDevice) => {
+            Err(AdminError::not_found("device not found"))
+        }
         Err(e) => Err(AdminError::bad_request(e.to_string())),
     }
 }
@@ -116,10 +136,14 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     };
     let mut parts = rest.split('/');
     let raw_id = parts.next().unwrap_or_default();
-    let id = DeviceId::parse(raw_id).map_err(|e| AdminError::bad_request(format!("device_id: {e}")))?;
+    let id =
+        DeviceId::parse(raw_id).map_err(|e| AdminError::bad_request(format!("device_id: {e}")))?;
     match (req.method.as_str(), parts.next(), parts.next()) {
         ("GET", None, _) => {
-            let d = state.devices.get(&id).ok_or_else(|| AdminError::not_found("device not found"))?;
+            let d = state
+                .devices
+                .get(&id)
+                .ok_or_else(|| AdminError::not_found("device not found"))?;
             Ok((StatusCode::OK, json!({"device": d.view()})))
         }
         ("POST", Some("tokens"), None) => mint(state, &id, req),
@@ -127,4 +151,3 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
         _ => Err(AdminError::not_found("no such admin route")),
     }
 }
-

@@ -35,19 +35,39 @@ pub struct AdminError {
 
 impl AdminError {
     pub fn bad_request(msg: impl Into<String>) -> AdminError {
-        AdminError { status: StatusCode::BAD_REQUEST, code: 4000, msg: msg.into() }
+        AdminError {
+            status: StatusCode::BAD_REQUEST,
+            code: 4000,
+            msg: msg.into(),
+        }
     }
     pub fn not_found(msg: impl Into<String>) -> AdminError {
-        AdminError { status: StatusCode::NOT_FOUND, code: 4200, msg: msg.into() }
+        AdminError {
+            status: StatusCode::NOT_FOUND,
+            code: 4200,
+            msg: msg.into(),
+        }
     }
     fn unauthorized() -> AdminError {
-        AdminError { status: StatusCode::UNAUTHORIZED, code: 4100, msg: "admin token missing or invalid".into() }
+        AdminError {
+            status: StatusCode::UNAUTHORIZED,
+            code: 4100,
+            msg: "admin token missing or invalid".into(),
+        }
     }
     fn method_not_allowed() -> AdminError {
-        AdminError { status: StatusCode::METHOD_NOT_ALLOWED, code: 4000, msg: "method not allowed".into() }
+        AdminError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: 4000,
+            msg: "method not allowed".into(),
+        }
     }
     fn too_large() -> AdminError {
-        AdminError { status: StatusCode::PAYLOAD_TOO_LARGE, code: 4000, msg: "request body too large".into() }
+        AdminError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: 4000,
+            msg: "request body too large".into(),
+        }
     }
 }
 
@@ -67,10 +87,13 @@ impl AdminRequest {
         if self.body.is_empty() {
             return Err(AdminError::bad_request("a JSON body is required"));
         }
-        serde_json::from_slice(&self.body).map_err(|e| AdminError::bad_request(format!("invalid JSON body: {e}")))
+        serde_json::from_slice(&self.body)
+            .map_err(|e| AdminError::bad_request(format!("invalid JSON body: {e}")))
     }
     /// The body as JSON, or `T::default()` when empty.
-    pub fn json_or_default<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, AdminError> {
+    pub fn json_or_default<T: serde::de::DeserializeOwned + Default>(
+        &self,
+    ) -> Result<T, AdminError> {
         if self.body.is_empty() {
             return Ok(T::default());
         }
@@ -82,7 +105,11 @@ impl AdminRequest {
 pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
     let da = ring::digest::digest(&ring::digest::SHA256, a);
     let db = ring::digest::digest(&ring::digest::SHA256, b);
-    da.as_ref().iter().zip(db.as_ref()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    da.as_ref()
+        .iter()
+        .zip(db.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn parse_query(q: Option<&str>) -> BTreeMap<String, String> {
@@ -130,14 +157,25 @@ impl AdminApp {
         let path = req.uri.path().to_owned();
         let query = parse_query(req.uri.query());
         let authorized = crate::proxy::admit::bearer(
-            req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
+            req.headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
         )
-        .is_some_and(|t| secrets_equal(t.as_bytes(), self.state.config.admin_token.expose().as_bytes()));
+        .is_some_and(|t| {
+            secrets_equal(
+                t.as_bytes(),
+                self.state.config.admin_token.expose().as_bytes(),
+            )
+        });
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => return Ok((StatusCode::OK, json!({"status": "ok"}))),
             ("GET", "/readyz") => {
                 let ready = self.state.is_ready();
-                let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let status = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 let phase = format!("{:?}", self.state.phase()).to_lowercase();
                 return Ok((status, json!({"ready": ready, "phase": phase})));
             }
@@ -147,7 +185,12 @@ impl AdminApp {
             return Err(AdminError::unauthorized());
         }
         let body = Self::read_body(session).await?;
-        let req = AdminRequest { method, path, query, body };
+        let req = AdminRequest {
+            method,
+            path,
+            query,
+            body,
+        };
         devices::route(&self.state, &req)
     }
 }
@@ -160,7 +203,11 @@ impl ServeHttp for AdminApp {
             && session.req_header().method == Method::GET;
         if is_metrics {
             let body = self.state.metrics.encode();
-            self.state.metrics.admin_requests.with_label_values(&["2xx"]).inc();
+            self.state
+                .metrics
+                .admin_requests
+                .with_label_values(&["2xx"])
+                .inc();
             return Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", "text/plain; version=0.0.4")
@@ -170,7 +217,10 @@ impl ServeHttp for AdminApp {
         }
         let (status, body) = match self.route(session).await {
             Ok((status, v)) => (status, v),
-            Err(e) => (e.status, json!({"code": e.code, "msg": e.msg, "detail": {"logid": logid}})),
+            Err(e) => (
+                e.status,
+                json!({"code": e.code, "msg": e.msg, "detail": {"logid": logid}}),
+            ),
         };
         self.state
             .metrics

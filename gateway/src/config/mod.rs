@@ -138,7 +138,10 @@ struct Collector(Vec<ConfigError>);
 
 impl Collector {
     fn err(&mut self, path: &str, message: impl Into<String>) {
-        self.0.push(ConfigError { path: path.to_owned(), message: message.into() });
+        self.0.push(ConfigError {
+            path: path.to_owned(),
+            message: message.into(),
+        });
     }
 }
 
@@ -153,13 +156,46 @@ pub fn process_env(key: &str) -> Option<String> {
 /// Parses and validates a config file's text.
 pub fn load_str(text: &str, env: EnvLookup<'_>) -> Result<GatewayConfig, ConfigErrors> {
     let file: raw::ConfigFile = toml::from_str(text).map_err(|e| {
-        ConfigErrors(vec![ConfigError { path: String::new(), message: e.to_string() }])
+        ConfigErrors(vec![ConfigError {
+            path: toml_error_path(text, &e),
+            message: e.to_string(),
+        }])
     })?;
     validate(file, env)
 }
 
+/// The dotted key path a TOML error points at: the enclosing `[table]` plus the key at the
+/// error's span (`upstream.base_ur`).
+fn toml_error_path(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return String::new();
+    };
+    let before = text.get(..span.start).unwrap_or_default();
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(['[', ']']).trim().to_owned());
+    let key: String = text
+        .get(span.clone())
+        .unwrap_or_default()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .collect();
+    match (table, key.is_empty()) {
+        (Some(t), false) => format!("{t}.{key}"),
+        (Some(t), true) => t,
+        (None, false) => key,
+        (None, true) => String::new(),
+    }
+}
+
 /// Reads, parses and validates a config file.
-pub fn load_file(path: &std::path::Path, env: EnvLookup<'_>) -> Result<GatewayConfig, ConfigErrors> {
+pub fn load_file(
+    path: &std::path::Path,
+    env: EnvLookup<'_>,
+) -> Result<GatewayConfig, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             path: String::new(),
@@ -191,7 +227,11 @@ fn parse_target(c: &mut Collector, path: &str, s: &str, ws: bool) -> Option<Upst
         (Some("https"), false) | (Some("wss"), true) => true,
         (Some("http"), false) | (Some("ws"), true) => false,
         _ => {
-            let want = if ws { "ws:// or wss://" } else { "http:// or https://" };
+            let want = if ws {
+                "ws:// or wss://"
+            } else {
+                "http:// or https://"
+            };
             c.err(path, format!("`{s}` must start with {want}"));
             return None;
         }
@@ -205,13 +245,20 @@ fn parse_target(c: &mut Collector, path: &str, s: &str, ws: bool) -> Option<Upst
         return None;
     }
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    Some(UpstreamTarget { tls, host: host.trim_matches(['[', ']']).to_owned(), port })
+    Some(UpstreamTarget {
+        tls,
+        host: host.trim_matches(['[', ']']).to_owned(),
+        port,
+    })
 }
 
 /// `https://api.coze.cn` → `wss://ws.coze.cn`, as the Coze SDKs derive it.
 pub fn derive_ws_base(base: &str) -> String {
-    let s = base.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
-    s.replacen("://api.", "://ws.", 1).replacen("://api-", "://ws-", 1)
+    let s = base
+        .replacen("https://", "wss://", 1)
+        .replacen("http://", "ws://", 1);
+    s.replacen("://api.", "://ws.", 1)
+        .replacen("://api-", "://ws-", 1)
 }
 
 fn secret_from_env(c: &mut Collector, env: EnvLookup<'_>, path: &str, var: &str) -> Option<Secret> {
@@ -226,7 +273,10 @@ fn secret_from_env(c: &mut Collector, env: EnvLookup<'_>, path: &str, var: &str)
 
 fn keyring(c: &mut Collector, env: EnvLookup<'_>, t: &raw::TokensConfig) -> Option<Keyring> {
     if t.signing_keys.is_empty() {
-        c.err("tokens.signing_keys", "at least one signing key is required (see `fleetgate keygen`)");
+        c.err(
+            "tokens.signing_keys",
+            "at least one signing key is required (see `fleetgate keygen`)",
+        );
         return None;
     }
     let mut keys: Vec<(String, Vec<u8>)> = Vec::new();
@@ -236,14 +286,20 @@ fn keyring(c: &mut Collector, env: EnvLookup<'_>, t: &raw::TokensConfig) -> Opti
             (Some(var), None) => match env(var) {
                 Some(v) => v,
                 None => {
-                    c.err(&format!("{path}.secret_env"), format!("environment variable `{var}` is not set"));
+                    c.err(
+                        &format!("{path}.secret_env"),
+                        format!("environment variable `{var}` is not set"),
+                    );
                     continue;
                 }
             },
             (None, Some(file)) => match std::fs::read_to_string(file) {
                 Ok(v) => v,
                 Err(e) => {
-                    c.err(&format!("{path}.secret_file"), format!("cannot read `{file}`: {e}"));
+                    c.err(
+                        &format!("{path}.secret_file"),
+                        format!("cannot read `{file}`: {e}"),
+                    );
                     continue;
                 }
             },
@@ -261,7 +317,10 @@ fn keyring(c: &mut Collector, env: EnvLookup<'_>, t: &raw::TokensConfig) -> Opti
         return None;
     }
     let active = t.active_kid.clone().unwrap_or_else(|| keys[0].0.clone());
-    match Keyring::new(keys.iter().map(|(k, v)| (k.as_str(), v.as_slice())), &active) {
+    match Keyring::new(
+        keys.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        &active,
+    ) {
         Ok(k) => Some(k),
         Err(e) => {
             c.err("tokens", e.to_string());
@@ -282,30 +341,52 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
         && d == a
         && d.port() != 0
     {
-        c.err("admin_listener.addr", "must differ from `device_listener.addr`");
+        c.err(
+            "admin_listener.addr",
+            "must differ from `device_listener.addr`",
+        );
     }
-    let admin_token = secret_from_env(&mut c, env, "admin_listener.token_env", &f.admin_listener.token_env);
+    let admin_token = secret_from_env(
+        &mut c,
+        env,
+        "admin_listener.token_env",
+        &f.admin_listener.token_env,
+    );
     if let Some(t) = &admin_token
         && t.expose().len() < 16
     {
-        c.err("admin_listener.token_env", "the admin token must be at least 16 characters");
+        c.err(
+            "admin_listener.token_env",
+            "the admin token must be at least 16 characters",
+        );
     }
     let rest = parse_target(&mut c, "upstream.base_url", &f.upstream.base_url, false);
-    let ws_base = f.upstream.ws_base_url.clone().unwrap_or_else(|| derive_ws_base(&f.upstream.base_url));
+    let ws_base = f
+        .upstream
+        .ws_base_url
+        .clone()
+        .unwrap_or_else(|| derive_ws_base(&f.upstream.base_url));
     let ws = parse_target(&mut c, "upstream.ws_base_url", &ws_base, true);
     let auth = match f.upstream.auth {
         UpstreamAuthMode::Pat => {
-            secret_from_env(&mut c, env, "upstream.pat_env", &f.upstream.pat_env).map(UpstreamAuth::Pat)
+            secret_from_env(&mut c, env, "upstream.pat_env", &f.upstream.pat_env)
+                .map(UpstreamAuth::Pat)
         }
         UpstreamAuthMode::Jwt => {
-            c.err("upstream.auth", "`jwt` mode is not available in this build yet; use `pat`");
+            c.err(
+                "upstream.auth",
+                "`jwt` mode is not available in this build yet; use `pat`",
+            );
             None
         }
     };
     for (path, d) in [
         ("upstream.connect_timeout", f.upstream.connect_timeout),
         ("upstream.read_timeout", f.upstream.read_timeout),
-        ("upstream.stream_idle_timeout", f.upstream.stream_idle_timeout),
+        (
+            "upstream.stream_idle_timeout",
+            f.upstream.stream_idle_timeout,
+        ),
         ("upstream.total_timeout", f.upstream.total_timeout),
         ("websocket.handshake_timeout", f.websocket.handshake_timeout),
     ] {
@@ -313,10 +394,17 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             c.err(path, "must be greater than 0");
         }
     }
-    let prefixes = f.routes.allow.clone().unwrap_or_else(RouteTable::default_prefixes);
+    let prefixes = f
+        .routes
+        .allow
+        .clone()
+        .unwrap_or_else(RouteTable::default_prefixes);
     for (i, p) in prefixes.iter().enumerate() {
         if !p.starts_with('/') {
-            c.err(&format!("routes.allow[{i}]"), format!("`{p}` must start with `/`"));
+            c.err(
+                &format!("routes.allow[{i}]"),
+                format!("`{p}` must start with `/`"),
+            );
         }
     }
     if f.routes.body_limit_bytes == 0 {
@@ -332,18 +420,39 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
         c.err("tokens.max_ttl", "must be between 1s and 86399s");
     }
     if f.tokens.default_ttl > f.tokens.max_ttl || f.tokens.default_ttl.is_zero() {
-        c.err("tokens.default_ttl", "must be greater than 0 and at most `tokens.max_ttl`");
+        c.err(
+            "tokens.default_ttl",
+            "must be greater than 0 and at most `tokens.max_ttl`",
+        );
     }
     let keyring = keyring(&mut c, env, &f.tokens);
     if tracing_subscriber::EnvFilter::try_new(&f.log.level).is_err() {
-        c.err("log.level", format!("`{}` is not a valid filter (e.g. `info`)", f.log.level));
+        c.err(
+            "log.level",
+            format!("`{}` is not a valid filter (e.g. `info`)", f.log.level),
+        );
     }
     if f.server.grace_period > Duration::from_secs(3600) {
         c.err("server.grace_period", "must be at most 1h");
     }
 
-    let (Some(device_addr), Some(admin_addr), Some(admin_token), Some(rest), Some(ws), Some(auth), Some(keyring)) =
-        (device_addr, admin_addr, admin_token, rest, ws, auth, keyring)
+    let (
+        Some(device_addr),
+        Some(admin_addr),
+        Some(admin_token),
+        Some(rest),
+        Some(ws),
+        Some(auth),
+        Some(keyring),
+    ) = (
+        device_addr,
+        admin_addr,
+        admin_token,
+        rest,
+        ws,
+        auth,
+        keyring,
+    )
     else {
         return Err(ConfigErrors(c.0));
     };
@@ -365,9 +474,14 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             stream_idle_timeout: f.upstream.stream_idle_timeout,
             total_timeout: f.upstream.total_timeout,
         },
-        routes: RouteTable::new(prefixes, f.routes.body_limit_bytes, f.routes.workflow_body_limit_bytes),
+        routes: RouteTable::new(
+            prefixes,
+            f.routes.body_limit_bytes,
+            f.routes.workflow_body_limit_bytes,
+        ),
         ws: WsSettings {
-            ping_interval: (!f.websocket.ping_interval.is_zero()).then_some(f.websocket.ping_interval),
+            ping_interval: (!f.websocket.ping_interval.is_zero())
+                .then_some(f.websocket.ping_interval),
             buffer_bytes: f.websocket.buffer_bytes,
             handshake_timeout: f.websocket.handshake_timeout,
         },
@@ -376,7 +490,11 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             default_ttl: f.tokens.default_ttl,
             max_ttl: f.tokens.max_ttl,
         },
-        log: LogSettings { format: f.log.format, level: f.log.level, access_log: f.log.access_log },
+        log: LogSettings {
+            format: f.log.format,
+            level: f.log.level,
+            access_log: f.log.access_log,
+        },
     })
 }
 
@@ -401,17 +519,33 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let c = load_str(MINIMAL, &env).unwrap();
-        assert_eq!(c.upstream.rest, UpstreamTarget { tls: true, host: "api.coze.cn".into(), port: 443 });
-        assert_eq!(c.upstream.ws, UpstreamTarget { tls: true, host: "ws.coze.cn".into(), port: 443 });
+        assert_eq!(
+            c.upstream.rest,
+            UpstreamTarget {
+                tls: true,
+                host: "api.coze.cn".into(),
+                port: 443
+            }
+        );
+        assert_eq!(
+            c.upstream.ws,
+            UpstreamTarget {
+                tls: true,
+                host: "ws.coze.cn".into(),
+                port: 443
+            }
+        );
         assert_eq!(c.tokens.keyring.active_kid(), "k1");
-        assert!(!format!("{c:?}").contains("admin-token-0123456789"), "secrets are redacted");
+        assert!(
+            !format!("{c:?}").contains("admin-token-0123456789"),
+            "secrets are redacted"
+        );
     }
 
     #[test]
     fn misspelled_key_fails_with_its_path() {
         let e = load_str("[upstream]\nbase_ur = \"x\"\n", &env).unwrap_err();
-        let text = e.to_string();
-        assert!(text.contains("base_ur") && text.contains("upstream"), "{text}");
+        assert_eq!(e.0[0].path, "upstream.base_ur", "{e}");
     }
 
     #[test]
@@ -427,7 +561,13 @@ mod tests {
         "#;
         let e = load_str(text, &env).unwrap_err();
         let paths: Vec<_> = e.0.iter().map(|e| e.path.as_str()).collect();
-        for want in ["server.threads", "device_listener.addr", "upstream.base_url", "upstream.pat_env", "tokens.signing_keys"] {
+        for want in [
+            "server.threads",
+            "device_listener.addr",
+            "upstream.base_url",
+            "upstream.pat_env",
+            "tokens.signing_keys",
+        ] {
             assert!(paths.contains(&want), "{want} missing from {paths:?}");
         }
     }
@@ -436,5 +576,31 @@ mod tests {
     fn derives_ws_host_like_the_sdks() {
         assert_eq!(derive_ws_base("https://api.coze.cn"), "wss://ws.coze.cn");
         assert_eq!(derive_ws_base("http://127.0.0.1:9"), "ws://127.0.0.1:9");
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The shipped `config.toml` must always parse and validate.
+    #[test]
+    fn shipped_config_toml_is_valid() {
+        let text = include_str!("../../../config.toml");
+        let env = |k: &str| match k {
+            "FLEETGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".to_owned()),
+            "COZE_API_TOKEN" => Some("pat_example".to_owned()),
+            "FLEETGATE_SIGNING_KEY_K1" => {
+                Some(base64::engine::general_purpose::STANDARD.encode([3u8; 32]))
+            }
+            _ => None,
+        };
+        let c = load_str(text, &env).unwrap_or_else(|e| panic!("config.toml: {e}"));
+        assert_eq!(c.device_addr.port(), 8080);
+        assert_eq!(c.upstream.ws.host, "ws.coze.cn");
+        // A misspelled key in the same file fails with its path.
+        let broken = text.replace("stream_idle_timeout", "stream_idle_timout");
+        let e = load_str(&broken, &env).unwrap_err();
+        assert_eq!(e.0[0].path, "upstream.stream_idle_timout", "{e}");
     }
 }

@@ -38,7 +38,10 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { threads: None, grace_period: d_grace() }
+        Self {
+            threads: None,
+            grace_period: d_grace(),
+        }
     }
 }
 
@@ -51,7 +54,9 @@ pub struct ListenerConfig {
 
 impl Default for ListenerConfig {
     fn default() -> Self {
-        Self { addr: d_device_addr() }
+        Self {
+            addr: d_device_addr(),
+        }
     }
 }
 
@@ -67,7 +72,10 @@ pub struct AdminListenerConfig {
 
 impl Default for AdminListenerConfig {
     fn default() -> Self {
-        Self { addr: d_admin_addr(), token_env: d_admin_token_env() }
+        Self {
+            addr: d_admin_addr(),
+            token_env: d_admin_token_env(),
+        }
     }
 }
 
@@ -132,7 +140,11 @@ pub struct RoutesConfig {
 
 impl Default for RoutesConfig {
     fn default() -> Self {
-        Self { allow: None, body_limit_bytes: d_body_limit(), workflow_body_limit_bytes: d_wf_body_limit() }
+        Self {
+            allow: None,
+            body_limit_bytes: d_body_limit(),
+            workflow_body_limit_bytes: d_wf_body_limit(),
+        }
     }
 }
 
@@ -152,7 +164,11 @@ pub struct WebSocketConfig {
 
 impl Default for WebSocketConfig {
     fn default() -> Self {
-        Self { ping_interval: d_ping(), buffer_bytes: d_ws_buf(), handshake_timeout: d_connect() }
+        Self {
+            ping_interval: d_ping(),
+            buffer_bytes: d_ws_buf(),
+            handshake_timeout: d_connect(),
+        }
     }
 }
 
@@ -183,7 +199,12 @@ pub struct TokensConfig {
 
 impl Default for TokensConfig {
     fn default() -> Self {
-        Self { default_ttl: d_ttl(), max_ttl: d_max_ttl(), signing_keys: Vec::new(), active_kid: None }
+        Self {
+            default_ttl: d_ttl(),
+            max_ttl: d_max_ttl(),
+            signing_keys: Vec::new(),
+            active_kid: None,
+        }
     }
 }
 
@@ -210,25 +231,65 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Json, level: d_level(), access_log: true }
+        Self {
+            format: LogFormat::Json,
+            level: d_level(),
+            access_log: true,
+        }
     }
 }
 
-fn d_grace() -> Duration { Duration::from_secs(30) }
-fn d_device_addr() -> String { "0.0.0.0:8080".into() }
-fn d_admin_addr() -> String { "127.0.0.1:9090".into() }
-fn d_admin_token_env() -> String { "FLEETGATE_ADMIN_TOKEN".into() }
-fn d_base_url() -> String { "https://api.coze.cn".into() }
-fn d_pat_env() -> String { "COZE_API_TOKEN".into() }
-fn d_connect() -> Duration { Duration::from_secs(5) }
-fn d_read() -> Duration { Duration::from_secs(60) }
-fn d_stream_idle() -> Duration { Duration::from_secs(120) }
-fn d_total() -> Duration { Duration::from_secs(1800) }
-fn d_body_limit() -> u64 { 15 << 20 }
-fn d_wf_body_limit() -> u64 { 20 << 20 }
-fn d_ping() -> Duration { Duration::from_secs(30) }
-fn d_ws_buf() -> usize { 4096 }
-fn d_ttl() -> Duration { Duration::from_secs(3600) }
-fn d_max_ttl() -> Duration { Duration::from_secs(86399) }
-fn d_level() -> String { "info".into() }
-fn d_true() -> bool { true }
+fn d_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_device_addr() -> String {
+    "0.0.0.0:8080".into()
+}
+fn d_admin_addr() -> String {
+    "127.0.0.1:9090".into()
+}
+fn d_admin_token_env() -> String {
+    "FLEETGATE_ADMIN_TOKEN".into()
+}
+fn d_base_url() -> String {
+    "https://api.coze.cn".into()
+}
+fn d_pat_env() -> String {
+    "COZE_API_TOKEN".into()
+}
+fn d_connect() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_read() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_stream_idle() -> Duration {
+    Duration::from_secs(120)
+}
+fn d_total() -> Duration {
+    Duration::from_secs(1800)
+}
+fn d_body_limit() -> u64 {
+    15 << 20
+}
+fn d_wf_body_limit() -> u64 {
+    20 << 20
+}
+fn d_ping() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_ws_buf() -> usize {
+    4096
+}
+fn d_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_max_ttl() -> Duration {
+    Duration::from_secs(86399)
+}
+fn d_level() -> String {
+    "info".into()
+}
+fn d_true() -> bool {
+    true
+}

@@ -1,7 +1,7 @@
 //! Admission: route, device token, body limit. Used by the REST/SSE proxy and by the
 //! WebSocket path alike, so both refuse exactly the same requests.
 
-use policy::decision::{DenyReason, Denial};
+use policy::decision::{Denial, DenyReason};
 use policy::ids::DeviceId;
 use policy::route::Route;
 use policy::token::{self, TokenError};
@@ -22,7 +22,10 @@ const IAT_LEEWAY_S: u64 = 60;
 pub fn bearer(header: Option<&[u8]>) -> Option<&str> {
     let v = std::str::from_utf8(header?).ok()?.trim();
     let (scheme, rest) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// The token from an `authorization=Bearer <token>` query parameter (WebSocket clients that
@@ -83,10 +86,16 @@ pub fn admit(
     now_s: u64,
 ) -> Result<Admission, Denial> {
     let route = state.config.routes.resolve(path)?;
-    let token = token.ok_or(Denial::new(DenyReason::MissingToken, "missing access token"))?;
+    let token = token.ok_or(Denial::new(
+        DenyReason::MissingToken,
+        "missing access token",
+    ))?;
     let device = verify_token(state, token, now_s)?;
     if content_length.is_some_and(|n| n > route.body_limit) {
-        return Err(Denial::new(DenyReason::BodyTooLarge, "request body too large"));
+        return Err(Denial::new(
+            DenyReason::BodyTooLarge,
+            "request body too large",
+        ));
     }
     Ok(Admission { device, route })
 }
@@ -106,10 +115,17 @@ mod tests {
 
     #[test]
     fn query_token_parsing_and_stripping() {
-        for q in ["bot_id=1&authorization=Bearer%20t.k", "authorization=Bearer+t.k", "authorization=Bearer t.k&x=1"] {
+        for q in [
+            "bot_id=1&authorization=Bearer%20t.k",
+            "authorization=Bearer+t.k",
+            "authorization=Bearer t.k&x=1",
+        ] {
             assert_eq!(bearer_from_query(q).as_deref(), Some("t.k"), "{q}");
         }
-        assert_eq!(strip_authorization_param("bot_id=1&authorization=Bearer%20x&device_id=2"), "bot_id=1&device_id=2");
+        assert_eq!(
+            strip_authorization_param("bot_id=1&authorization=Bearer%20x&device_id=2"),
+            "bot_id=1&device_id=2"
+        );
         assert_eq!(strip_authorization_param("authorization=Bearer%20x"), "");
     }
 }

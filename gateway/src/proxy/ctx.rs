@@ -56,6 +56,8 @@ impl RequestCtx {
     }
 
     pub fn route_label(&self) -> &'static str {
-        self.admission.as_ref().map_or("none", |a| a.route.class.as_str())
+        self.admission
+            .as_ref()
+            .map_or("none", |a| a.route.class.as_str())
     }
 }

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
-use policy::decision::{DenyReason, Denial};
+use policy::decision::{Denial, DenyReason};
 
 use ctx::{Protocol, RequestCtx};
 
@@ -41,7 +41,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    async fn deny(&self, session: &mut Session, ctx: &mut RequestCtx, denial: Denial) -> Result<bool> {
+    async fn deny(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        denial: Denial,
+    ) -> Result<bool> {
         ctx.denied = Some(denial.reason);
         respond::deny(session, &denial, &ctx.logid).await?;
         Ok(true)
@@ -63,7 +68,11 @@ impl ProxyHttp for Gateway {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let token = admit::bearer(req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()));
+        let token = admit::bearer(
+            req.headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+        );
         let path = req.uri.path().to_owned();
         match admit::admit(&self.state, &path, token, content_length, now_ms() / 1000) {
             Ok(admission) => {
@@ -87,13 +96,24 @@ impl ProxyHttp for Gateway {
         let limit = ctx.admission.as_ref().map_or(0, |a| a.route.body_limit);
         if ctx.request_bytes > limit {
             ctx.denied = Some(DenyReason::BodyTooLarge);
-            return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the route limit");
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                "request body over the route limit",
+            );
         }
         Ok(())
     }
 
-    async fn upstream_peer(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
-        Ok(upstream::peer(&self.rest, &self.state.config.upstream, session.req_header().uri.path()))
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        Ok(upstream::peer(
+            &self.rest,
+            &self.state.config.upstream,
+            session.req_header().uri.path(),
+        ))
     }
 
     async fn upstream_request_filter(
@@ -118,7 +138,7 @@ impl ProxyHttp for Gateway {
         ctx.first_byte_at = Some(Instant::now());
         match resp.headers.get("x-tt-logid").and_then(|v| v.to_str().ok()) {
             Some(up) => ctx.upstream_logid = Some(up.to_owned()),
-            None => resp.insert_header("x-tt-logid", &ctx.logid)?,
+            None => resp.insert_header("X-Tt-Logid", &ctx.logid)?,
         }
         let is_sse = resp
             .headers
@@ -150,7 +170,12 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let denial = respond::denial_for_error(e);
         let code = match denial {
             Some(d) => {
@@ -162,7 +187,10 @@ impl ProxyHttp for Gateway {
             }
             None => 0,
         };
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use policy::decision::{DenyReason, Denial};
+use policy::decision::{Denial, DenyReason};
 
 /// The envelope body for a denial.
 pub fn envelope(code: u32, msg: &str, logid: &str) -> Bytes {
@@ -22,7 +22,7 @@ pub fn parts(denial: &Denial, logid: &str) -> (u16, Vec<(&'static str, String)>,
     let mut headers = vec![
         ("content-type", "application/json".to_owned()),
         ("content-length", body.len().to_string()),
-        ("x-tt-logid", logid.to_owned()),
+        ("X-Tt-Logid", logid.to_owned()),
     ];
     if let Some(s) = denial.retry_after_s {
         headers.push(("retry-after", s.to_string()));
@@ -67,17 +67,26 @@ pub fn raw_http1(denial: &Denial, logid: &str) -> Vec<u8> {
 pub fn denial_for_error(e: &Error) -> Option<Denial> {
     use pingora::ErrorType::*;
     match e.etype() {
-        HTTPStatus(413) => Some(Denial::new(DenyReason::BodyTooLarge, "request body too large")),
-        HTTPStatus(s) if (400..500).contains(s) => Some(Denial::new(DenyReason::BadRequest, "bad request")),
-        ConnectTimedout | ReadTimedout | WriteTimedout => {
-            Some(Denial::new(DenyReason::UpstreamTimeout, "upstream timed out"))
+        HTTPStatus(413) => Some(Denial::new(
+            DenyReason::BodyTooLarge,
+            "request body too large",
+        )),
+        HTTPStatus(s) if (400..500).contains(s) => {
+            Some(Denial::new(DenyReason::BadRequest, "bad request"))
         }
+        ConnectTimedout | ReadTimedout | WriteTimedout => Some(Denial::new(
+            DenyReason::UpstreamTimeout,
+            "upstream timed out",
+        )),
         _ => match e.esource() {
             ErrorSource::Downstream => match e.etype() {
                 WriteError | ReadError | ConnectionClosed => None,
                 _ => Some(Denial::new(DenyReason::BadRequest, "bad request")),
             },
-            _ => Some(Denial::new(DenyReason::UpstreamUnavailable, "upstream unavailable")),
+            _ => Some(Denial::new(
+                DenyReason::UpstreamUnavailable,
+                "upstream unavailable",
+            )),
         },
     }
 }

@@ -7,22 +7,37 @@ use super::ctx::RequestCtx;
 use crate::metrics::status_class;
 use crate::state::GatewayState;
 
-pub fn finish(state: &GatewayState, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+pub fn finish(
+    state: &GatewayState,
+    session: &mut Session,
+    e: Option<&Error>,
+    ctx: &mut RequestCtx,
+) {
     let m = &state.metrics;
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
     let route = ctx.route_label();
     let proto = ctx.protocol.as_str();
-    m.requests.with_label_values(&[route, proto, status_class(status)]).inc();
+    m.requests
+        .with_label_values(&[route, proto, status_class(status)])
+        .inc();
     if let Some(reason) = ctx.denied {
         m.denials.with_label_values(&[reason.code()]).inc();
     }
     let elapsed = ctx.started.elapsed();
-    m.duration.with_label_values(&[route, proto]).observe(elapsed.as_secs_f64());
+    m.duration
+        .with_label_values(&[route, proto])
+        .observe(elapsed.as_secs_f64());
     if let Some(fb) = ctx.first_byte_at {
-        m.first_byte.with_label_values(&[route, proto]).observe((fb - ctx.started).as_secs_f64());
+        m.first_byte
+            .with_label_values(&[route, proto])
+            .observe((fb - ctx.started).as_secs_f64());
     }
-    m.relayed_bytes.with_label_values(&["uplink"]).inc_by(ctx.request_bytes);
-    m.relayed_bytes.with_label_values(&["downlink"]).inc_by(ctx.response_bytes);
+    m.relayed_bytes
+        .with_label_values(&["uplink"])
+        .inc_by(ctx.request_bytes);
+    m.relayed_bytes
+        .with_label_values(&["downlink"])
+        .inc_by(ctx.response_bytes);
     if ctx.sse_counted {
         m.sse_streams.dec();
         ctx.sse_counted = false;
@@ -30,7 +45,9 @@ pub fn finish(state: &GatewayState, session: &mut Session, e: Option<&Error>, ct
     if let Some(err) = e
         && ctx.denied.is_none()
     {
-        m.upstream_errors.with_label_values(&[crate::metrics::error_kind(err)]).inc();
+        m.upstream_errors
+            .with_label_values(&[crate::metrics::error_kind(err)])
+            .inc();
     }
     if state.config.log.access_log {
         let req = session.req_header();

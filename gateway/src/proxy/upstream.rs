@@ -51,7 +51,10 @@ pub fn rewrite(
         }
     }
     // Attribution on every call (Coze ignores it where it doesn't apply).
-    req.insert_header("x-coze-deviceinfo", device_info_header(admission.device.as_str()))?;
+    req.insert_header(
+        "x-coze-deviceinfo",
+        device_info_header(admission.device.as_str()),
+    )?;
     req.insert_header("host", up.target.authority())?;
     Ok(())
 }

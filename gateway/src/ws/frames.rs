@@ -28,7 +28,9 @@ fn header_len(b0_b1: [u8; 2]) -> usize {
 
 fn payload_len(h: &[u8]) -> u64 {
     match h.get(1).map(|b| b & 0x7f) {
-        Some(126) => h.get(2..4).map_or(0, |b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
+        Some(126) => h
+            .get(2..4)
+            .map_or(0, |b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
         Some(127) => h
             .get(2..10)
             .and_then(|b| <[u8; 8]>::try_from(b).ok())
@@ -55,14 +57,17 @@ impl FrameCursor {
                 header_len([self.header[0], self.header[1]])
             };
             let take = (want - self.header_len).min(data.len());
-            if let (Some(dst), Some(src)) =
-                (self.header.get_mut(self.header_len..self.header_len + take), data.get(..take))
-            {
+            if let (Some(dst), Some(src)) = (
+                self.header.get_mut(self.header_len..self.header_len + take),
+                data.get(..take),
+            ) {
                 dst.copy_from_slice(src);
             }
             self.header_len += take;
             data = data.get(take..).unwrap_or_default();
-            if self.header_len >= 2 && self.header_len == header_len([self.header[0], self.header[1]]) {
+            if self.header_len >= 2
+                && self.header_len == header_len([self.header[0], self.header[1]])
+            {
                 if self.header[0] & 0x0f == 0x8 {
                     self.saw_close = true;
                 }
@@ -114,7 +119,12 @@ pub fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 /// A masked close frame for the upstream.
 pub fn masked_close(code: u16, reason: &str) -> Vec<u8> {
     let mut p = code.to_be_bytes().to_vec();
-    p.extend_from_slice(reason.as_bytes().get(..reason.len().min(123)).unwrap_or_default());
+    p.extend_from_slice(
+        reason
+            .as_bytes()
+            .get(..reason.len().min(123))
+            .unwrap_or_default(),
+    );
     masked_frame(0x8, &p)
 }
 

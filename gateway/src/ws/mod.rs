@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pingora::protocols::Stream;
-use policy::decision::{DenyReason, Denial};
+use policy::decision::{Denial, DenyReason};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::proxy::admit;
@@ -66,14 +66,21 @@ fn parse_request(head: &[u8]) -> Option<DeviceRequest> {
     Some(DeviceRequest {
         path: path.to_owned(),
         query: query.to_owned(),
-        headers: req.headers.iter().map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())).collect(),
+        headers: req
+            .headers
+            .iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+            .collect(),
         early: head.get(n..).unwrap_or_default().to_vec(),
     })
 }
 
 impl DeviceRequest {
     fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
     }
 }
 
@@ -97,11 +104,19 @@ impl EndedBy {
 
 impl WsRelay {
     pub fn new(state: SharedState, upstream: Arc<ResolvedUpstream>) -> WsRelay {
-        WsRelay { state, upstream, tls: Arc::new(upstream::tls_connector()) }
+        WsRelay {
+            state,
+            upstream,
+            tls: Arc::new(upstream::tls_connector()),
+        }
     }
 
     async fn refuse(&self, device: &mut Stream, denial: &Denial, logid: &str) {
-        self.state.metrics.denials.with_label_values(&[denial.reason.code()]).inc();
+        self.state
+            .metrics
+            .denials
+            .with_label_values(&[denial.reason.code()])
+            .inc();
         let route = policy::route::RouteClass::Voice.as_str();
         let (status, _, _) = respond::parts(denial, logid);
         self.state
@@ -120,17 +135,30 @@ impl WsRelay {
     pub async fn serve(&self, mut device: Stream, head: BytesMut) {
         let logid = crate::logid::new_logid(now_ms());
         let Some(req) = parse_request(&head) else {
-            return self.refuse(&mut device, &Denial::new(DenyReason::BadRequest, "malformed request"), &logid).await;
+            return self
+                .refuse(
+                    &mut device,
+                    &Denial::new(DenyReason::BadRequest, "malformed request"),
+                    &logid,
+                )
+                .await;
         };
         drop(head);
         if self.state.phase() == Phase::Draining {
-            let d = Denial::new(DenyReason::ShuttingDown, "gateway shutting down; reconnect").retry_after(1);
+            let d = Denial::new(DenyReason::ShuttingDown, "gateway shutting down; reconnect")
+                .retry_after(1);
             return self.refuse(&mut device, &d, &logid).await;
         }
         let token = admit::bearer(req.header("authorization"))
             .map(str::to_owned)
             .or_else(|| admit::bearer_from_query(&req.query));
-        let admission = match admit::admit(&self.state, &req.path, token.as_deref(), None, now_ms() / 1000) {
+        let admission = match admit::admit(
+            &self.state,
+            &req.path,
+            token.as_deref(),
+            None,
+            now_ms() / 1000,
+        ) {
             Ok(a) => a,
             Err(d) => return self.refuse(&mut device, &d, &logid).await,
         };
@@ -153,12 +181,20 @@ impl WsRelay {
             Ok(Ok(up)) => up,
             Ok(Err(e)) => {
                 tracing::warn!(request_id = %logid, error = %e, "Upstream WebSocket handshake failed.");
-                self.state.metrics.upstream_errors.with_label_values(&["connect"]).inc();
+                self.state
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&["connect"])
+                    .inc();
                 let d = Denial::new(DenyReason::UpstreamUnavailable, "upstream unavailable");
                 return self.refuse(&mut device, &d, &logid).await;
             }
             Err(_) => {
-                self.state.metrics.upstream_errors.with_label_values(&["timeout"]).inc();
+                self.state
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&["timeout"])
+                    .inc();
                 let d = Denial::new(DenyReason::UpstreamTimeout, "upstream timed out");
                 return self.refuse(&mut device, &d, &logid).await;
             }
@@ -172,7 +208,9 @@ impl WsRelay {
         let route = admission.route.class.as_str();
         if status != 101 {
             // Relay the error body (bounded) and finish.
-            if let Err(e) = relay_error_body(&mut up.io, &mut device, up.rest, up.content_length).await {
+            if let Err(e) =
+                relay_error_body(&mut up.io, &mut device, up.rest, up.content_length).await
+            {
                 tracing::debug!(request_id = %logid, error = %e, "Could not relay the upstream's refusal.");
             }
             close(&mut device).await;
@@ -186,13 +224,23 @@ impl WsRelay {
         let m = &self.state.metrics;
         m.ws_sessions.inc();
         let mut counters = Counters::default();
-        let ended = self.relay(&mut device, &mut up.io, req.early, up.rest, &mut counters).await;
+        let ended = self
+            .relay(&mut device, &mut up.io, req.early, up.rest, &mut counters)
+            .await;
         m.ws_sessions.dec();
         m.ws_closed.with_label_values(&[ended.label()]).inc();
-        m.requests.with_label_values(&[route, "websocket", "1xx"]).inc();
-        m.relayed_bytes.with_label_values(&["uplink"]).inc_by(counters.up);
-        m.relayed_bytes.with_label_values(&["downlink"]).inc_by(counters.down);
-        m.duration.with_label_values(&[route, "websocket"]).observe(started.elapsed().as_secs_f64());
+        m.requests
+            .with_label_values(&[route, "websocket", "1xx"])
+            .inc();
+        m.relayed_bytes
+            .with_label_values(&["uplink"])
+            .inc_by(counters.up);
+        m.relayed_bytes
+            .with_label_values(&["downlink"])
+            .inc_by(counters.down);
+        m.duration
+            .with_label_values(&[route, "websocket"])
+            .observe(started.elapsed().as_secs_f64());
         if cfg.log.access_log {
             tracing::info!(
                 target: "access",

@@ -22,7 +22,11 @@ pub enum UpstreamIo {
 }
 
 impl AsyncRead for UpstreamIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -31,7 +35,11 @@ impl AsyncRead for UpstreamIo {
 }
 
 impl AsyncWrite for UpstreamIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -53,7 +61,9 @@ impl AsyncWrite for UpstreamIo {
 
 /// A TLS client with the Mozilla root set (webpki-roots) and the ring provider.
 pub fn tls_connector() -> TlsConnector {
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -158,7 +168,14 @@ pub async fn connect_and_handshake(
     } else {
         UpstreamIo::Plain(tcp)
     };
-    let req = handshake_request(&up.target.authority(), path, query, headers, settings, device);
+    let req = handshake_request(
+        &up.target.authority(),
+        path,
+        query,
+        headers,
+        settings,
+        device,
+    );
     io.write_all(&req).await?;
     io.flush().await?;
     let mut buf = Vec::with_capacity(1024);
@@ -166,7 +183,10 @@ pub async fn connect_and_handshake(
     loop {
         let n = io.read(&mut chunk).await?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed during handshake"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "upstream closed during handshake",
+            ));
         }
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
         let mut hs = [httparse::EMPTY_HEADER; 64];
@@ -181,10 +201,21 @@ pub async fn connect_and_handshake(
                     .and_then(|h| std::str::from_utf8(h.value).ok())
                     .and_then(|v| v.trim().parse().ok());
                 let rest = buf.split_off(len);
-                return Ok(Handshaken { io, status, head: buf, rest, content_length });
+                return Ok(Handshaken {
+                    io,
+                    status,
+                    head: buf,
+                    rest,
+                    content_length,
+                });
             }
             Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => continue,
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad upstream handshake response")),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad upstream handshake response",
+                ));
+            }
         }
     }
 }

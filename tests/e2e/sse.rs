@@ -1,0 +1,80 @@
+//! SSE through the gateway: chunks are forwarded as they arrive, never buffered.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use gateway_tests::*;
+use serde_json::json;
+
+/// The upstream sends an event, pauses 300 ms, sends the next: the device must see the first
+/// event before the second exists. A buffering proxy would deliver them together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_arrive_as_they_are_sent() {
+    let up = sandbox_upstream(SandboxConfig {
+        sse_event_delay: Duration::from_millis(300),
+        chat_deltas: 2,
+        ..Default::default()
+    })
+    .await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("dev-sse").await;
+    let r = gw
+        .http
+        .post(format!("{}/v3/chat", gw.device))
+        .bearer_auth(&token)
+        .json(&json!({
+            "bot_id": "b1", "user_id": "u1", "stream": true,
+            "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert!(r.headers().get("x-tt-logid").is_some());
+    let mut body = r.bytes_stream();
+    let mut buf = Vec::new();
+    let mut arrivals: Vec<(Instant, String)> = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await
+        .unwrap()
+    {
+        buf.extend_from_slice(&chunk.unwrap());
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            let text = String::from_utf8(event).unwrap();
+            let name = text
+                .lines()
+                .next()
+                .unwrap()
+                .trim_start_matches("event:")
+                .trim()
+                .to_owned();
+            arrivals.push((Instant::now(), name));
+        }
+    }
+    let names: Vec<&str> = arrivals.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(
+        names.first(),
+        Some(&"conversation.chat.created"),
+        "{names:?}"
+    );
+    assert_eq!(names.last(), Some(&"done"), "{names:?}");
+    assert!(names.contains(&"conversation.chat.completed"), "{names:?}");
+    for pair in arrivals.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= Duration::from_millis(200),
+            "events {:?} and {:?} arrived {gap:?} apart: buffered",
+            pair[0].1,
+            pair[1].1
+        );
+    }
+    let m = gw.metrics().await;
+    assert!(m.contains("protocol=\"sse\""), "{m}");
+}

@@ -1,0 +1,232 @@
+//! WebSocket sessions through the gateway's own relay (not pingora's tunnel).
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use gateway_tests::*;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(gw: &GatewayProcess, token: &str, path_and_query: &str) -> Result<Ws, WsError> {
+    let mut req = format!("{}{path_and_query}", gw.ws_url())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+async fn next_event(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("frame in time")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+async fn wait_for(ws: &mut Ws, event_type: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let e = next_event(ws).await;
+        let done = e["event_type"] == event_type;
+        seen.push(e);
+        if done {
+            return seen;
+        }
+    }
+}
+
+fn fast_upstream() -> SandboxConfig {
+    SandboxConfig {
+        realtime_audio: false,
+        ..Default::default()
+    }
+}
+
+/// A voice turn: config, audio up in 20 ms frames, audio and text down, usage, clean close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voice_session_passes_text_and_audio_both_ways() {
+    let up = sandbox_upstream(fast_upstream()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("voice-1").await;
+    let mut ws = connect(&gw, &token, "/v1/chat?bot_id=b1").await.unwrap();
+    assert_eq!(next_event(&mut ws).await["event_type"], "chat.created");
+    ws.send(Message::text(json!({"id": "1", "event_type": "chat.update", "data": {
+        "input_audio": {"format": "pcm", "codec": "pcm", "sample_rate": 16000, "channel": 1, "bit_depth": 16},
+        "output_audio": {"codec": "pcm", "pcm_config": {"sample_rate": 24000}}
+    }}).to_string())).await.unwrap();
+    wait_for(&mut ws, "chat.updated").await;
+    let frame = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 640]); // 20 ms @ 16 kHz
+    for i in 0..50 {
+        ws.send(Message::text(json!({"id": format!("a{i}"), "event_type": "input_audio_buffer.append", "data": {"delta": frame}}).to_string())).await.unwrap();
+    }
+    ws.send(Message::text(
+        json!({"id": "c", "event_type": "input_audio_buffer.complete"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let events = wait_for(&mut ws, "conversation.chat.completed").await;
+    let audio_bytes: usize = events
+        .iter()
+        .filter(|e| e["event_type"] == "conversation.audio.delta")
+        .map(|e| {
+            base64::engine::general_purpose::STANDARD
+                .decode(e["data"]["content"].as_str().unwrap())
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert!(audio_bytes > 0, "audio came down");
+    let done = events.last().unwrap();
+    assert!(
+        done["data"]["usage"]["token_count"].as_u64().unwrap() > 0,
+        "{done}"
+    );
+    ws.send(Message::Close(None)).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("unclean close: {e}"),
+        }
+    }
+}
+
+/// Browsers and mini-programs pass the token in the query; it must not reach upstream.
+/// Without a token the handshake fails with 401 and the envelope, never upgrading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_token_auth_and_refused_handshakes() {
+    let up = sandbox_upstream(fast_upstream()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("voice-2").await;
+    let url = format!(
+        "{}/v1/chat?bot_id=b1&authorization=Bearer%20{token}",
+        gw.ws_url()
+    );
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert!(resp.headers().get("x-tt-logid").is_some());
+    assert!(resp.headers().get("sec-websocket-extensions").is_none());
+    assert_eq!(next_event(&mut ws).await["event_type"], "chat.created");
+    ws.close(None).await.unwrap();
+    match tokio_tungstenite::connect_async(format!("{}/v1/chat?bot_id=b1", gw.ws_url())).await {
+        Err(WsError::Http(resp)) => {
+            assert_eq!(resp.status(), 401);
+            let body: Value = serde_json::from_slice(resp.body().as_ref().unwrap()).unwrap();
+            assert_eq!(body["code"], 4100);
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+    match connect(&gw, "garbage", "/v1/chat?bot_id=b1").await {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+}
+
+/// pingora's tunnel loses ~0.8% of sessions when the upstream speaks right after the 101
+/// (pingora #946). The sandbox sends `chat.created` immediately, so every one of 2,000
+/// churned sessions must see it and close cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_churned_sessions_lose_none() {
+    let up = sandbox_upstream(fast_upstream()).await;
+    let gw = std::sync::Arc::new(GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await);
+    let token = std::sync::Arc::new(gw.register_device("churn").await);
+    let failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..40 {
+        let (gw, token, failures) = (gw.clone(), token.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                let ok = async {
+                    let mut ws = connect(&gw, &token, "/v1/chat?bot_id=b1").await.ok()?;
+                    let first = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                        .await
+                        .ok()??
+                        .ok()?;
+                    let v: Value = serde_json::from_str(first.to_text().ok()?).ok()?;
+                    (v["event_type"] == "chat.created").then_some(())?;
+                    ws.close(None).await.ok()?;
+                    Some(())
+                }
+                .await;
+                if ok.is_none() {
+                    failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    eprintln!("session {worker}/{i} lost");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "sessions lost out of 2000"
+    );
+}
+
+/// A device that says nothing for 90 s keeps its session (pingora's tunnel cuts at 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_session_survives_90_seconds() {
+    let up = sandbox_upstream(fast_upstream()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("quiet").await;
+    let mut ws = connect(&gw, &token, "/v1/chat?bot_id=b1").await.unwrap();
+    assert_eq!(next_event(&mut ws).await["event_type"], "chat.created");
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    ws.send(Message::text(
+        json!({"id": "1", "event_type": "chat.update", "data": {}}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_for(&mut ws, "chat.updated").await.last().unwrap()["event_type"],
+        "chat.updated"
+    );
+}
+
+/// SIGTERM: open sessions get a close frame 1001 with a reconnect hint (not a reset), new
+/// upgrades are refused, and the process exits within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_sessions_with_1001() {
+    let up = sandbox_upstream(fast_upstream()).await;
+    let mut gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("drain").await;
+    let mut ws = connect(&gw, &token, "/v1/chat?bot_id=b1").await.unwrap();
+    assert_eq!(next_event(&mut ws).await["event_type"], "chat.created");
+    gw.signal("TERM");
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("close in time")
+        {
+            Some(Ok(Message::Close(Some(f)))) => break f,
+            Some(Ok(Message::Close(None))) | None => panic!("closed without 1001"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("reset instead of a close frame: {e}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::Away);
+    assert!(close.reason.contains("reconnect"), "{}", close.reason);
+    let status = tokio::time::timeout(Duration::from_secs(8), gw.child.wait())
+        .await
+        .expect("exits within grace + 1 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
