@@ -5,7 +5,7 @@
 //! every node-local check sees it on the next request with no I/O.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -78,9 +78,7 @@ impl Default for DeviceRegistry {
 
 impl DeviceRegistry {
     fn shard(&self, id: &DeviceId) -> &RwLock<HashMap<DeviceId, Arc<Device>>> {
-        let mut h = self.hasher.build_hasher();
-        id.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(id) as usize) % SHARDS]
     }
 
     pub fn get(&self, id: &DeviceId) -> Option<Arc<Device>> {

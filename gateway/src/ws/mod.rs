@@ -221,11 +221,22 @@ impl WsRelay {
                 .inc();
             return;
         }
+        // Free everything the handshake needed before the (possibly hours-long) relay.
+        let upstream::Handshaken {
+            io: mut up_io,
+            rest: early_down,
+            ..
+        } = up;
+        let DeviceRequest {
+            path,
+            early: early_up,
+            ..
+        } = req;
         let m = &self.state.metrics;
         m.ws_sessions.inc();
         let mut counters = Counters::default();
         let ended = self
-            .relay(&mut device, &mut up.io, req.early, up.rest, &mut counters)
+            .relay(&mut device, &mut up_io, early_up, early_down, &mut counters)
             .await;
         m.ws_sessions.dec();
         m.ws_closed.with_label_values(&[ended.label()]).inc();
@@ -247,7 +258,7 @@ impl WsRelay {
                 request_id = %logid,
                 device_id = admission.device.as_str(),
                 method = "GET",
-                path = %req.path,
+                path = %path,
                 route,
                 protocol = "websocket",
                 status = 101,

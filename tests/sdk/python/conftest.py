@@ -66,3 +66,36 @@ def coze(sandbox):
     )
     token = app.get_access_token(ttl=900)
     return Coze(auth=TokenAuth(token.access_token), base_url=sandbox["base_url"])
+
+
+@pytest.fixture(scope="session")
+def fleetgate():
+    """`fleetgate sandbox --json`: the sandbox upstream plus a gateway wired to it.
+
+    The binary is `$FLEETGATE_BIN`, default `<repo>/target/debug/fleetgate`. Yields the JSON line
+    it prints (`gateway_url`, `admin_url`, `admin_token`, `upstream_url`, `device_id`,
+    `device_token`) plus `ws_url`, the gateway's device URL with a `ws://` scheme.
+    """
+    binary = os.environ.get("FLEETGATE_BIN", str(REPO / "target" / "debug" / "fleetgate"))
+    if not os.path.exists(binary):
+        pytest.fail(f"fleetgate binary not found at {binary}; build it or set FLEETGATE_BIN")
+    proc = subprocess.Popen(
+        [binary, "sandbox", "--json", "--port", "0", "--admin-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            pytest.fail(f"fleetgate sandbox exited early with {proc.wait(5)}")
+        info = json.loads(line)
+        info["ws_url"] = "ws://" + info["gateway_url"].split("://", 1)[1]
+        yield info
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
