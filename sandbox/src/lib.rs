@@ -124,7 +124,20 @@ pub fn router(state: Arc<SandboxState>) -> Router {
         .with_state(state)
 }
 
+/// Resolves once a stop is requested or the sender is gone.
+async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+    loop {
+        let stop = *rx.borrow_and_update();
+        if stop || rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Binds and serves the sandbox in the background.
+///
+/// Served with hyper directly (not `axum::serve`) so response header names are title-cased
+/// on the wire (`X-Tt-Logid`) like Coze's: coze-js looks the log id up case-sensitively.
 pub async fn start(config: SandboxConfig) -> std::io::Result<SandboxHandle> {
     let listener = TcpListener::bind(config.bind).await?;
     let addr = listener.local_addr()?;
@@ -132,12 +145,33 @@ pub async fn start(config: SandboxConfig) -> std::io::Result<SandboxHandle> {
     let app = router(state.clone());
     let (stop, mut stopped) = watch::channel(false);
     let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            // Either a stop signal or the sender being dropped ends the server.
-            let _ = stopped.wait_for(|s| *s).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "Sandbox server failed.");
+        loop {
+            let (tcp, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "Sandbox accept failed.");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                // Either a stop signal or the sender being dropped ends the server.
+                _ = stop_requested(&mut stopped) => break,
+            };
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "set_nodelay failed.");
+            }
+            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .title_case_headers(true)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .with_upgrades();
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "Sandbox connection ended with an error.");
+                }
+            });
         }
     });
     Ok(SandboxHandle {

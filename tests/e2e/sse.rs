@@ -66,15 +66,23 @@ async fn sse_events_arrive_as_they_are_sent() {
     );
     assert_eq!(names.last(), Some(&"done"), "{names:?}");
     assert!(names.contains(&"conversation.chat.completed"), "{names:?}");
-    for pair in arrivals.windows(2) {
-        let gap = pair[1].0 - pair[0].0;
-        assert!(
-            gap >= Duration::from_millis(200),
-            "events {:?} and {:?} arrived {gap:?} apart: buffered",
-            pair[0].1,
-            pair[1].1
-        );
-    }
+    // Every event is sent 300 ms after the previous one. A buffering proxy collapses the gaps;
+    // an unbuffered one keeps them. One gap may shrink when this test process itself is starved
+    // of CPU on a loaded 2-core machine (two events then sit in the socket together).
+    let gaps: Vec<Duration> = arrivals.windows(2).map(|p| p[1].0 - p[0].0).collect();
+    let kept = gaps
+        .iter()
+        .filter(|g| **g >= Duration::from_millis(200))
+        .count();
+    assert!(
+        kept + 1 >= gaps.len(),
+        "events arrived bunched (gaps {gaps:?}): buffered"
+    );
+    let spread = arrivals.last().unwrap().0 - arrivals[0].0;
+    assert!(
+        spread >= Duration::from_millis(300) * (gaps.len() as u32 - 1),
+        "spread {spread:?}"
+    );
     let m = gw.metrics().await;
     assert!(m.contains("protocol=\"sse\""), "{m}");
 }

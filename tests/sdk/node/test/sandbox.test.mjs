@@ -181,16 +181,11 @@ test('websocket handshake without a valid token reports 401', async () => {
 });
 
 // coze-js finds the logid with rawHeaders.findIndex(h => h === 'X-Tt-Logid'): case-sensitive.
-// hyper (axum::serve in sandbox/src/lib.rs) writes lower-case names ('x-tt-logid'), so the logid
-// is lost until the server writes title-case header names (hyper's http1 title_case_headers).
-test(
-  'websocket handshake error surfaces X-Tt-Logid to coze-js',
-  { todo: 'needs title-case response header names from the sandbox server' },
-  async () => {
-    const err = await handshakeError('not-a-token');
-    assert.ok(err.detail.logid, 'X-Tt-Logid surfaced');
-  },
-);
+// The sandbox serves with hyper's title_case_headers so the name arrives as Coze writes it.
+test('websocket handshake error surfaces X-Tt-Logid to coze-js', async () => {
+  const err = await handshakeError('not-a-token');
+  assert.ok(err.detail.logid, 'X-Tt-Logid surfaced');
+});
 
 test('streaming TTS and ASR', async () => {
   const tts = await client().websockets.audio.speech.create();
