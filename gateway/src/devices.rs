@@ -3,6 +3,11 @@
 //! Sharded `RwLock<HashMap>`s keep lookups on the hot path short and uncontended; no lock is
 //! ever held across an `.await`. Revocation bumps a device's token generation (an atomic), so
 //! every node-local check sees it on the next request with no I/O.
+//!
+//! Open WebSocket sessions learn about revocations through one registry-wide *epoch*
+//! (`watch` channel) bumped by every revoke, disable and delete: each session wakes, re-checks
+//! its own device (one map lookup) and closes if its token no longer holds. Revocations are
+//! rare, so a wake-up of every session per revocation is cheaper than a channel per device.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -65,6 +70,7 @@ pub enum Registered {
 pub struct DeviceRegistry {
     shards: Vec<RwLock<HashMap<DeviceId, Arc<Device>>>>,
     hasher: std::collections::hash_map::RandomState,
+    epoch: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for DeviceRegistry {
@@ -72,6 +78,7 @@ impl Default for DeviceRegistry {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: Default::default(),
+            epoch: tokio::sync::watch::channel(0).0,
         }
     }
 }
@@ -106,6 +113,86 @@ impl DeviceRegistry {
         });
         shard.insert(id, d.clone());
         (d, Registered::Created)
+    }
+
+    /// A receiver that changes whenever some device's tokens may have been revoked.
+    pub fn watch_revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    fn bump_epoch(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Invalidates every token the device holds now. `None` if unknown.
+    pub fn revoke(&self, id: &DeviceId) -> Option<Arc<Device>> {
+        let d = self.get(id)?;
+        d.generation.fetch_add(1, Ordering::AcqRel);
+        self.bump_epoch();
+        Some(d)
+    }
+
+    /// Enables or disables a device. Disabling also revokes its outstanding tokens, so
+    /// re-enabling does not bring old tokens back.
+    pub fn set_enabled(&self, id: &DeviceId, enabled: bool) -> Option<Arc<Device>> {
+        let d = self.get(id)?;
+        let was = d.enabled.swap(enabled, Ordering::AcqRel);
+        if was && !enabled {
+            d.generation.fetch_add(1, Ordering::AcqRel);
+            self.bump_epoch();
+        }
+        Some(d)
+    }
+
+    /// Replaces a device's labels.
+    pub fn set_labels(
+        &self,
+        id: &DeviceId,
+        labels: BTreeMap<String, String>,
+    ) -> Option<Arc<Device>> {
+        let d = self.get(id)?;
+        *d.labels.write().unwrap_or_else(|p| p.into_inner()) = labels;
+        Some(d)
+    }
+
+    /// Deletes a device; its tokens stop working at once.
+    pub fn remove(&self, id: &DeviceId) -> Option<Arc<Device>> {
+        let removed = self
+            .shard(id)
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if removed.is_some() {
+            self.bump_epoch();
+        }
+        removed
+    }
+
+    /// Up to `limit` devices with ids greater than `after`, in id order.
+    ///
+    /// # Cost
+    /// One pass over every shard per page (O(n) with a small constant, no sort of the whole
+    /// registry): fine for admin paging; not a hot-path operation.
+    pub fn list(&self, after: Option<&DeviceId>, limit: usize) -> Vec<Arc<Device>> {
+        let mut page: std::collections::BTreeMap<DeviceId, Arc<Device>> =
+            std::collections::BTreeMap::new();
+        for shard in &self.shards {
+            let shard = shard.read().unwrap_or_else(|p| p.into_inner());
+            for (id, d) in shard.iter() {
+                if after.is_some_and(|a| id <= a) {
+                    continue;
+                }
+                if page.len() < limit {
+                    page.insert(id.clone(), d.clone());
+                } else if let Some(last) = page.keys().next_back().cloned()
+                    && *id < last
+                {
+                    page.remove(&last);
+                    page.insert(id.clone(), d.clone());
+                }
+            }
+        }
+        page.into_values().collect()
     }
 
     pub fn len(&self) -> usize {

@@ -209,6 +209,23 @@ level = "info"
             .expect("admin request")
     }
 
+    /// Any admin API call with the admin token.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.expect("admin request")
+    }
+
     /// Registers a device and returns a fresh gateway access token for it.
     pub async fn register_device(&self, id: &str) -> String {
         let r = self

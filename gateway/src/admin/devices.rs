@@ -1,4 +1,5 @@
-//! `/admin/v1/devices…`: register (one or many), get, mint tokens.
+//! `/admin/v1/devices…`: register (one or many), list, get, update (labels, enabled),
+//! delete, revoke, mint tokens.
 
 use std::collections::BTreeMap;
 
@@ -25,6 +26,17 @@ enum RegisterBody {
     Many { devices: Vec<NewDevice> },
     One(NewDevice),
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    labels: Option<BTreeMap<String, String>>,
+    enabled: Option<bool>,
+}
+
+/// Default and largest page of `GET /admin/v1/devices`.
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 1000;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -123,11 +135,64 @@ fn mint(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult 
     }
 }
 
+fn list(state: &GatewayState, req: &AdminRequest) -> AdminResult {
+    let page_size = match req.query.get("page_size") {
+        None => DEFAULT_PAGE,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| AdminError::bad_request(format!("page_size must be 1-{MAX_PAGE}")))?,
+    };
+    let after = match req.query.get("page_token").filter(|t| !t.is_empty()) {
+        None => None,
+        Some(t) => Some(
+            DeviceId::parse(t).map_err(|_| AdminError::bad_request("page_token is not valid"))?,
+        ),
+    };
+    // One more than asked tells whether another page exists.
+    let mut page = state.devices.list(after.as_ref(), page_size + 1);
+    let has_more = page.len() > page_size;
+    page.truncate(page_size);
+    let next = if has_more {
+        page.last().map(|d| d.id.to_string())
+    } else {
+        None
+    };
+    let devices: Vec<_> = page.iter().map(|d| d.view()).collect();
+    Ok((
+        StatusCode::OK,
+        json!({"devices": devices, "has_more": has_more, "page_token": next.unwrap_or_default()}),
+    ))
+}
+
+fn patch(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult {
+    let body: PatchBody = req.json()?;
+    if let Some(labels) = &body.labels {
+        check_labels(labels).map_err(AdminError::bad_request)?;
+    }
+    if state.devices.get(id).is_none() {
+        return Err(AdminError::not_found("device not found"));
+    }
+    if let Some(labels) = body.labels {
+        state.devices.set_labels(id, labels);
+    }
+    if let Some(enabled) = body.enabled {
+        state.devices.set_enabled(id, enabled);
+    }
+    let d = state
+        .devices
+        .get(id)
+        .ok_or_else(|| AdminError::not_found("device not found"))?;
+    Ok((StatusCode::OK, json!({"device": d.view()})))
+}
+
 pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     let path = req.path.as_str();
     if path == "/admin/v1/devices" {
         return match req.method.as_str() {
             "POST" => register(state, req),
+            "GET" => list(state, req),
             _ => Err(method_not_allowed()),
         };
     }
@@ -138,16 +203,27 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     let raw_id = parts.next().unwrap_or_default();
     let id =
         DeviceId::parse(raw_id).map_err(|e| AdminError::bad_request(format!("device_id: {e}")))?;
+    let not_found = || AdminError::not_found("device not found");
     match (req.method.as_str(), parts.next(), parts.next()) {
         ("GET", None, _) => {
-            let d = state
-                .devices
-                .get(&id)
-                .ok_or_else(|| AdminError::not_found("device not found"))?;
+            let d = state.devices.get(&id).ok_or_else(not_found)?;
             Ok((StatusCode::OK, json!({"device": d.view()})))
         }
+        ("PATCH", None, _) => patch(state, &id, req),
+        ("DELETE", None, _) => {
+            state.devices.remove(&id).ok_or_else(not_found)?;
+            state.metrics.devices.set(state.devices.len() as i64);
+            Ok((StatusCode::OK, json!({"deleted": true})))
+        }
+        ("POST", Some("revoke"), None) => {
+            state.devices.revoke(&id).ok_or_else(not_found)?;
+            Ok((
+                StatusCode::OK,
+                json!({"revoked": true, "revoked_at": now_s()}),
+            ))
+        }
         ("POST", Some("tokens"), None) => mint(state, &id, req),
-        (_, None, _) | (_, Some("tokens"), None) => Err(method_not_allowed()),
+        (_, None, _) | (_, Some("tokens" | "revoke"), None) => Err(method_not_allowed()),
         _ => Err(AdminError::not_found("no such admin route")),
     }
 }

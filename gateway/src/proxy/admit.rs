@@ -13,6 +13,16 @@ use crate::state::GatewayState;
 pub struct Admission {
     pub device: DeviceId,
     pub route: Route,
+    /// The token's device generation and credential, to re-check long sessions against
+    /// revocations.
+    pub token: TokenPermit,
+}
+
+/// What a verified token says about its holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenPermit {
+    pub generation: u64,
+    pub cred: Option<String>,
 }
 
 /// Clock skew tolerated on token `iat`, seconds.
@@ -65,7 +75,11 @@ fn token_denial(e: TokenError) -> Denial {
 
 /// Verifies a device token with no I/O: signature, lifetime, then the device's current
 /// status in the in-memory registry.
-pub fn verify_token(state: &GatewayState, token: &str, now_s: u64) -> Result<DeviceId, Denial> {
+pub fn verify_token(
+    state: &GatewayState,
+    token: &str,
+    now_s: u64,
+) -> Result<(DeviceId, TokenPermit), Denial> {
     let claims = state
         .config
         .tokens
@@ -74,7 +88,19 @@ pub fn verify_token(state: &GatewayState, token: &str, now_s: u64) -> Result<Dev
         .map_err(token_denial)?;
     let status = state.devices.get(&claims.sub).map(|d| d.status());
     token::check_device(&claims, status).map_err(token_denial)?;
-    Ok(claims.sub)
+    let permit = TokenPermit {
+        generation: claims.generation,
+        cred: claims.cred,
+    };
+    Ok((claims.sub, permit))
+}
+
+/// Whether an admitted session's token still holds (not revoked, device not disabled or
+/// deleted). Called by long-lived sessions when the registry's revocation epoch changes.
+pub fn still_valid(state: &GatewayState, admission: &Admission) -> bool {
+    let status = state.devices.get(&admission.device).map(|d| d.status());
+    let Some(status) = status else { return false };
+    status.enabled && status.generation == admission.token.generation && status.credential_present
 }
 
 /// The whole admission chain for a proxied request.
@@ -90,14 +116,18 @@ pub fn admit(
         DenyReason::MissingToken,
         "missing access token",
     ))?;
-    let device = verify_token(state, token, now_s)?;
+    let (device, token) = verify_token(state, token, now_s)?;
     if content_length.is_some_and(|n| n > route.body_limit) {
         return Err(Denial::new(
             DenyReason::BodyTooLarge,
             "request body too large",
         ));
     }
-    Ok(Admission { device, route })
+    Ok(Admission {
+        device,
+        route,
+        token,
+    })
 }
 
 #[cfg(test)]

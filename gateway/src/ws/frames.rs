@@ -14,6 +14,9 @@ pub struct FrameCursor {
     remaining: u64,
     /// A close frame passed in this direction.
     pub saw_close: bool,
+    /// Inside a fragmented data message (a data frame without FIN passed, its final
+    /// continuation not yet): only control frames may be injected here.
+    in_message: bool,
 }
 
 fn header_len(b0_b1: [u8; 2]) -> usize {
@@ -68,8 +71,14 @@ impl FrameCursor {
             if self.header_len >= 2
                 && self.header_len == header_len([self.header[0], self.header[1]])
             {
-                if self.header[0] & 0x0f == 0x8 {
+                let opcode = self.header[0] & 0x0f;
+                let fin = self.header[0] & 0x80 != 0;
+                if opcode == 0x8 {
                     self.saw_close = true;
+                }
+                if opcode < 0x8 {
+                    // Data or continuation frame: the message ends with its FIN frame.
+                    self.in_message = !fin;
                 }
                 self.remaining = payload_len(&self.header[..self.header_len]);
                 self.header_len = 0;
@@ -77,9 +86,14 @@ impl FrameCursor {
         }
     }
 
-    /// True between frames.
+    /// True between frames (a control frame may be injected).
     pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && self.remaining == 0
+    }
+
+    /// True between messages (a data frame, e.g. an `error` event, may be injected).
+    pub fn at_message_boundary(&self) -> bool {
+        self.at_boundary() && !self.in_message
     }
 }
 
@@ -166,5 +180,16 @@ mod tests {
         let mut c = FrameCursor::default();
         c.feed(&stream[..5]);
         assert!(!c.at_boundary());
+    }
+
+    #[test]
+    fn message_boundaries_skip_fragments_and_interleaved_control_frames() {
+        let mut c = FrameCursor::default();
+        c.feed(&[0x01, 0x02, b'h', b'e']); // text, no FIN
+        assert!(c.at_boundary() && !c.at_message_boundary());
+        c.feed(&[0x89, 0x00]); // ping in between
+        assert!(!c.at_message_boundary());
+        c.feed(&[0x80, 0x01, b'y']); // final continuation
+        assert!(c.at_message_boundary());
     }
 }

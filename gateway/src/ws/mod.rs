@@ -90,6 +90,7 @@ enum EndedBy {
     Device,
     Upstream,
     Drain,
+    Revoked,
 }
 
 impl EndedBy {
@@ -98,6 +99,7 @@ impl EndedBy {
             EndedBy::Device => "device",
             EndedBy::Upstream => "upstream",
             EndedBy::Drain => "drain",
+            EndedBy::Revoked => "revoked",
         }
     }
 }
@@ -236,7 +238,17 @@ impl WsRelay {
         m.ws_sessions.inc();
         let mut counters = Counters::default();
         let ended = self
-            .relay(&mut device, &mut up_io, early_up, early_down, &mut counters)
+            .relay(
+                &mut device,
+                &mut up_io,
+                Session {
+                    admission: &admission,
+                    logid: &logid,
+                    early_up,
+                    early_down,
+                },
+                &mut counters,
+            )
             .await;
         m.ws_sessions.dec();
         m.ws_closed.with_label_values(&[ended.label()]).inc();
@@ -276,10 +288,15 @@ impl WsRelay {
         &self,
         device: &mut Stream,
         up: &mut UpstreamIo,
-        early_up: Vec<u8>,
-        early_down: Vec<u8>,
+        session: Session<'_>,
         counters: &mut Counters,
     ) -> EndedBy {
+        let Session {
+            admission,
+            logid,
+            early_up,
+            early_down,
+        } = session;
         let cfg = &self.state.config.ws;
         let mut upc = FrameCursor::default();
         let mut downc = FrameCursor::default();
@@ -297,29 +314,48 @@ impl WsRelay {
                 return EndedBy::Upstream;
             }
         }
+        drop((early_up, early_down));
         let mut dbuf = vec![0u8; cfg.buffer_bytes];
         let mut ubuf = vec![0u8; cfg.buffer_bytes];
         let mut phase = self.state.watch_phase();
-        let mut draining = *phase.borrow() == Phase::Draining;
+        let mut revocations = self.state.devices.watch_revocations();
+        let mut closing = (*phase.borrow() == Phase::Draining).then_some(Closing::Drain);
+        if !admit::still_valid(&self.state, admission) {
+            closing = Some(Closing::Revoked);
+        }
+        let mut sent_error = false;
         let mut sent_close_down = false;
         let mut sent_close_up = false;
         let mut close_deadline: Option<tokio::time::Instant> = None;
         let ping_every = cfg.ping_interval;
         let mut last_up_rx = tokio::time::Instant::now();
         loop {
-            // Inject drain closes at frame boundaries.
-            if draining {
-                if !sent_close_down && downc.at_boundary() && !downc.saw_close {
-                    let f = frames::close_frame(1001, DRAIN_REASON);
+            // Inject closing frames, only where the protocol allows: an `error` event between
+            // messages, close frames between frames.
+            if let Some(c) = closing {
+                if c == Closing::Revoked
+                    && !sent_error
+                    && !downc.saw_close
+                    && downc.at_message_boundary()
+                {
+                    let f = frames::text_frame(&revoked_event(logid));
                     if device.write_all(&f).await.is_err() || device.flush().await.is_err() {
-                        return EndedBy::Drain;
+                        return c.ended_by();
+                    }
+                    sent_error = true;
+                }
+                let error_done = c != Closing::Revoked || sent_error;
+                if error_done && !sent_close_down && !downc.saw_close && downc.at_boundary() {
+                    let f = frames::close_frame(c.device_code(), c.device_reason());
+                    if device.write_all(&f).await.is_err() || device.flush().await.is_err() {
+                        return c.ended_by();
                     }
                     sent_close_down = true;
                 }
-                if !sent_close_up && upc.at_boundary() && !upc.saw_close {
-                    let f = frames::masked_close(1001, "gateway shutting down");
+                if !sent_close_up && !upc.saw_close && upc.at_boundary() {
+                    let f = frames::masked_close(c.upstream_code(), c.upstream_reason());
                     if up.write_all(&f).await.is_err() || up.flush().await.is_err() {
-                        return EndedBy::Drain;
+                        return c.ended_by();
                     }
                     sent_close_up = true;
                 }
@@ -331,7 +367,7 @@ impl WsRelay {
                 r = device.read(&mut dbuf) => {
                     let n = match r { Ok(0) | Err(_) => {
                         close(up).await;
-                        return if draining { EndedBy::Drain } else { EndedBy::Device };
+                        return closing.map_or(EndedBy::Device, Closing::ended_by);
                     } Ok(n) => n };
                     let chunk = dbuf.get(..n).unwrap_or_default();
                     upc.feed(chunk);
@@ -344,7 +380,7 @@ impl WsRelay {
                 r = up.read(&mut ubuf) => {
                     let n = match r { Ok(0) | Err(_) => {
                         close(device).await;
-                        return if draining { EndedBy::Drain } else { EndedBy::Upstream };
+                        return closing.map_or(EndedBy::Upstream, Closing::ended_by);
                     } Ok(n) => n };
                     last_up_rx = tokio::time::Instant::now();
                     let chunk = ubuf.get(..n).unwrap_or_default();
@@ -355,10 +391,17 @@ impl WsRelay {
                         return EndedBy::Device;
                     }
                 }
-                _ = phase.changed(), if !draining => {
-                    draining = *phase.borrow() == Phase::Draining;
+                _ = phase.changed(), if closing.is_none() => {
+                    if *phase.borrow() == Phase::Draining {
+                        closing = Some(Closing::Drain);
+                    }
                 }
-                _ = sleep_until_opt(ping_at), if ping_at.is_some() && !draining => {
+                _ = revocations.changed(), if closing.is_none() => {
+                    if !admit::still_valid(&self.state, admission) {
+                        closing = Some(Closing::Revoked);
+                    }
+                }
+                _ = sleep_until_opt(ping_at), if ping_at.is_some() && closing.is_none() => {
                     last_up_rx = tokio::time::Instant::now();
                     if upc.at_boundary() && !upc.saw_close {
                         let f = frames::masked_frame(0x9, b"fleetgate");
@@ -371,11 +414,74 @@ impl WsRelay {
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     close(device).await;
                     close(up).await;
-                    return EndedBy::Drain;
+                    return closing.map_or(EndedBy::Drain, Closing::ended_by);
                 }
             }
         }
     }
+}
+
+/// What a relay needs besides the two sockets.
+struct Session<'a> {
+    admission: &'a admit::Admission,
+    logid: &'a str,
+    early_up: Vec<u8>,
+    early_down: Vec<u8>,
+}
+
+/// Why the gateway is closing a session itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closing {
+    /// SIGTERM: `1001` with a reconnect hint.
+    Drain,
+    /// The device's token was revoked (revoke, disable, delete): an `error` event with code
+    /// 4100, then `1008`.
+    Revoked,
+}
+
+impl Closing {
+    fn device_code(self) -> u16 {
+        match self {
+            Closing::Drain => 1001,
+            Closing::Revoked => 1008,
+        }
+    }
+    fn device_reason(self) -> &'static str {
+        match self {
+            Closing::Drain => DRAIN_REASON,
+            Closing::Revoked => "access token revoked",
+        }
+    }
+    fn upstream_code(self) -> u16 {
+        match self {
+            Closing::Drain => 1001,
+            Closing::Revoked => 1000,
+        }
+    }
+    fn upstream_reason(self) -> &'static str {
+        match self {
+            Closing::Drain => "gateway shutting down",
+            Closing::Revoked => "device access revoked",
+        }
+    }
+    fn ended_by(self) -> EndedBy {
+        match self {
+            Closing::Drain => EndedBy::Drain,
+            Closing::Revoked => EndedBy::Revoked,
+        }
+    }
+}
+
+/// The downlink `error` event sent before closing a revoked session (coze-api.md §8.2 shape).
+fn revoked_event(logid: &str) -> Vec<u8> {
+    serde_json::json!({
+        "id": logid,
+        "event_type": "error",
+        "data": {"code": 4100, "msg": "access token revoked"},
+        "detail": {"logid": logid},
+    })
+    .to_string()
+    .into_bytes()
 }
 
 #[derive(Default)]

@@ -1,0 +1,222 @@
+//! Device lifecycle through the admin API: revocation, disable/enable, delete, paging, and
+//! revocation reaching open WebSocket sessions.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use gateway_tests::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+async fn call(gw: &GatewayProcess, token: &str) -> u16 {
+    gw.http
+        .post(format!("{}/v1/conversation/create", gw.device))
+        .bearer_auth(token)
+        .json(&json!({"bot_id": "b1"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Revoking, disabling or deleting a device makes every token issued before that moment fail
+/// on the very next request; re-enabling does not resurrect old tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_disable_and_delete_invalidate_tokens_at_once() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let t1 = gw.register_device("life-1").await;
+    assert_eq!(call(&gw, &t1).await, 200);
+
+    let r = gw
+        .admin(Method::POST, "/admin/v1/devices/life-1/revoke", None)
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(call(&gw, &t1).await, 401, "revoked token");
+    let t2 = gw.device_token("life-1").await;
+    assert_eq!(
+        call(&gw, &t2).await,
+        200,
+        "tokens minted after the revocation work"
+    );
+
+    let r = gw
+        .admin(
+            Method::PATCH,
+            "/admin/v1/devices/life-1",
+            Some(json!({"enabled": false, "labels": {"model": "v2"}})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["device"]["enabled"], false);
+    assert_eq!(v["device"]["labels"]["model"], "v2");
+    assert_eq!(call(&gw, &t2).await, 401, "disabled device");
+    let r = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/devices/life-1/tokens",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status(), 400, "no tokens for a disabled device");
+    gw.admin(
+        Method::PATCH,
+        "/admin/v1/devices/life-1",
+        Some(json!({"enabled": true})),
+    )
+    .await;
+    assert_eq!(
+        call(&gw, &t2).await,
+        401,
+        "re-enabling keeps old tokens dead"
+    );
+    let t3 = gw.device_token("life-1").await;
+    assert_eq!(call(&gw, &t3).await, 200);
+
+    let r = gw
+        .admin(Method::DELETE, "/admin/v1/devices/life-1", None)
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(call(&gw, &t3).await, 401, "deleted device");
+    let r = gw
+        .admin(Method::GET, "/admin/v1/devices/life-1", None)
+        .await;
+    assert_eq!(r.status(), 404);
+    let r = gw
+        .admin(Method::POST, "/admin/v1/devices/life-1/revoke", None)
+        .await;
+    assert_eq!(r.status(), 404);
+    let r = gw
+        .admin(
+            Method::PATCH,
+            "/admin/v1/devices/nobody",
+            Some(json!({"bogus": 1})),
+        )
+        .await;
+    assert_eq!(r.status(), 400, "unknown fields are refused");
+}
+
+/// Paging walks every device exactly once, in id order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_through_every_device_once() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let devices: Vec<Value> = (0..25)
+        .map(|i| json!({"device_id": format!("fleet-{i:03}")}))
+        .collect();
+    let r = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/devices",
+            Some(json!({"devices": devices})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let r = gw
+            .admin(
+                Method::GET,
+                &format!("/admin/v1/devices?page_size=10&page_token={token}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        pages += 1;
+        for d in v["devices"].as_array().unwrap() {
+            seen.push(d["device_id"].as_str().unwrap().to_owned());
+        }
+        if !v["has_more"].as_bool().unwrap() {
+            break;
+        }
+        token = v["page_token"].as_str().unwrap().to_owned();
+    }
+    let want: Vec<String> = (0..25).map(|i| format!("fleet-{i:03}")).collect();
+    assert_eq!(seen, want);
+    assert_eq!(pages, 3);
+    let r = gw
+        .admin(Method::GET, "/admin/v1/devices?page_size=0", None)
+        .await;
+    assert_eq!(r.status(), 400);
+}
+
+/// An open WebSocket of a revoked device gets an `error` event (4100) and a close frame
+/// within 1 s; a session of another device is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_closes_open_websockets_of_that_device_only() {
+    let up = sandbox_upstream(SandboxConfig {
+        realtime_audio: false,
+        ..Default::default()
+    })
+    .await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let victim = gw.register_device("ws-victim").await;
+    let bystander = gw.register_device("ws-bystander").await;
+    let open = |token: String| {
+        let url = format!("{}/v1/chat?bot_id=b1", gw.ws_url());
+        async move {
+            let mut req = url.into_client_request().unwrap();
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+            let first = ws.next().await.unwrap().unwrap();
+            assert!(first.to_text().unwrap().contains("chat.created"));
+            ws
+        }
+    };
+    let mut v = open(victim).await;
+    let mut b = open(bystander).await;
+    let revoked_at = Instant::now();
+    let r = gw
+        .admin(Method::POST, "/admin/v1/devices/ws-victim/revoke", None)
+        .await;
+    assert_eq!(r.status(), 200);
+    let mut got_error = false;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(2), v.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let e: Value = serde_json::from_str(&t).unwrap();
+                if e["event_type"] == "error" {
+                    assert_eq!(e["data"]["code"], 4100);
+                    got_error = true;
+                }
+            }
+            Some(Ok(Message::Close(Some(f)))) => break f,
+            other => panic!("expected an error event then a close frame, got {other:?}"),
+        }
+    };
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(1),
+        "closed {:?} after revoke",
+        revoked_at.elapsed()
+    );
+    assert!(got_error, "error event before the close frame");
+    assert_eq!(close.code, CloseCode::Policy);
+    // The other device's session still works.
+    b.send(Message::text(
+        json!({"id": "1", "event_type": "chat.update", "data": {}}).to_string(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), b.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if m.to_text().unwrap_or("").contains("chat.updated") {
+            break;
+        }
+    }
+}
