@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--sessions", type=int, default=2000)
     ap.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", "target"))
     ap.add_argument("--profile", default="debug")
+    ap.add_argument("--buffer-bytes", type=int, default=4096, help="websocket.buffer_bytes")
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -48,6 +49,8 @@ token_env = "A"
 [upstream]
 base_url = "{up}"
 pat_env = "P"
+[websocket]
+buffer_bytes = {a.buffer_bytes}
 [tokens]
 signing_keys = [{{ kid = "k", secret_env = "K" }}]
 [log]
@@ -93,7 +96,7 @@ access_log = false
         await asyncio.sleep(2)
         after = rss_kib(gw.pid)
         per = (after - before) * 1024 / a.sessions
-        print(json.dumps({"sessions": a.sessions, "profile": a.profile, "gateway_rss_before_kib": before,
+        print(json.dumps({"sessions": a.sessions, "profile": a.profile, "buffer_bytes": a.buffer_bytes, "gateway_rss_before_kib": before,
                           "gateway_rss_after_kib": after, "bytes_per_idle_session": round(per),
                           "open_seconds": round(time.time() - t0, 1)}))
         for c in conns:

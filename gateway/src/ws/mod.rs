@@ -516,7 +516,7 @@ async fn relay_error_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut body = already;
     body.truncate(limit);
     let fill = async {
-        let mut buf = [0u8; 4096];
+        let mut buf = vec![0u8; 4096]; // heap, see upstream::connect_and_handshake
         while body.len() < limit {
             let n = up.read(&mut buf).await?;
             if n == 0 {
@@ -529,4 +529,38 @@ async fn relay_error_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let _ = tokio::time::timeout(Duration::from_secs(5), fill).await;
     device.write_all(&body).await?;
     device.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay() -> WsRelay {
+        let env = |k: &str| match k {
+            "FLEETGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".to_owned()),
+            "COZE_API_TOKEN" => Some("pat".to_owned()),
+            "K" => Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_owned()),
+            _ => None,
+        };
+        let cfg = crate::config::load_str(
+            "[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[tokens]\nsigning_keys = [{ kid = \"k\", secret_env = \"K\" }]\n",
+            &env,
+        )
+        .unwrap();
+        let up = ResolvedUpstream::new(cfg.upstream.ws.clone()).unwrap();
+        let metrics = crate::metrics::Metrics::register(prometheus::Registry::new()).unwrap();
+        WsRelay::new(Arc::new(crate::state::GatewayState::new(cfg, metrics)), up)
+    }
+
+    /// The session future lives as long as the WebSocket; it is part of the per-session
+    /// memory budget (≤ 16 KiB per idle session in total).
+    #[test]
+    fn session_future_stays_small() {
+        let r = relay();
+        let stream: Stream = Box::new(tokio_test::io::Builder::new().build());
+        let fut = r.serve(stream, BytesMut::new());
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("serve future: {size} bytes");
+        assert!(size <= 4096, "serve future is {size} bytes");
+    }
 }

@@ -179,7 +179,7 @@ pub async fn connect_and_handshake(
     io.write_all(&req).await?;
     io.flush().await?;
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
+    let mut chunk = vec![0u8; 2048]; // heap: a stack array would live in the session future for hours
     loop {
         let n = io.read(&mut chunk).await?;
         if n == 0 {
