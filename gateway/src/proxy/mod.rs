@@ -193,6 +193,16 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// A device hanging up mid-request is normal on mobile networks: it is counted and in the
+    /// access log, not an ERROR line.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        e.esource() == &ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::WriteError | ErrorType::ReadError
+            )
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         settle::finish(&self.state, session, e, ctx);
     }
