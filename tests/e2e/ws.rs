@@ -230,3 +230,34 @@ async fn shutdown_closes_sessions_with_1001() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// When the upstream is silent for `websocket.ping_interval`, the relay pings it (between
+/// frames) so NATs and upstream idle timers do not cut long voice sessions. The upstream's
+/// pong is relayed to the device like any frame (RFC 6455 lets clients ignore unsolicited
+/// pongs), which is how this test observes the ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_upstream_is_pinged() {
+    let up = sandbox_upstream(fast_upstream()).await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.ping_interval = "1s";
+    let gw = GatewayProcess::start(&opts).await;
+    let token = gw.register_device("pinged").await;
+    let mut ws = connect(&gw, &token, "/v1/chat?bot_id=b1").await.unwrap();
+    assert_eq!(next_event(&mut ws).await["event_type"], "chat.created");
+    let started = std::time::Instant::now();
+    let pong = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("pong in time")
+        {
+            Some(Ok(Message::Pong(p))) => break p,
+            Some(Ok(_)) => continue,
+            other => panic!("session ended: {other:?}"),
+        }
+    };
+    assert_eq!(&pong[..], b"fleetgate");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "pinged only after the interval"
+    );
+}
