@@ -25,10 +25,19 @@
 //! - Tools: a `bot_id` ending in `_tools`, or a query containing `#tool`, makes the chat end
 //!   in `requires_action` with one `get_weather` function tool call; `submit_tool_outputs`
 //!   then produces the answer.
+//! - Failure: a `bot_id` ending in `_fail`, or the `fail` fault knob (also on
+//!   `submit_tool_outputs`), makes the chat fail (this wins over tools): the stream carries
+//!   `conversation.chat.created`, `conversation.chat.in_progress`, the first half of the
+//!   `conversation.message.delta`s ([`failed_pieces`]), then `conversation.chat.failed` (Chat with
+//!   `status: failed`, `failed_at`, `completed_at`, `last_error {code: 5000, msg}` ([`fail_error`])
+//!   and the usage so far: input + the streamed part) and `done`. No `message.completed`; no
+//!   assistant message joins the conversation (`message/list` answers `[]`). A non-stream chat
+//!   settles to the same failed Chat on `retrieve`.
 //! - Non-stream chats become terminal `sse_event_delay × (chat_deltas + 2)` after creation
 //!   (immediately with the default zero delay), at the latest when next observed.
 //! - Faults ([`crate::faults`]): latency/status/rate_limit before answering; stall/reset/
-//!   malformed per SSE event; `no_usage` omits `conversation.chat.completed`.
+//!   malformed per SSE event; `no_usage` omits `conversation.chat.completed` (and
+//!   `conversation.chat.failed`); `fail` as above.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -55,6 +64,28 @@ use crate::state::{SandboxState, lock};
 pub const AUDIO_DELTAS: usize = 4;
 /// Sample rate of `conversation.audio.delta` PCM.
 pub const AUDIO_SAMPLE_RATE: u32 = 24_000;
+/// `last_error.code` of a failed chat (Coze's generic internal error).
+pub const FAIL_CODE: i64 = 5000;
+/// `last_error.msg` of a failed chat.
+pub const FAIL_MSG: &str = "sandbox injected failure";
+
+/// `last_error` of a failed chat: `{"code": 5000, "msg": ...}`.
+pub fn fail_error() -> Value {
+    json!({"code": FAIL_CODE, "msg": FAIL_MSG})
+}
+
+/// Whether a chat for `bot_id` under `fault` fails (`_fail` bot ids or the `fail` knob).
+pub fn should_fail(bot_id: &str, fault: &Fault) -> bool {
+    fault.fail || bot_id.ends_with("_fail")
+}
+
+/// The answer pieces a failing chat streams before it fails: the first half (rounded down)
+/// of the `deltas` pieces of `answer`.
+pub fn failed_pieces(answer: &str, deltas: usize) -> Vec<String> {
+    let mut pieces = split_text(answer, deltas);
+    pieces.truncate(pieces.len() / 2);
+    pieces
+}
 
 /// Token usage.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -106,7 +137,7 @@ impl Chat {
 #[derive(Clone, Debug)]
 pub struct ChatRec {
     pub chat: Chat,
-    /// `completed` or `requires_action`.
+    /// `completed`, `requires_action` or `failed`.
     pub final_status: &'static str,
     pub final_usage: Usage,
     pub required_action: Option<Value>,
@@ -168,8 +199,15 @@ fn finish(rec: &mut ChatRec) -> Vec<Message> {
     rec.chat.status = rec.final_status.to_owned();
     rec.chat.usage = rec.final_usage;
     rec.chat.required_action = rec.required_action.clone();
-    if rec.final_status == "completed" {
-        rec.chat.completed_at = Some(now_unix());
+    match rec.final_status {
+        "completed" => rec.chat.completed_at = Some(now_unix()),
+        "failed" => {
+            let now = now_unix();
+            rec.chat.completed_at = Some(now);
+            rec.chat.failed_at = Some(now);
+            rec.chat.last_error = fail_error();
+        }
+        _ => {}
     }
     rec.streaming = false;
     rec.messages.clone()
@@ -411,6 +449,8 @@ pub(crate) struct TurnInput<'a> {
     pub tools: bool,
     pub audio: bool,
     pub inserted: Vec<Value>,
+    /// The chat fails after half of its deltas (wins over `tools`).
+    pub fail: bool,
 }
 
 fn assistant_msg(
@@ -447,7 +487,9 @@ pub(crate) fn build_turn(st: &SandboxState, t: TurnInput<'_>, answer_text: Strin
     let chat_id = st.next_id();
     let now = now_unix();
     let output = count_tokens(&answer_text);
-    let (final_status, required_action, function_call) = if t.tools {
+    let (final_status, required_action, function_call) = if t.fail {
+        ("failed", None, None)
+    } else if t.tools {
         let call_id = format!("call_{}", st.next_id());
         let args = json!({"location": t.query.chars().take(40).collect::<String>()}).to_string();
         let fc = assistant_msg(
@@ -472,12 +514,21 @@ pub(crate) fn build_turn(st: &SandboxState, t: TurnInput<'_>, answer_text: Strin
     };
     let answer = assistant_msg(st, &t, &chat_id, "answer", answer_text);
     let verbose = assistant_msg(st, &t, &chat_id, "verbose", verbose_content());
-    let final_usage = if t.tools {
+    let final_usage = if t.fail {
+        let partial: String = failed_pieces(&answer.content, st.config.chat_deltas).concat();
+        let out = if partial.is_empty() {
+            0
+        } else {
+            count_tokens(&partial)
+        };
+        Usage::new(t.input_tokens, out)
+    } else if t.tools {
         Usage::new(t.input_tokens, 0)
     } else {
         Usage::new(t.input_tokens, output)
     };
     let messages = match &function_call {
+        _ if t.fail => Vec::new(),
         Some(fc) => vec![fc.clone()],
         None => vec![answer.clone(), verbose.clone()],
     };
@@ -551,6 +602,27 @@ pub(crate) fn turn_events(
             "conversation.chat.requires_action",
             &chat.json(),
         ));
+        ev.push(sse::chat_event("done", done));
+        return ev;
+    }
+    if turn.rec.final_status == "failed" {
+        let mut delta = turn.answer.clone();
+        for piece in failed_pieces(&turn.answer.content, st.config.chat_deltas) {
+            delta.content = piece;
+            ev.push(sse::chat_event(
+                "conversation.message.delta",
+                &msg_json(&delta),
+            ));
+        }
+        if !fault.no_usage {
+            let now = now_unix();
+            chat.status = "failed".into();
+            chat.completed_at = Some(now);
+            chat.failed_at = Some(now);
+            chat.last_error = fail_error();
+            chat.usage = turn.rec.final_usage;
+            ev.push(sse::chat_event("conversation.chat.failed", &chat.json()));
+        }
         ev.push(sse::chat_event("done", done));
         return ev;
     }
@@ -746,6 +818,7 @@ async fn create(
         save,
     )?;
     let tools = bot_id.ends_with("_tools") || p.query.contains("#tool");
+    let fail = should_fail(bot_id, &fault);
     let answer = reply_text(st.config.seed, &p.query);
     let turn = build_turn(
         &st,
@@ -759,6 +832,7 @@ async fn create(
             tools,
             audio: p.audio,
             inserted: p.inserted,
+            fail,
         },
         answer,
     );
@@ -908,6 +982,7 @@ async fn submit_tool_outputs(
         tools: false,
         audio: false,
         inserted: Vec::new(),
+        fail: should_fail(&rec.chat.bot_id, &fault),
     };
     let mut turn = build_turn(&st, t, answer_text);
     // Same chat continues: keep its id and creation time.
@@ -916,7 +991,9 @@ async fn submit_tool_outputs(
     for m in [&mut turn.answer, &mut turn.verbose] {
         m.chat_id = rec.chat.id.clone();
     }
-    turn.rec.messages = vec![turn.answer.clone(), turn.verbose.clone()];
+    if turn.rec.final_status != "failed" {
+        turn.rec.messages = vec![turn.answer.clone(), turn.verbose.clone()];
+    }
     if !stream {
         let chat = turn.rec.chat.clone();
         lock(&st.chats).insert(turn.rec);

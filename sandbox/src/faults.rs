@@ -11,7 +11,8 @@
 //! | `stall_after=N` | after N SSE events / WS frames, stop sending but keep the connection open |
 //! | `reset_after=N` | after N SSE events / WS frames, drop the connection without a clean end |
 //! | `malformed_after=N` | after N SSE events / WS frames, send one malformed event, then continue |
-//! | `no_usage` | streams end without a usage-bearing event (`chat.completed` omitted) |
+//! | `no_usage` | streams end without a usage-bearing event (`chat.completed` / `chat.failed` omitted) |
+//! | `fail` | chats fail: `conversation.chat.failed` (Chat with `last_error {code: 5000, msg}`, `failed_at` and the usage so far) instead of completing; on REST chat v3 (also `submit_tool_outputs`), `/v1/workflows/chat` and the `/v1/chat` WebSocket. A `bot_id` ending in `_fail` does the same on chat v3 and `/v1/chat` |
 //!
 //! Example: `X-Sandbox-Fault: latency_ms=200,reset_after=3`.
 //! Per-server switches (token endpoint down, limitations API down) are in [`crate::Switches`].
@@ -32,6 +33,8 @@ pub struct Fault {
     pub reset_after: Option<usize>,
     pub malformed_after: Option<usize>,
     pub no_usage: bool,
+    /// Chats fail (`conversation.chat.failed`) instead of completing.
+    pub fail: bool,
 }
 
 impl Fault {
@@ -49,6 +52,7 @@ impl Fault {
                 "reset_after" => f.reset_after = n.map(|n| n as usize),
                 "malformed_after" => f.malformed_after = n.map(|n| n as usize),
                 "no_usage" => f.no_usage = true,
+                "fail" => f.fail = true,
                 _ => {}
             }
         }
@@ -118,7 +122,8 @@ mod tests {
         let f = Fault::parse("latency_ms=200, reset_after=3,rate_limit,bogus=1,no_usage");
         assert_eq!(f.latency, Some(Duration::from_millis(200)));
         assert_eq!(f.reset_after, Some(3));
-        assert!(f.rate_limit && f.no_usage);
+        assert!(f.rate_limit && f.no_usage && !f.fail);
+        assert!(Fault::parse("fail").fail);
         assert_eq!(f.at_item(3), StreamAction::Reset);
         assert_eq!(f.at_item(2), StreamAction::Send);
     }

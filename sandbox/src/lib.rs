@@ -58,6 +58,8 @@ pub struct SandboxConfig {
     pub chat_deltas: usize,
     /// Pace audio frames in real time on the WebSocket APIs (false: as fast as possible).
     pub realtime_audio: bool,
+    /// Serve HTTPS/WSS with this certificate instead of plain HTTP/WS.
+    pub tls: Option<SandboxTls>,
     /// Plan QPS reported by `GET /v1/commerce/benefit/benefits/get` for `api_run_qps`.
     pub plan_qps: u32,
 }
@@ -73,8 +75,56 @@ impl Default for SandboxConfig {
             sse_event_delay: Duration::from_millis(0),
             chat_deltas: 4,
             realtime_audio: true,
+            tls: None,
             plan_qps: 500,
         }
+    }
+}
+
+/// A PEM certificate chain and PKCS#8/PKCS#1/SEC1 private key for serving TLS.
+#[derive(Clone)]
+pub struct SandboxTls {
+    pub cert_chain_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for SandboxTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SandboxTls { <redacted> }")
+    }
+}
+
+fn tls_acceptor(tls: &SandboxTls) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls::{self, pki_types::pem::PemObject as _};
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(tls.cert_chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("certificate: {e}")))?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes())
+        .map_err(|e| bad(format!("private key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves one HTTP/1.1 connection (plain or TLS) with title-cased header names.
+async fn serve_connection<I>(io: I, app: Router)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper_util::service::TowerToHyperService::new(app);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .title_case_headers(true)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "Sandbox connection ended with an error.");
     }
 }
 
@@ -87,13 +137,15 @@ pub struct SandboxHandle {
 }
 
 impl SandboxHandle {
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` when serving TLS)
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let tls = self.state.config.tls.is_some();
+        format!("{}://{}", if tls { "https" } else { "http" }, self.addr)
     }
-    /// `ws://127.0.0.1:PORT`
+    /// `ws://127.0.0.1:PORT` (`wss://` when serving TLS)
     pub fn ws_url(&self) -> String {
-        format!("ws://{}", self.addr)
+        let tls = self.state.config.tls.is_some();
+        format!("{}://{}", if tls { "wss" } else { "ws" }, self.addr)
     }
     /// Per-server fault switches (token endpoint down, limitations API down, ...).
     pub fn switches(&self) -> &Switches {
@@ -139,6 +191,7 @@ async fn stop_requested(rx: &mut watch::Receiver<bool>) {
 /// Served with hyper directly (not `axum::serve`) so response header names are title-cased
 /// on the wire (`X-Tt-Logid`) like Coze's: coze-js looks the log id up case-sensitively.
 pub async fn start(config: SandboxConfig) -> std::io::Result<SandboxHandle> {
+    let acceptor = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = TcpListener::bind(config.bind).await?;
     let addr = listener.local_addr()?;
     let state = Arc::new(SandboxState::new(config, addr));
@@ -162,14 +215,15 @@ pub async fn start(config: SandboxConfig) -> std::io::Result<SandboxHandle> {
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "set_nodelay failed.");
             }
-            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+            let app = app.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .title_case_headers(true)
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .with_upgrades();
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "Sandbox connection ended with an error.");
+                match acceptor {
+                    None => serve_connection(tcp, app).await,
+                    Some(a) => match a.accept(tcp).await {
+                        Ok(tls) => serve_connection(tls, app).await,
+                        Err(e) => tracing::debug!(error = %e, "Sandbox TLS handshake failed."),
+                    },
                 }
             });
         }

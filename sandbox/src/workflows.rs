@@ -18,6 +18,8 @@
 //!   heartbeat event (data `{}`) precedes every `Message`/`Done` event.
 //! - Usage: input = [`crate::chat::count_tokens`] of the parameters JSON (or resume data),
 //!   output = that of the output; `no_usage` drops it from the last `Message`.
+//! - The `fail` fault knob makes `/v1/workflows/chat` end in `conversation.chat.failed`
+//!   (see [`crate::chat`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -305,6 +307,7 @@ async fn chat(
             tools: false,
             audio: false,
             inserted: p.inserted,
+            fail: fault.fail,
         },
         answer,
     );

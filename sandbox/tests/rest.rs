@@ -673,6 +673,153 @@ async fn slow_workflow_streams_ping() {
 }
 
 #[tokio::test]
+async fn failing_chats_stream_json_and_knob() {
+    let h = start(config()).await;
+    let query = "please fail";
+    let mut b = chat_body(query, true);
+    b["bot_id"] = json!("bot_fail");
+    let body = post(&h, "/v3/chat", b).await.text().await.expect("body");
+    let frames = chat_frames(&body);
+    let names: Vec<&str> = frames.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "conversation.chat.created",
+            "conversation.chat.in_progress",
+            "conversation.message.delta",
+            "conversation.message.delta",
+            "conversation.chat.failed",
+            "done",
+        ]
+    );
+    assert!(body.ends_with("event:done\ndata:\"[DONE]\"\n\n"));
+    let partial: String = frames[2..4]
+        .iter()
+        .map(|(_, d)| {
+            serde_json::from_str::<Value>(d).expect("json")["content"]
+                .as_str()
+                .expect("c")
+                .to_owned()
+        })
+        .collect();
+    let failed: Value = serde_json::from_str(&frames[4].1).expect("json");
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["last_error"]["code"], 5000);
+    assert!(
+        !failed["last_error"]["msg"]
+            .as_str()
+            .expect("msg")
+            .is_empty()
+    );
+    assert!(failed["failed_at"].as_u64().expect("failed_at") > 0);
+    let inp = (query.len() as u64).div_ceil(4);
+    let out = (partial.chars().count() as u64).div_ceil(4);
+    assert!(out > 0);
+    assert_eq!(
+        failed["usage"],
+        json!({"token_count": inp + out, "output_count": out, "input_count": inp})
+    );
+    let (conv, id) = (
+        failed["conversation_id"].as_str().expect("c"),
+        failed["id"].as_str().expect("i"),
+    );
+    let v = get(
+        &h,
+        &format!("/v3/chat/retrieve?conversation_id={conv}&chat_id={id}"),
+    )
+    .await;
+    assert_eq!(v["data"]["status"], "failed");
+    assert_eq!(v["data"]["last_error"], failed["last_error"]);
+    assert!(v["data"]["failed_at"].as_u64().is_some());
+    assert_eq!(v["data"]["usage"], failed["usage"]);
+    let v = get(
+        &h,
+        &format!("/v3/chat/message/list?conversation_id={conv}&chat_id={id}"),
+    )
+    .await;
+    assert_eq!(v["data"], json!([]));
+    // A failed chat is terminal: cancel answers 4104.
+    let r = post(
+        &h,
+        "/v3/chat/cancel",
+        json!({"conversation_id": conv, "chat_id": id}),
+    )
+    .await;
+    assert_eq!(r.json::<Value>().await.expect("json")["code"], 4104);
+
+    // Non-stream with the `fail` knob: in_progress, then retrieved as failed.
+    let r = client()
+        .post(format!("{}/v3/chat", h.base_url()))
+        .bearer_auth(PAT)
+        .header("X-Sandbox-Fault", "fail")
+        .json(&chat_body(query, false))
+        .send()
+        .await
+        .expect("send");
+    let chat = r.json::<Value>().await.expect("json")["data"].clone();
+    assert_eq!(chat["status"], "in_progress");
+    let (conv, id) = (
+        chat["conversation_id"].as_str().expect("c"),
+        chat["id"].as_str().expect("i"),
+    );
+    let v = get(
+        &h,
+        &format!("/v3/chat/retrieve?conversation_id={conv}&chat_id={id}"),
+    )
+    .await;
+    assert_eq!(v["data"]["status"], "failed");
+    assert_eq!(v["data"]["last_error"]["code"], 5000);
+    assert!(v["data"]["failed_at"].as_u64().is_some());
+    assert_eq!(v["data"]["usage"], failed["usage"]);
+
+    // fail + no_usage: no usage-bearing event at all.
+    let body = client()
+        .post(format!("{}/v3/chat", h.base_url()))
+        .bearer_auth(PAT)
+        .header("X-Sandbox-Fault", "fail,no_usage")
+        .json(&chat_body(query, true))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("b");
+    assert!(!body.contains("conversation.chat.failed"));
+    assert!(!body.contains("conversation.chat.completed"));
+    assert!(body.ends_with("event:done\ndata:\"[DONE]\"\n\n"));
+
+    // Tools, then the continuation fails under the knob (query form).
+    let mut b = chat_body("weather?", true);
+    b["bot_id"] = json!("bot_tools");
+    let body = post(&h, "/v3/chat", b).await.text().await.expect("body");
+    let frames = chat_frames(&body);
+    let chat: Value = serde_json::from_str(&frames[frames.len() - 2].1).expect("json");
+    assert_eq!(chat["status"], "requires_action");
+    let call = &chat["required_action"]["submit_tool_outputs"]["tool_calls"][0];
+    let (conv, id) = (
+        chat["conversation_id"].as_str().expect("c"),
+        chat["id"].as_str().expect("i"),
+    );
+    let body = post(
+        &h,
+        &format!(
+            "/v3/chat/submit_tool_outputs?conversation_id={conv}&chat_id={id}&sandbox_fault=fail"
+        ),
+        json!({"stream": true, "tool_outputs": [{"tool_call_id": call["id"], "output": "sunny"}]}),
+    )
+    .await
+    .text()
+    .await
+    .expect("body");
+    let frames = chat_frames(&body);
+    assert_eq!(frames[frames.len() - 2].0, "conversation.chat.failed");
+    let failed: Value = serde_json::from_str(&frames[frames.len() - 2].1).expect("json");
+    assert_eq!(failed["id"].as_str(), Some(id));
+    assert_eq!(failed["status"], "failed");
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn fault_knobs() {
     let h = start(config()).await;
     let url = format!("{}/v3/chat", h.base_url());

@@ -668,3 +668,177 @@ async fn malformed_after_sends_one_bad_frame() {
     c.expect("transcriptions.updated").await;
     sb.shutdown().await;
 }
+
+#[tokio::test]
+async fn tools_bot_requires_action_then_submit_completes() {
+    let sb = sandbox(false).await;
+    let mut c = connect(&sb, "/v1/chat?bot_id=bot_tools").await;
+    c.expect("chat.created").await;
+    // Nothing pending yet.
+    c.send(
+        "conversation.chat.submit_tool_outputs",
+        json!({"chat_id": "1", "tool_outputs": [{"tool_call_id": "x", "output": "y"}]}),
+    )
+    .await;
+    assert_eq!(c.expect("error").await["data"]["code"], 4000);
+
+    let question = "weather in Paris?";
+    c.send(
+        "conversation.message.create",
+        json!({"role": "user", "content_type": "text", "content": question}),
+    )
+    .await;
+    let evs = c.until("conversation.chat.requires_action").await;
+    assert_eq!(
+        types(&evs),
+        [
+            "conversation.chat.created",
+            "conversation.chat.in_progress",
+            "conversation.message.completed",
+            "conversation.chat.requires_action",
+        ]
+    );
+    assert_eq!(evs[2]["data"]["type"], "function_call");
+    let chat = &evs[3]["data"];
+    assert_eq!(chat["status"], "requires_action");
+    assert_eq!(chat["required_action"]["type"], "submit_tool_outputs");
+    let call = &chat["required_action"]["submit_tool_outputs"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args["location"], question);
+    let input = (question.chars().count() as u64).div_ceil(4);
+    assert_eq!(
+        chat["usage"],
+        json!({"token_count": input, "output_count": 0, "input_count": input})
+    );
+    let chat_id = chat["id"].as_str().unwrap().to_owned();
+    let call_id = call["id"].as_str().unwrap().to_owned();
+    assert!(
+        c.try_next(Duration::from_millis(300)).await.is_none(),
+        "the turn waits for tool outputs"
+    );
+
+    // Wrong chat id, unknown call id, no outputs: 4000, the action stays pending.
+    for data in [
+        json!({"chat_id": "123", "tool_outputs": [{"tool_call_id": call_id, "output": "sunny"}]}),
+        json!({"chat_id": chat_id, "tool_outputs": [{"tool_call_id": "nope", "output": "sunny"}]}),
+        json!({"chat_id": chat_id, "tool_outputs": []}),
+    ] {
+        c.send("conversation.chat.submit_tool_outputs", data).await;
+        assert_eq!(c.expect("error").await["data"]["code"], 4000);
+    }
+
+    let output = "sunny, 21 C";
+    c.send(
+        "conversation.chat.submit_tool_outputs",
+        json!({"chat_id": chat_id, "tool_outputs": [{"tool_call_id": call_id, "output": output}]}),
+    )
+    .await;
+    let evs = c.until("conversation.chat.completed").await;
+    assert_eq!(
+        collapsed(&evs),
+        [
+            "conversation.chat.in_progress",
+            "conversation.message.delta",
+            "conversation.audio.sentence_start",
+            "conversation.audio.delta",
+            "conversation.audio.completed",
+            "conversation.message.completed",
+            "conversation.chat.completed",
+        ]
+    );
+    assert!(evs.iter().all(|e| e["data"]["id"] == chat_id.as_str()
+        || e["data"]["chat_id"] == chat_id.as_str()
+        || e["event_type"] == "conversation.audio.sentence_start"));
+    let done = &evs.last().unwrap()["data"];
+    assert_eq!(done["status"], "completed");
+    let answer = evs[evs.len() - 2]["data"]["content"].as_str().unwrap();
+    assert!(
+        answer.starts_with("Tool output received (sunny, 21 C)."),
+        "{answer}"
+    );
+    let input = input + (output.chars().count() as u64).div_ceil(4);
+    let out = (answer.chars().count() as u64).div_ceil(4);
+    assert_eq!(
+        done["usage"],
+        json!({"token_count": input + out, "output_count": out, "input_count": input})
+    );
+
+    // Consumed: a second submit has nothing to continue.
+    c.send(
+        "conversation.chat.submit_tool_outputs",
+        json!({"chat_id": chat_id, "tool_outputs": [{"tool_call_id": call_id, "output": "x"}]}),
+    )
+    .await;
+    assert_eq!(c.expect("error").await["data"]["code"], 4000);
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn fail_bot_and_fail_knob_end_turns_in_chat_failed() {
+    let sb = sandbox(false).await;
+    let mut c = connect(&sb, "/v1/chat?bot_id=bot_fail").await;
+    c.expect("chat.created").await;
+    for _ in 0..2 {
+        c.send(
+            "conversation.message.create",
+            json!({"role": "user", "content_type": "text", "content": "hello"}),
+        )
+        .await;
+        let evs = c.until("conversation.chat.failed").await;
+        assert_eq!(
+            types(&evs),
+            [
+                "conversation.chat.created",
+                "conversation.chat.in_progress",
+                "conversation.message.delta",
+                "conversation.message.delta",
+                "conversation.chat.failed",
+            ]
+        );
+        let failed = &evs[4]["data"];
+        assert_eq!(failed["status"], "failed");
+        assert_eq!(failed["id"], evs[0]["data"]["id"]);
+        assert_eq!(failed["last_error"]["code"], 5000);
+        assert!(failed["failed_at"].as_u64().unwrap() > 0);
+        let partial: String = evs[2..4]
+            .iter()
+            .map(|e| e["data"]["content"].as_str().unwrap())
+            .collect();
+        let out = (partial.chars().count() as u64).div_ceil(4);
+        assert_eq!(
+            failed["usage"],
+            json!({"token_count": 2 + out, "output_count": out, "input_count": 2})
+        );
+        assert!(
+            c.try_next(Duration::from_millis(300)).await.is_none(),
+            "nothing after failed"
+        );
+    }
+
+    // The knob on an ordinary bot, with an audio turn; failing wins over `_tools`.
+    for bot in ["7", "bot_tools"] {
+        let mut c = connect(&sb, &format!("/v1/chat?bot_id={bot}&sandbox_fault=fail")).await;
+        c.expect("chat.created").await;
+        append_pcm16k(&mut c, 200).await;
+        c.send("input_audio_buffer.complete", Value::Null).await;
+        let evs = c.until("conversation.chat.failed").await;
+        assert_eq!(
+            collapsed(&evs),
+            [
+                "input_audio_buffer.completed",
+                "conversation.chat.created",
+                "conversation.chat.in_progress",
+                "conversation.audio_transcript.update",
+                "conversation.audio_transcript.completed",
+                "conversation.message.completed",
+                "conversation.message.delta",
+                "conversation.chat.failed",
+            ]
+        );
+        assert_eq!(evs.last().unwrap()["data"]["last_error"]["code"], 5000);
+    }
+    sb.shutdown().await;
+}

@@ -4,4 +4,5 @@
 mod devices;
 mod rest;
 mod sse;
+mod tls;
 mod ws;

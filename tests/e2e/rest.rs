@@ -207,10 +207,12 @@ async fn upstream_down_gets_502_and_metrics_count_it() {
         .await
         .unwrap();
     assert_eq!(h.status(), 200);
-    let m = gw.metrics().await;
-    assert!(
-        m.contains("fleetgate_denials_total{reason=\"upstream_unavailable\"} 1"),
-        "{m}"
-    );
-    assert!(m.contains("fleetgate_requests_total"), "{m}");
+    // Metrics are recorded in pingora's `logging` phase, after the response is on the wire.
+    let counted = eventually(std::time::Duration::from_secs(2), || async {
+        let m = gw.metrics().await;
+        m.contains("fleetgate_denials_total{reason=\"upstream_unavailable\"} 1")
+            && m.contains("fleetgate_requests_total")
+    })
+    .await;
+    assert!(counted, "{}", gw.metrics().await);
 }

@@ -83,6 +83,10 @@ async fn sse_events_arrive_as_they_are_sent() {
         spread >= Duration::from_millis(300) * (gaps.len() as u32 - 1),
         "spread {spread:?}"
     );
-    let m = gw.metrics().await;
-    assert!(m.contains("protocol=\"sse\""), "{m}");
+    // Recorded in the `logging` phase, after the last byte reached the device.
+    let counted = eventually(Duration::from_secs(2), || async {
+        gw.metrics().await.contains("protocol=\"sse\"")
+    })
+    .await;
+    assert!(counted, "{}", gw.metrics().await);
 }

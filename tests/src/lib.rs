@@ -52,6 +52,8 @@ pub struct GatewayOptions {
     pub extra_toml: String,
     pub grace_period: &'static str,
     pub ping_interval: &'static str,
+    /// Extra environment variables for the gateway process (e.g. `SSL_CERT_FILE`).
+    pub env: Vec<(String, String)>,
 }
 
 impl GatewayOptions {
@@ -61,6 +63,7 @@ impl GatewayOptions {
             extra_toml: String::new(),
             grace_period: "5s",
             ping_interval: "30s",
+            env: Vec::new(),
         }
     }
 }
@@ -155,6 +158,7 @@ level = "info"
             .env("FG_TEST_ADMIN", ADMIN_TOKEN)
             .env("FG_TEST_PAT", PAT)
             .env("FG_TEST_KEY", key)
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
@@ -270,6 +274,21 @@ level = "info"
             .status()
             .unwrap();
         assert!(ok.success());
+    }
+}
+
+/// The test-only TLS fixtures (`tests/fixtures/tls`): a CA and a server cert for 127.0.0.1.
+pub fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/tls")
+        .join(name)
+}
+
+/// Sandbox TLS settings from the fixtures.
+pub fn sandbox_tls() -> sandbox::SandboxTls {
+    sandbox::SandboxTls {
+        cert_chain_pem: std::fs::read_to_string(fixture_path("upstream.pem")).unwrap(),
+        key_pem: std::fs::read_to_string(fixture_path("upstream.key")).unwrap(),
     }
 }
 

@@ -59,11 +59,25 @@ impl AsyncWrite for UpstreamIo {
     }
 }
 
-/// A TLS client with the Mozilla root set (webpki-roots) and the ring provider.
+/// A TLS client trusting the platform's CA store (honouring `SSL_CERT_FILE`/`SSL_CERT_DIR`,
+/// like pingora's REST connector) plus the Mozilla root set (webpki-roots), ring provider.
 pub fn tls_connector() -> TlsConnector {
-    let roots = rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
+    match rustls_native_certs::load_native_certs() {
+        Ok(certs) => {
+            let (added, ignored) = roots.add_parsable_certificates(certs);
+            tracing::debug!(
+                added,
+                ignored,
+                "Loaded platform CA certificates for WebSocket upstreams."
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Platform CA store unavailable; using the Mozilla roots only.")
+        }
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

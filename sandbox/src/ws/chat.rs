@@ -37,8 +37,24 @@
 //! `conversation.chat.canceled {code:2}`. `input_audio_buffer.clear` → `input_audio_buffer.cleared`;
 //! `conversation.clear` → new section, `conversation.cleared`. `input_text.generate_audio` speaks
 //! the text (`sentence_start`, audio deltas, `audio.completed`) without a bot turn.
-//! `conversation.chat.submit_tool_outputs` is answered with `error {4000}`: the sandbox bot never
-//! calls tools.
+//!
+//! # Tools and failures
+//! - Tools: with a `bot_id` ending in `_tools` (or a text message containing `#tool`) the reply
+//!   stops after `conversation.chat.created`, `conversation.chat.in_progress` (and the audio
+//!   transcript events), `conversation.message.completed` (a `function_call` message) and
+//!   `conversation.chat.requires_action` (Chat with `required_action.submit_tool_outputs.tool_calls`:
+//!   one `get_weather` function call, and usage with the input only). The uplink
+//!   `conversation.chat.submit_tool_outputs {chat_id, tool_outputs:[{tool_call_id, output}]}`
+//!   continues the same chat: `conversation.chat.in_progress`, then the rest of a normal reply
+//!   (deltas, audio, `conversation.message.completed`, `conversation.chat.completed` whose usage
+//!   input also counts the tool outputs). A submit without a pending action, with another
+//!   `chat_id`, without `tool_outputs` or with an unknown `tool_call_id` is answered with
+//!   `error {4000}` (the action stays pending, the connection open). A new turn or
+//!   `conversation.chat.cancel` drops the pending action.
+//! - Failures: with a `bot_id` ending in `_fail` or the `fail` fault knob, every reply stops after
+//!   the first half of its `conversation.message.delta`s with `conversation.chat.failed` (Chat with
+//!   `status: failed`, `failed_at`, `last_error {code: 5000, msg}` and usage: input + the streamed
+//!   part; omitted under `no_usage`); no audio is sent. Failing wins over tools.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -55,6 +71,7 @@ use super::{
 };
 use crate::audio::speech_duration_ms;
 use crate::auth::now_unix;
+use crate::chat::{fail_error, failed_pieces, should_fail};
 
 const OUTPUT_CODECS: [&str; 4] = ["pcm", "g711a", "g711u", "opus"];
 const ANSWERS: [&str; 3] = [
@@ -92,6 +109,34 @@ struct Reply {
     next_at: Instant,
 }
 
+/// A chat waiting for `conversation.chat.submit_tool_outputs`.
+struct PendingAction {
+    chat_id: String,
+    call_ids: Vec<String>,
+    /// Input tokens of the question (the continuation adds the tool outputs).
+    input_tokens: u64,
+}
+
+impl PendingAction {
+    /// Reads the action from the `conversation.chat.requires_action` Chat.
+    fn from_chat(chat: &Value) -> Option<Self> {
+        let calls = chat
+            .pointer("/required_action/submit_tool_outputs/tool_calls")?
+            .as_array()?;
+        Some(Self {
+            chat_id: chat.get("id")?.as_str()?.to_owned(),
+            call_ids: calls
+                .iter()
+                .filter_map(|c| c.get("id").and_then(Value::as_str).map(str::to_owned))
+                .collect(),
+            input_tokens: chat
+                .pointer("/usage/input_count")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        })
+    }
+}
+
 #[derive(Serialize)]
 struct AudioDelta<'a> {
     id: &'a str,
@@ -119,6 +164,11 @@ struct ChatSession {
     buffer: InputMeter,
     vad_deadline: Option<Instant>,
     reply: Option<Reply>,
+    pending: Option<PendingAction>,
+    /// `bot_id` ends in `_tools`: replies call a tool.
+    tools: bool,
+    /// `bot_id` ends in `_fail` or the `fail` knob: replies fail.
+    fail: bool,
     prologue_played: bool,
     turn: u64,
     realtime: bool,
@@ -129,8 +179,12 @@ struct ChatSession {
 impl ChatSession {
     fn new(dl: &Downlink, info: &SessionInfo) -> Self {
         let st = dl.state();
+        let bot_id = query_param(&info.query, "bot_id").unwrap_or_default();
         Self {
-            bot_id: query_param(&info.query, "bot_id").unwrap_or_default(),
+            tools: bot_id.ends_with("_tools"),
+            fail: should_fail(&bot_id, dl.fault()),
+            pending: None,
+            bot_id,
             conversation_id: st.next_id(),
             section_id: st.next_id(),
             cfg: Map::new(),
@@ -223,6 +277,7 @@ impl ChatSession {
                 dl.send_empty("conversation.cleared").await
             }
             "conversation.chat.cancel" => {
+                self.pending = None;
                 if self.reply.is_none() {
                     let data = json!({"code": 2, "msg": "no chat in progress"});
                     return dl.send("conversation.chat.canceled", Some(&data)).await;
@@ -238,9 +293,7 @@ impl ChatSession {
                 self.speak(dl, text.to_owned());
                 Ok(())
             }
-            "conversation.chat.submit_tool_outputs" => {
-                dl.error(4000, "no chat is waiting for tool outputs").await
-            }
+            "conversation.chat.submit_tool_outputs" => self.on_submit_tool_outputs(dl, data).await,
             other => dl.error(4000, format!("unknown event type: {other}")).await,
         }
     }
@@ -385,13 +438,15 @@ impl ChatSession {
         }))
     }
 
-    /// Queues a full bot reply to `question`.
+    /// Queues a full bot reply to `question` (or, for tool/failing bots, the start of one).
     fn start_turn(&mut self, dl: &Downlink, question: String, from_audio: bool) {
         self.turn += 1;
+        self.pending = None;
         let st = dl.state();
         let chat_id = st.next_id();
         let answer_id = st.next_id();
         let answer = ANSWERS[((self.seed + self.turn) % ANSWERS.len() as u64) as usize];
+        let input = tokens(&question);
         let mut q = VecDeque::new();
         q.push_back(Step::Event(
             "conversation.chat.created",
@@ -418,29 +473,144 @@ impl ChatSession {
             );
             q.push_back(Step::Event("conversation.message.completed", m));
         }
+        if self.fail {
+            let pieces = failed_pieces(answer, self.deltas);
+            for piece in &pieces {
+                let m = self.message(&chat_id, &answer_id, "assistant", "answer", piece, "text");
+                q.push_back(Step::Event("conversation.message.delta", m));
+            }
+            if !dl.fault().no_usage {
+                let partial = pieces.concat();
+                let output = if partial.is_empty() {
+                    0
+                } else {
+                    tokens(&partial)
+                };
+                let mut c = self.chat(&chat_id, "failed");
+                c["last_error"] = fail_error();
+                c["usage"] = usage(input, output);
+                q.push_back(Step::Event("conversation.chat.failed", c));
+            }
+        } else if self.tools || (!from_audio && question.contains("#tool")) {
+            let call_id = format!("call_{}", st.next_id());
+            let location: String = question.chars().take(40).collect();
+            let content = json!({"name": "get_weather", "arguments": {"location": location},
+                                 "plugin_id": "sandbox", "api_name": "get_weather"})
+            .to_string();
+            let m = self.message(
+                &chat_id,
+                &st.next_id(),
+                "assistant",
+                "function_call",
+                &content,
+                "text",
+            );
+            q.push_back(Step::Event("conversation.message.completed", m));
+            let mut c = self.chat(&chat_id, "requires_action");
+            c["required_action"] = json!({
+                "type": "submit_tool_outputs",
+                "submit_tool_outputs": {"tool_calls": [{
+                    "id": call_id, "type": "function",
+                    "function": {"name": "get_weather", "arguments": json!({"location": location}).to_string()}
+                }]}
+            });
+            c["usage"] = usage(input, 0);
+            q.push_back(Step::Event("conversation.chat.requires_action", c));
+        } else {
+            self.push_answer(&mut q, dl, &chat_id, &answer_id, answer, input);
+        }
+        self.reply = Some(Reply {
+            queue: q,
+            next_at: Instant::now(),
+        });
+    }
+
+    /// Queues the answer part of a reply: deltas, audio, `message.completed` and
+    /// `chat.completed` (usage: `input` + the answer).
+    fn push_answer(
+        &self,
+        q: &mut VecDeque<Step>,
+        dl: &Downlink,
+        chat_id: &str,
+        answer_id: &str,
+        answer: &str,
+        input: u64,
+    ) {
         for piece in split_text(answer, self.deltas) {
-            let m = self.message(&chat_id, &answer_id, "assistant", "answer", &piece, "text");
+            let m = self.message(chat_id, answer_id, "assistant", "answer", &piece, "text");
             q.push_back(Step::Event("conversation.message.delta", m));
         }
         q.push_back(Step::Event(
             "conversation.audio.sentence_start",
             json!({"text": answer}),
         ));
-        q.push_back(self.audio_stream(answer, &chat_id, &answer_id));
-        let done = self.message(&chat_id, &answer_id, "assistant", "answer", "", "audio");
+        q.push_back(self.audio_stream(answer, chat_id, answer_id));
+        let done = self.message(chat_id, answer_id, "assistant", "answer", "", "audio");
         q.push_back(Step::Event("conversation.audio.completed", done));
-        let m = self.message(&chat_id, &answer_id, "assistant", "answer", answer, "text");
+        let m = self.message(chat_id, answer_id, "assistant", "answer", answer, "text");
         q.push_back(Step::Event("conversation.message.completed", m));
         if !dl.fault().no_usage {
-            let mut c = self.chat(&chat_id, "completed");
-            let (input, output) = (tokens(&question), tokens(answer));
-            c["usage"] = json!({"token_count": input + output, "output_count": output, "input_count": input});
+            let mut c = self.chat(chat_id, "completed");
+            c["usage"] = usage(input, tokens(answer));
             q.push_back(Step::Event("conversation.chat.completed", c));
         }
+    }
+
+    /// `conversation.chat.submit_tool_outputs`: continues the chat waiting for them.
+    async fn on_submit_tool_outputs(&mut self, dl: &mut Downlink, data: &Value) -> Result<(), End> {
+        let Some(pending) = &self.pending else {
+            return dl.error(4000, "no chat is waiting for tool outputs").await;
+        };
+        let chat_id = data
+            .get("chat_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if chat_id != pending.chat_id {
+            let msg = format!("chat {chat_id:?} is not waiting for tool outputs");
+            return dl.error(4000, msg).await;
+        }
+        let Some(outputs) = data
+            .get("tool_outputs")
+            .and_then(Value::as_array)
+            .filter(|a| !a.is_empty())
+        else {
+            return dl.error(4000, "tool_outputs is required").await;
+        };
+        let mut texts = Vec::with_capacity(outputs.len());
+        for o in outputs {
+            let id = o
+                .get("tool_call_id")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if !pending.call_ids.iter().any(|c| c == id) {
+                let msg = format!("unknown tool_call_id {id:?}");
+                return dl.error(4000, msg).await;
+            }
+            texts.push(o.get("output").and_then(Value::as_str).unwrap_or_default());
+        }
+        let joined = texts.join(" ");
+        let input = pending.input_tokens + tokens(&joined);
+        let chat_id = pending.chat_id.clone();
+        self.pending = None;
+        self.cancel(dl, 3, "interrupted by tool outputs").await?;
+        self.turn += 1;
+        let answer_id = dl.state().next_id();
+        let base = ANSWERS[((self.seed + self.turn) % ANSWERS.len() as u64) as usize];
+        let answer = format!(
+            "Tool output received ({}). {base}",
+            joined.chars().take(40).collect::<String>()
+        );
+        let mut q = VecDeque::new();
+        q.push_back(Step::Event(
+            "conversation.chat.in_progress",
+            self.chat(&chat_id, "in_progress"),
+        ));
+        self.push_answer(&mut q, dl, &chat_id, &answer_id, &answer, input);
         self.reply = Some(Reply {
             queue: q,
             next_at: Instant::now(),
         });
+        Ok(())
     }
 
     /// Queues `text` as speech only (prologue, `input_text.generate_audio`).
@@ -470,8 +640,19 @@ impl ChatSession {
             None => {}
             Some(Step::Event(..)) => {
                 if let Some(Step::Event(name, mut data)) = reply.queue.pop_front() {
-                    if name == "conversation.chat.completed" {
-                        data["completed_at"] = json!(now_unix());
+                    match name {
+                        "conversation.chat.completed" => {
+                            data["completed_at"] = json!(now_unix());
+                        }
+                        "conversation.chat.failed" => {
+                            let now = json!(now_unix());
+                            data["completed_at"] = now.clone();
+                            data["failed_at"] = now;
+                        }
+                        "conversation.chat.requires_action" => {
+                            self.pending = PendingAction::from_chat(&data);
+                        }
+                        _ => {}
                     }
                     dl.send(name, Some(&data)).await?;
                 }
@@ -508,6 +689,11 @@ impl ChatSession {
         }
         Ok(())
     }
+}
+
+/// `usage {token_count, output_count, input_count}`.
+fn usage(input: u64, output: u64) -> Value {
+    json!({"token_count": input + output, "output_count": output, "input_count": input})
 }
 
 /// `turn_detection` → VAD silence (`None` for client_interrupt) and the effective echo.

@@ -99,6 +99,38 @@ def test_chat_tools_flow(coze):
     assert out[-1].event == ChatEventType.CONVERSATION_CHAT_COMPLETED
 
 
+def test_chat_stream_failed(coze):
+    """A `_fail` bot: the stream ends in CONVERSATION_CHAT_FAILED with last_error and usage."""
+    events = list(coze.chat.stream(bot_id="bot_fail", user_id="u1", additional_messages=[user("please fail")]))
+    assert all(e.event != ChatEventType.UNKNOWN for e in events)
+    assert [e.event for e in events] == [
+        ChatEventType.CONVERSATION_CHAT_CREATED,
+        ChatEventType.CONVERSATION_CHAT_IN_PROGRESS,
+        ChatEventType.CONVERSATION_MESSAGE_DELTA,
+        ChatEventType.CONVERSATION_MESSAGE_DELTA,
+        ChatEventType.CONVERSATION_CHAT_FAILED,
+    ]
+    failed = events[-1].chat
+    assert failed.status == ChatStatus.FAILED
+    assert failed.last_error.code == 5000 and failed.last_error.msg
+    assert failed.failed_at
+    assert failed.usage.output_count > 0
+    assert failed.usage.token_count == failed.usage.input_count + failed.usage.output_count
+
+    chat = coze.chat.retrieve(conversation_id=failed.conversation_id, chat_id=failed.id)
+    assert chat.status == ChatStatus.FAILED
+    assert chat.last_error.code == 5000 and chat.failed_at
+    assert chat.usage.token_count == failed.usage.token_count
+
+
+def test_chat_create_and_poll_failed(coze):
+    poll = coze.chat.create_and_poll(bot_id="bot_fail", user_id="u1", additional_messages=[user("poll fail")])
+    assert poll.chat.status == ChatStatus.FAILED
+    assert poll.chat.last_error.code == 5000
+    assert poll.chat.failed_at
+    assert list(poll.messages) == []
+
+
 def test_chat_create_retrieve_list(coze):
     chat = coze.chat.create(bot_id=BOT, user_id="u1", additional_messages=[user("non stream")])
     assert chat.status == ChatStatus.IN_PROGRESS

@@ -10,8 +10,11 @@ so the tests build the SDK's own websocket clients directly on the sandbox's ``w
 Every downlink event the SDK parses must parse: a pydantic failure in cozepy's receive loop goes
 to the ``error`` handler as an exception (recorded and asserted empty here), and an event type
 the SDK does not know is logged as "unknown event" on the ``cozepy`` logger (captured and asserted
-empty). Events the sandbox never sends: ``conversation.chat.failed`` and
-``conversation.chat.requires_action`` (its bot never fails or calls tools).
+empty). A ``bot_id`` ending in ``_tools`` makes the bot call a tool
+(``conversation.chat.requires_action``; the uplink ``conversation.chat.submit_tool_outputs``
+continues the turn to ``conversation.chat.completed``) and one ending in ``_fail`` makes every reply
+end in ``conversation.chat.failed`` (``last_error`` code 5000); both are driven through the SDK's
+``WebsocketsChatEventHandler`` / ``AsyncWebsocketsChatEventHandler`` callbacks below.
 """
 
 import asyncio
@@ -38,11 +41,20 @@ from cozepy.websockets.audio.transcriptions import (
     TranscriptionsUpdateEvent,
     WebsocketsAudioTranscriptionsBuildClient,
 )
+from cozepy import ChatStatus, ToolOutput
 from cozepy.websockets.chat import (
     AsyncWebsocketsChatBuildClient,
+    AsyncWebsocketsChatEventHandler,
     ChatUpdateEvent,
+    ConversationChatCompletedEvent,
+    ConversationChatFailedEvent,
+    ConversationChatRequiresActionEvent,
+    ConversationChatSubmitToolOutputsEvent,
+    ConversationMessageCompletedEvent,
     ConversationMessageCreateEvent,
+    ConversationMessageDeltaEvent,
     WebsocketsChatBuildClient,
+    WebsocketsChatEventHandler,
 )
 from cozepy.websockets.ws import InputAudio, OutputAudio, WebsocketsErrorEvent, WebsocketsEventType
 
@@ -411,3 +423,120 @@ def test_audio_delta_base64_is_what_the_sdk_decodes(ws_sandbox, requester):
     finally:
         client.close()
     assert not rec.errors, rec.errors
+
+
+def test_chat_requires_action_and_submit_tool_outputs(ws_sandbox, requester, sdk_warnings):
+    """A `_tools` bot: the handler's on_conversation_chat_requires_action answers with
+    conversation_chat_submit_tool_outputs and the same chat then completes.
+
+    cozepy maps handler methods to events by the annotation of their ``event`` parameter, so the
+    handlers below must be annotated."""
+
+    class Handler(WebsocketsChatEventHandler):
+        def __init__(self):
+            self.actions = []
+            self.completed = []
+            self.messages = []
+            self.errors = []
+            self.done = threading.Event()
+
+        def on_conversation_message_completed(self, cli, event: ConversationMessageCompletedEvent):
+            self.messages.append(event.data)
+
+        def on_conversation_chat_requires_action(self, cli, event: ConversationChatRequiresActionEvent):
+            self.actions.append(event.data)
+            call = event.data.required_action.submit_tool_outputs.tool_calls[0]
+            cli.conversation_chat_submit_tool_outputs(
+                ConversationChatSubmitToolOutputsEvent.Data(
+                    chat_id=event.data.id, tool_outputs=[ToolOutput(tool_call_id=call.id, output="sunny 21C")]
+                )
+            )
+
+        def on_conversation_chat_completed(self, cli, event: ConversationChatCompletedEvent):
+            self.completed.append(event.data)
+            self.done.set()
+
+        def on_conversation_chat_failed(self, cli, event: ConversationChatFailedEvent):
+            self.errors.append(("failed", event.data))
+            self.done.set()
+
+        def on_error(self, cli, e):
+            self.errors.append(e)
+
+        def on_client_error(self, cli, e):
+            self.errors.append(e)
+
+    h = Handler()
+    client = WebsocketsChatBuildClient(ws_sandbox["ws_url"], requester).create(bot_id="bot_tools", on_event=h)
+    client.connect()
+    try:
+        client.conversation_message_create(
+            ConversationMessageCreateEvent.Data(role="user", content_type="text", content="weather in Paris?")
+        )
+        assert h.done.wait(TIMEOUT), "no conversation.chat.completed"
+    finally:
+        client.close()
+    assert not h.errors, h.errors
+    [action] = h.actions
+    assert action.status == ChatStatus.REQUIRES_ACTION
+    call = action.required_action.submit_tool_outputs.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"location": "weather in Paris?"}
+    [done] = h.completed
+    assert done.id == action.id and done.status == ChatStatus.COMPLETED
+    assert done.usage.input_count > action.usage.input_count
+    assert done.usage.token_count == done.usage.input_count + done.usage.output_count
+    assert h.messages[0].type == "function_call"
+    assert h.messages[-1].content.startswith("Tool output received (sunny 21C).")
+    assert not [m for m in sdk_warnings if "unknown event" in m], sdk_warnings
+
+
+def test_chat_failed_async(ws_sandbox, requester, sdk_warnings):
+    """A `_fail` bot: the async handler's on_conversation_chat_failed fires with last_error."""
+
+    async def main():
+        class Handler(AsyncWebsocketsChatEventHandler):
+            def __init__(self):
+                self.failed = []
+                self.deltas = []
+                self.errors = []
+                self.done = asyncio.Event()
+
+            async def on_conversation_message_delta(self, cli, event: ConversationMessageDeltaEvent):
+                self.deltas.append(event.data.content)
+
+            async def on_conversation_chat_failed(self, cli, event: ConversationChatFailedEvent):
+                self.failed.append(event.data)
+                self.done.set()
+
+            async def on_conversation_chat_completed(self, cli, event: ConversationChatCompletedEvent):
+                self.errors.append(("completed", event.data))
+                self.done.set()
+
+            async def on_error(self, cli, e):
+                self.errors.append(e)
+
+            async def on_client_error(self, cli, e):
+                self.errors.append(e)
+
+        h = Handler()
+        client = AsyncWebsocketsChatBuildClient(ws_sandbox["ws_url"], requester).create(bot_id="bot_fail", on_event=h)
+        await client.connect()
+        try:
+            await client.conversation_message_create(
+                ConversationMessageCreateEvent.Data(role="user", content_type="text", content="hello")
+            )
+            await asyncio.wait_for(h.done.wait(), TIMEOUT)
+        finally:
+            await client.close()
+        assert not h.errors, h.errors
+        [failed] = h.failed
+        assert failed.status == ChatStatus.FAILED
+        assert failed.last_error.code == 5000 and failed.last_error.msg
+        assert failed.failed_at
+        assert len(h.deltas) == 2
+        assert failed.usage.output_count > 0
+        assert failed.usage.token_count == failed.usage.input_count + failed.usage.output_count
+
+    asyncio.run(main())
+    assert not [m for m in sdk_warnings if "unknown event" in m], sdk_warnings
