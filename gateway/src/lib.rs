@@ -10,6 +10,7 @@
 //! - [`server`]: pingora `Server` assembly, port reservation, SIGTERM drain.
 //! - [`sandbox_cmd`]: `fleetgate sandbox`, the gateway wired to the built-in upstream.
 
+pub mod accept;
 pub mod admin;
 pub mod config;
 pub mod devices;

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
-use pingora::listeners::{ListenerConfig, TcpSocketOptions};
-use pingora::protocols::l4::stream::{DEFAULT_L4_WRITE_BUFFER_SIZE, L4BufferSettings};
+use pingora::listeners::TcpSocketOptions;
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
+use crate::accept::DeviceAcceptor;
 use crate::admin::AdminApp;
 use crate::config::GatewayConfig;
 use crate::listener::DeviceApp;
@@ -50,6 +51,24 @@ fn reserve(addr: SocketAddr) -> std::io::Result<(SocketAddr, socket2::Socket)> {
         .as_socket()
         .ok_or_else(|| std::io::Error::other("reserved socket has no IP address"))?;
     Ok((bound, s))
+}
+
+/// Accept backlog of the device listener: fleets reconnect in bursts (after an outage or a
+/// deploy), and the kernel caps it at `net.core.somaxconn` anyway.
+const DEVICE_BACKLOG: i32 = 4096;
+
+/// Binds and listens on the device address (SO_REUSEADDR, large backlog).
+fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(DEVICE_BACKLOG)?;
+    Ok(s.into())
 }
 
 fn tcp_options() -> TcpSocketOptions {
@@ -112,8 +131,9 @@ pub fn run(
     on_ready: impl FnOnce(&Ready, &SharedState) + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let (device_addr, device_hold) =
-        reserve(config.device_addr).context("reserving the device listener address")?;
+    let device_listener = bind_listener(config.device_addr)
+        .with_context(|| format!("binding the device listener to {}", config.device_addr))?;
+    let device_addr = device_listener.local_addr()?;
     let (admin_addr, admin_hold) =
         reserve(config.admin_addr).context("reserving the admin listener address")?;
     let rest = ResolvedUpstream::new(config.upstream.rest.clone())?;
@@ -138,14 +158,10 @@ pub fn run(
     };
     let proxy = Arc::new(http_proxy(&conf, gateway));
     let ws = Arc::new(WsRelay::new(state.clone(), ws_up));
-    let mut device = Service::new("fleetgate device API".to_owned(), DeviceApp { proxy, ws });
-    // Unbuffered L4 reads: pingora's HTTP session and the WebSocket relay buffer for
-    // themselves, and pingora's default 64 KiB read buffer per connection would dominate the
-    // memory of idle WebSocket sessions (measured: ~98 KB/session with it).
-    device.add_listener(
-        ListenerConfig::tcp(device_addr.to_string())
-            .tcp_socket_options(tcp_options())
-            .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+    let app = Arc::new(DeviceApp { proxy, ws });
+    let mut device = background_service(
+        "fleetgate device API",
+        DeviceAcceptor::new(app, device_listener),
     );
     device.threads = Some(threads);
     server.add_service(device);
@@ -171,8 +187,7 @@ pub fn run(
         while Instant::now() < deadline && !(up(ready.device_addr) && up(ready.admin_addr)) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        // Both listeners own their ports now.
-        drop(device_hold);
+        // The admin listener owns its port now.
         drop(admin_hold);
         st.set_phase(Phase::Serving);
         tracing::info!(device = %ready.device_addr, admin = %ready.admin_addr, "fleetgate is serving.");
