@@ -1,8 +1,10 @@
 //! End-to-end tests: real sockets on 127.0.0.1:0, the sandbox upstream in-process, and the
 //! real `fleetgate` binary (`cargo build --bins` first).
 
+mod cli;
 mod devices;
 mod rest;
 mod sse;
+mod timeouts;
 mod tls;
 mod ws;

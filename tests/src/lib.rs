@@ -54,6 +54,8 @@ pub struct GatewayOptions {
     pub ping_interval: &'static str,
     /// Extra environment variables for the gateway process (e.g. `SSL_CERT_FILE`).
     pub env: Vec<(String, String)>,
+    pub read_timeout: &'static str,
+    pub stream_idle_timeout: &'static str,
 }
 
 impl GatewayOptions {
@@ -64,6 +66,8 @@ impl GatewayOptions {
             grace_period: "5s",
             ping_interval: "30s",
             env: Vec::new(),
+            read_timeout: "10s",
+            stream_idle_timeout: "10s",
         }
     }
 }
@@ -131,8 +135,8 @@ token_env = "FG_TEST_ADMIN"
 base_url = "{up}"
 pat_env = "FG_TEST_PAT"
 connect_timeout = "2s"
-read_timeout = "10s"
-stream_idle_timeout = "10s"
+read_timeout = "{read}"
+stream_idle_timeout = "{idle}"
 [websocket]
 ping_interval = "{ping}"
 [tokens]
@@ -146,6 +150,8 @@ level = "info"
             up = opts.upstream,
             ping = opts.ping_interval,
             extra = opts.extra_toml,
+            read = opts.read_timeout,
+            idle = opts.stream_idle_timeout,
         );
         let cfg_path = dir.0.join("config.toml");
         std::fs::write(&cfg_path, config).expect("write config");
