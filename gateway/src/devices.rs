@@ -41,6 +41,17 @@ pub struct DeviceView {
 }
 
 impl Device {
+    /// The stored form of this device.
+    pub fn record(&self) -> crate::store::DeviceRecord {
+        crate::store::DeviceRecord {
+            device_id: self.id.to_string(),
+            labels: self.labels.read().map(|l| l.clone()).unwrap_or_default(),
+            enabled: self.enabled.load(Ordering::Acquire),
+            generation: self.generation.load(Ordering::Acquire),
+            created_at: self.created_at,
+        }
+    }
+
     pub fn status(&self) -> DeviceStatus {
         DeviceStatus {
             enabled: self.enabled.load(Ordering::Acquire),
@@ -113,6 +124,23 @@ impl DeviceRegistry {
         });
         shard.insert(id, d.clone());
         (d, Registered::Created)
+    }
+
+    /// Loads a stored device (start-up). Invalid stored ids are reported, not loaded.
+    pub fn restore(&self, r: crate::store::DeviceRecord) -> Result<(), policy::ids::DeviceIdError> {
+        let id = DeviceId::parse(&r.device_id)?;
+        let d = Arc::new(Device {
+            id: id.clone(),
+            labels: RwLock::new(r.labels),
+            enabled: AtomicBool::new(r.enabled),
+            generation: AtomicU64::new(r.generation),
+            created_at: r.created_at,
+        });
+        self.shard(&id)
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, d);
+        Ok(())
     }
 
     /// A receiver that changes whenever some device's tokens may have been revoked.

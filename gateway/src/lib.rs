@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod sandbox_cmd;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 pub mod tokens;
 pub mod upstream;

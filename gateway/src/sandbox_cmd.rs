@@ -88,6 +88,8 @@ signing_keys = [{{ kid = "sandbox", secret_env = "KEY" }}]
 [log]
 format = "text"
 level = "warn"
+[store]
+path = ":memory:"
 "#,
         opts.port, opts.admin_port
     );

@@ -140,7 +140,18 @@ pub fn run(
     let ws_up = ResolvedUpstream::new(config.upstream.ws.clone())?;
     let metrics = Metrics::register(prometheus::Registry::new())?;
     let threads = config.threads;
-    let state: SharedState = Arc::new(GatewayState::new(config, metrics));
+    let store = crate::store::Store::open(&config.store_path)?;
+    let records = store.load_devices()?;
+    let state: SharedState = Arc::new(GatewayState::new(config, metrics, store));
+    let loaded = records.len();
+    for r in records {
+        let id = r.device_id.clone();
+        if let Err(e) = state.devices.restore(r) {
+            tracing::warn!(device_id = %id, error = %e, "Skipping an invalid stored device.");
+        }
+    }
+    state.metrics.devices.set(state.devices.len() as i64);
+    tracing::info!(devices = loaded, "Device registry loaded from the store.");
 
     let conf = ServerConf {
         threads,

@@ -23,6 +23,8 @@ pub enum Phase {
 pub struct GatewayState {
     pub config: GatewayConfig,
     pub devices: DeviceRegistry,
+    /// Durable copy of the registry, written by the admin API before the in-memory change.
+    pub store: crate::store::Store,
     pub metrics: Metrics,
     ready: AtomicBool,
     phase: watch::Sender<Phase>,
@@ -31,10 +33,15 @@ pub struct GatewayState {
 pub type SharedState = Arc<GatewayState>;
 
 impl GatewayState {
-    pub fn new(config: GatewayConfig, metrics: Metrics) -> GatewayState {
+    pub fn new(
+        config: GatewayConfig,
+        metrics: Metrics,
+        store: crate::store::Store,
+    ) -> GatewayState {
         GatewayState {
             config,
             devices: DeviceRegistry::default(),
+            store,
             metrics,
             ready: AtomicBool::new(false),
             phase: watch::channel(Phase::Starting).0,

@@ -220,3 +220,71 @@ async fn revocation_closes_open_websockets_of_that_device_only() {
         }
     }
 }
+
+/// Devices, their labels and revocations survive `kill -9`: a new gateway on the same store
+/// accepts tokens minted before the crash and still refuses revoked ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_and_revocations_survive_kill_9() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let dir = TempDir::new();
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.store_path = Some(dir.0.join("fleet.redb"));
+    let mut gw = GatewayProcess::start(&opts).await;
+    let kept = gw.register_device("kept").await;
+    let revoked = gw.register_device("revoked").await;
+    let devices: Vec<Value> = (0..100)
+        .map(|i| json!({"device_id": format!("bulk-{i}"), "labels": {"batch": "7"}}))
+        .collect();
+    assert_eq!(
+        gw.admin(
+            Method::POST,
+            "/admin/v1/devices",
+            Some(json!({"devices": devices}))
+        )
+        .await
+        .status(),
+        200
+    );
+    gw.admin(
+        Method::PATCH,
+        "/admin/v1/devices/kept",
+        Some(json!({"labels": {"room": "kitchen"}})),
+    )
+    .await;
+    gw.admin(Method::POST, "/admin/v1/devices/revoked/revoke", None)
+        .await;
+    gw.admin(Method::DELETE, "/admin/v1/devices/bulk-0", None)
+        .await;
+    gw.signal("KILL");
+    gw.child.wait().await.unwrap();
+
+    let gw = GatewayProcess::start(&opts).await;
+    assert_eq!(
+        call(&gw, &kept).await,
+        200,
+        "token minted before the crash still works"
+    );
+    assert_eq!(
+        call(&gw, &revoked).await,
+        401,
+        "revocation survived the crash"
+    );
+    let v: Value = gw
+        .admin(Method::GET, "/admin/v1/devices/kept", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["device"]["labels"]["room"], "kitchen");
+    let r = gw
+        .admin(Method::GET, "/admin/v1/devices?page_size=1000", None)
+        .await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["devices"].as_array().unwrap().len(),
+        2 + 99,
+        "bulk-0 stays deleted"
+    );
+    let m = gw.metrics().await;
+    assert!(m.contains("fleetgate_devices 101"), "{m}");
+}

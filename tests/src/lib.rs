@@ -56,6 +56,8 @@ pub struct GatewayOptions {
     pub env: Vec<(String, String)>,
     pub read_timeout: &'static str,
     pub stream_idle_timeout: &'static str,
+    /// The embedded store file; `None` = a fresh one in the gateway's temp dir.
+    pub store_path: Option<PathBuf>,
 }
 
 impl GatewayOptions {
@@ -68,6 +70,7 @@ impl GatewayOptions {
             env: Vec::new(),
             read_timeout: "10s",
             stream_idle_timeout: "10s",
+            store_path: None,
         }
     }
 }
@@ -144,6 +147,8 @@ signing_keys = [{{ kid = "t1", secret_env = "FG_TEST_KEY" }}]
 [log]
 format = "json"
 level = "info"
+[store]
+path = "{store}"
 {extra}
 "#,
             grace = opts.grace_period,
@@ -152,6 +157,11 @@ level = "info"
             extra = opts.extra_toml,
             read = opts.read_timeout,
             idle = opts.stream_idle_timeout,
+            store = opts
+                .store_path
+                .clone()
+                .unwrap_or_else(|| dir.0.join("store.redb"))
+                .display(),
         );
         let cfg_path = dir.0.join("config.toml");
         std::fs::write(&cfg_path, config).expect("write config");

@@ -9,7 +9,6 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{AdminError, AdminRequest, AdminResult, method_not_allowed};
-use crate::devices::Registered;
 use crate::state::{GatewayState, now_s};
 
 #[derive(Deserialize)]
@@ -65,6 +64,34 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     Ok(())
 }
 
+/// Persists records; a failure is a 503 and nothing is applied in memory.
+///
+/// Admin handlers run one at a time on the admin listener's single thread and do not await
+/// between the check, the write and the in-memory change, so "persist, then apply" cannot
+/// interleave with another admin call.
+fn persist(state: &GatewayState, records: &[crate::store::DeviceRecord]) -> Result<(), AdminError> {
+    state.store.put_devices(records).map_err(store_error)
+}
+
+fn store_error(e: crate::store::StoreError) -> AdminError {
+    tracing::error!(error = %e, "Device store write failed.");
+    AdminError::unavailable("device store unavailable; nothing was changed")
+}
+
+fn new_record(
+    id: &DeviceId,
+    labels: &BTreeMap<String, String>,
+    now: u64,
+) -> crate::store::DeviceRecord {
+    crate::store::DeviceRecord {
+        device_id: id.to_string(),
+        labels: labels.clone(),
+        enabled: true,
+        generation: 0,
+        created_at: now,
+    }
+}
+
 fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     let body: RegisterBody = req.json()?;
     let now = now_s();
@@ -73,16 +100,18 @@ fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
             let id = DeviceId::parse(&d.device_id)
                 .map_err(|e| AdminError::bad_request(format!("device_id: {e}")))?;
             check_labels(&d.labels).map_err(AdminError::bad_request)?;
-            let (dev, outcome) = state.devices.register(id, d.labels, now);
+            if let Some(existing) = state.devices.get(&id) {
+                return Ok((
+                    StatusCode::OK,
+                    json!({"device": existing.view(), "created": false}),
+                ));
+            }
+            persist(state, &[new_record(&id, &d.labels, now)])?;
+            let (dev, _) = state.devices.register(id, d.labels, now);
             state.metrics.devices.set(state.devices.len() as i64);
-            let status = if outcome == Registered::Created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
             Ok((
-                status,
-                json!({"device": dev.view(), "created": outcome == Registered::Created}),
+                StatusCode::CREATED,
+                json!({"device": dev.view(), "created": true}),
             ))
         }
         RegisterBody::Many { devices } => {
@@ -105,17 +134,22 @@ fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
                 errors.truncate(20);
                 return Err(AdminError::bad_request(errors.join("; ")));
             }
-            let (mut created, mut existing) = (0u64, 0u64);
-            for (id, labels) in parsed {
-                match state.devices.register(id, labels, now).1 {
-                    Registered::Created => created += 1,
-                    Registered::AlreadyExists => existing += 1,
-                }
+            let entries = parsed.len() as u64;
+            let mut seen = std::collections::HashSet::new();
+            let fresh: Vec<_> = parsed
+                .into_iter()
+                .filter(|(id, _)| state.devices.get(id).is_none() && seen.insert(id.clone()))
+                .collect();
+            let records: Vec<_> = fresh.iter().map(|(id, l)| new_record(id, l, now)).collect();
+            persist(state, &records)?;
+            let created = fresh.len() as u64;
+            for (id, labels) in fresh {
+                state.devices.register(id, labels, now);
             }
             state.metrics.devices.set(state.devices.len() as i64);
             Ok((
                 StatusCode::OK,
-                json!({"created": created, "already_existed": existing}),
+                json!({"created": created, "already_existed": entries - created}),
             ))
         }
     }
@@ -171,20 +205,57 @@ fn patch(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult
     if let Some(labels) = &body.labels {
         check_labels(labels).map_err(AdminError::bad_request)?;
     }
-    if state.devices.get(id).is_none() {
-        return Err(AdminError::not_found("device not found"));
+    let d = state
+        .devices
+        .get(id)
+        .ok_or_else(|| AdminError::not_found("device not found"))?;
+    let mut rec = d.record();
+    if let Some(labels) = &body.labels {
+        rec.labels = labels.clone();
     }
+    if let Some(enabled) = body.enabled {
+        if rec.enabled && !enabled {
+            // Disabling revokes (see DeviceRegistry::set_enabled).
+            rec.generation += 1;
+        }
+        rec.enabled = enabled;
+    }
+    persist(state, &[rec])?;
     if let Some(labels) = body.labels {
         state.devices.set_labels(id, labels);
     }
     if let Some(enabled) = body.enabled {
         state.devices.set_enabled(id, enabled);
     }
+    Ok((StatusCode::OK, json!({"device": d.view()})))
+}
+
+fn revoke(state: &GatewayState, id: &DeviceId) -> AdminResult {
     let d = state
         .devices
         .get(id)
         .ok_or_else(|| AdminError::not_found("device not found"))?;
-    Ok((StatusCode::OK, json!({"device": d.view()})))
+    let mut rec = d.record();
+    rec.generation += 1;
+    persist(state, &[rec])?;
+    state.devices.revoke(id);
+    Ok((
+        StatusCode::OK,
+        json!({"revoked": true, "revoked_at": now_s()}),
+    ))
+}
+
+fn delete(state: &GatewayState, id: &DeviceId) -> AdminResult {
+    if state.devices.get(id).is_none() {
+        return Err(AdminError::not_found("device not found"));
+    }
+    state
+        .store
+        .delete_device(id.as_str())
+        .map_err(store_error)?;
+    state.devices.remove(id);
+    state.metrics.devices.set(state.devices.len() as i64);
+    Ok((StatusCode::OK, json!({"deleted": true})))
 }
 
 pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
@@ -210,18 +281,8 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
             Ok((StatusCode::OK, json!({"device": d.view()})))
         }
         ("PATCH", None, _) => patch(state, &id, req),
-        ("DELETE", None, _) => {
-            state.devices.remove(&id).ok_or_else(not_found)?;
-            state.metrics.devices.set(state.devices.len() as i64);
-            Ok((StatusCode::OK, json!({"deleted": true})))
-        }
-        ("POST", Some("revoke"), None) => {
-            state.devices.revoke(&id).ok_or_else(not_found)?;
-            Ok((
-                StatusCode::OK,
-                json!({"revoked": true, "revoked_at": now_s()}),
-            ))
-        }
+        ("DELETE", None, _) => delete(state, &id),
+        ("POST", Some("revoke"), None) => revoke(state, &id),
         ("POST", Some("tokens"), None) => mint(state, &id, req),
         (_, None, _) | (_, Some("tokens" | "revoke"), None) => Err(method_not_allowed()),
         _ => Err(AdminError::not_found("no such admin route")),

@@ -48,6 +48,14 @@ impl AdminError {
             msg: msg.into(),
         }
     }
+    /// 503 / 5000: a dependency (the store) failed; nothing was changed.
+    pub fn unavailable(msg: impl Into<String>) -> AdminError {
+        AdminError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: 5000,
+            msg: msg.into(),
+        }
+    }
     fn unauthorized() -> AdminError {
         AdminError {
             status: StatusCode::UNAUTHORIZED,

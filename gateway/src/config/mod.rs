@@ -107,6 +107,8 @@ pub struct GatewayConfig {
     pub ws: WsSettings,
     pub tokens: TokenSettings,
     pub log: LogSettings,
+    /// Embedded store file, or `:memory:`.
+    pub store_path: String,
 }
 
 /// One problem, with the key path it concerns.
@@ -432,6 +434,9 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             format!("`{}` is not a valid filter (e.g. `info`)", f.log.level),
         );
     }
+    if f.store.path.trim().is_empty() {
+        c.err("store.path", "must name a file (or `:memory:`)");
+    }
     if f.server.grace_period > Duration::from_secs(3600) {
         c.err("server.grace_period", "must be at most 1h");
     }
@@ -495,6 +500,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             level: f.log.level,
             access_log: f.log.access_log,
         },
+        store_path: f.store.path,
     })
 }
 

@@ -24,6 +24,24 @@ pub struct ConfigFile {
     pub tokens: TokensConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The embedded store file (devices survive restarts); `:memory:` keeps nothing.
+    #[serde(default = "d_store_path")]
+    pub path: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: d_store_path(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +257,9 @@ impl Default for LogConfig {
     }
 }
 
+fn d_store_path() -> String {
+    "fleetgate.redb".into()
+}
 fn d_grace() -> Duration {
     Duration::from_secs(30)
 }

@@ -549,7 +549,14 @@ mod tests {
         .unwrap();
         let up = ResolvedUpstream::new(cfg.upstream.ws.clone()).unwrap();
         let metrics = crate::metrics::Metrics::register(prometheus::Registry::new()).unwrap();
-        WsRelay::new(Arc::new(crate::state::GatewayState::new(cfg, metrics)), up)
+        WsRelay::new(
+            Arc::new(crate::state::GatewayState::new(
+                cfg,
+                metrics,
+                crate::store::Store::open(":memory:").unwrap(),
+            )),
+            up,
+        )
     }
 
     /// The session future lives as long as the WebSocket; it is part of the per-session
