@@ -14,8 +14,11 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use policy::credential::DevicePublicKey;
 use policy::ids::DeviceId;
 use policy::token::DeviceStatus;
+
+use crate::store::CredentialRecord;
 use serde::Serialize;
 
 const SHARDS: usize = 64;
@@ -29,15 +32,119 @@ pub struct Device {
     pub generation: AtomicU64,
     /// Unix seconds.
     pub created_at: u64,
+    /// Immutable snapshot, replaced as a whole on change (readers clone the `Arc`).
+    pub credentials: RwLock<Arc<CredentialSet>>,
 }
 
-/// The admin API's view of a device.
+/// Most credentials one device may hold.
+pub const MAX_CREDENTIALS: usize = 10;
+
+/// A device's credentials: stored records plus parsed public keys.
+#[derive(Debug, Default)]
+pub struct CredentialSet {
+    records: Vec<CredentialRecord>,
+    keys: Vec<DevicePublicKey>,
+}
+
+impl CredentialSet {
+    /// Builds the set, parsing public keys; records whose key no longer parses are reported.
+    pub fn new(records: Vec<CredentialRecord>) -> (CredentialSet, Vec<String>) {
+        let mut keys = Vec::new();
+        let mut bad = Vec::new();
+        let mut kept = Vec::new();
+        for r in records {
+            if let CredentialRecord::PublicKey {
+                kid,
+                algorithm,
+                public_key_pem,
+                ..
+            } = &r
+            {
+                match DevicePublicKey::parse(kid, *algorithm, public_key_pem) {
+                    Ok(k) => keys.push(k),
+                    Err(e) => {
+                        bad.push(format!("{kid}: {e}"));
+                        continue;
+                    }
+                }
+            }
+            kept.push(r);
+        }
+        (
+            CredentialSet {
+                records: kept,
+                keys,
+            },
+            bad,
+        )
+    }
+
+    pub fn records(&self) -> &[CredentialRecord] {
+        &self.records
+    }
+
+    pub fn key(&self, kid: &str) -> Option<&DevicePublicKey> {
+        self.keys.iter().find(|k| k.kid() == kid)
+    }
+
+    pub fn contains(&self, kid: &str) -> bool {
+        self.records.iter().any(|r| r.kid() == kid)
+    }
+
+    /// `(kid, hash)` of every secret credential.
+    pub fn secrets(&self) -> impl Iterator<Item = (&str, &policy::credential::SecretHash)> {
+        self.records.iter().filter_map(|r| match r {
+            CredentialRecord::Secret { kid, hash, .. } => Some((kid.as_str(), hash)),
+            CredentialRecord::PublicKey { .. } => None,
+        })
+    }
+}
+
+/// The admin API's view of a device (credential ids and types, never secrets).
 #[derive(Debug, Serialize)]
 pub struct DeviceView {
     pub device_id: String,
     pub labels: BTreeMap<String, String>,
     pub enabled: bool,
     pub created_at: u64,
+    pub credentials: Vec<CredentialView>,
+}
+
+/// A credential as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct CredentialView {
+    pub kid: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<&'static str>,
+    pub created_at: u64,
+}
+
+impl From<&CredentialRecord> for CredentialView {
+    fn from(r: &CredentialRecord) -> CredentialView {
+        match r {
+            CredentialRecord::PublicKey {
+                kid,
+                algorithm,
+                created_at,
+                ..
+            } => CredentialView {
+                kid: kid.clone(),
+                kind: "public_key",
+                algorithm: Some(algorithm.as_str()),
+                created_at: *created_at,
+            },
+            CredentialRecord::Secret {
+                kid, created_at, ..
+            } => CredentialView {
+                kid: kid.clone(),
+                kind: "secret",
+                algorithm: None,
+                created_at: *created_at,
+            },
+        }
+    }
 }
 
 impl Device {
@@ -49,14 +156,24 @@ impl Device {
             enabled: self.enabled.load(Ordering::Acquire),
             generation: self.generation.load(Ordering::Acquire),
             created_at: self.created_at,
+            credentials: self.credentials().records().to_vec(),
         }
     }
 
-    pub fn status(&self) -> DeviceStatus {
+    /// The current credential snapshot.
+    pub fn credentials(&self) -> Arc<CredentialSet> {
+        self.credentials
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Status as seen by a token obtained through credential `cred` (`None`: admin-minted).
+    pub fn status_for(&self, cred: Option<&str>) -> DeviceStatus {
         DeviceStatus {
             enabled: self.enabled.load(Ordering::Acquire),
             generation: self.generation.load(Ordering::Acquire),
-            credential_present: true,
+            credential_present: cred.is_none_or(|kid| self.credentials().contains(kid)),
         }
     }
 
@@ -66,6 +183,12 @@ impl Device {
             labels: self.labels.read().map(|l| l.clone()).unwrap_or_default(),
             enabled: self.enabled.load(Ordering::Acquire),
             created_at: self.created_at,
+            credentials: self
+                .credentials()
+                .records()
+                .iter()
+                .map(CredentialView::from)
+                .collect(),
         }
     }
 }
@@ -121,6 +244,7 @@ impl DeviceRegistry {
             enabled: AtomicBool::new(true),
             generation: AtomicU64::new(0),
             created_at: now,
+            credentials: RwLock::new(Arc::new(CredentialSet::default())),
         });
         shard.insert(id, d.clone());
         (d, Registered::Created)
@@ -129,7 +253,12 @@ impl DeviceRegistry {
     /// Loads a stored device (start-up). Invalid stored ids are reported, not loaded.
     pub fn restore(&self, r: crate::store::DeviceRecord) -> Result<(), policy::ids::DeviceIdError> {
         let id = DeviceId::parse(&r.device_id)?;
+        let (creds, bad) = CredentialSet::new(r.credentials);
+        for b in bad {
+            tracing::warn!(device_id = %id, credential = %b, "Skipping a stored credential that no longer parses.");
+        }
         let d = Arc::new(Device {
+            credentials: RwLock::new(Arc::new(creds)),
             id: id.clone(),
             labels: RwLock::new(r.labels),
             enabled: AtomicBool::new(r.enabled),
@@ -180,6 +309,15 @@ impl DeviceRegistry {
     ) -> Option<Arc<Device>> {
         let d = self.get(id)?;
         *d.labels.write().unwrap_or_else(|p| p.into_inner()) = labels;
+        Some(d)
+    }
+
+    /// Replaces a device's credentials. Removing one revokes the tokens obtained through it,
+    /// so open sessions are told to re-check.
+    pub fn set_credentials(&self, id: &DeviceId, set: CredentialSet) -> Option<Arc<Device>> {
+        let d = self.get(id)?;
+        *d.credentials.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        self.bump_epoch();
         Some(d)
     }
 

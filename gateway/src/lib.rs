@@ -17,6 +17,7 @@ pub mod devices;
 pub mod listener;
 pub mod logid;
 pub mod metrics;
+pub mod oauth;
 pub mod proxy;
 pub mod sandbox_cmd;
 pub mod server;

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub relayed_bytes: IntCounterVec,
     /// `fleetgate_tokens_issued_total{grant}`
     pub tokens_issued: IntCounterVec,
+    /// `fleetgate_token_endpoint_errors_total{error_code}`
+    pub token_errors: IntCounterVec,
     /// `fleetgate_upstream_errors_total{kind}`
     pub upstream_errors: IntCounterVec,
     /// `fleetgate_websocket_sessions_closed_total{by}`
@@ -118,6 +120,12 @@ impl Metrics {
                 "fleetgate_tokens_issued_total",
                 "Gateway access tokens issued, by grant.",
                 &["grant"],
+            )?,
+            token_errors: counter_vec(
+                r,
+                "fleetgate_token_endpoint_errors_total",
+                "Token endpoint refusals, by OAuth error code.",
+                &["error_code"],
             )?,
             upstream_errors: counter_vec(
                 r,

@@ -25,6 +25,8 @@ pub struct GatewayState {
     pub devices: DeviceRegistry,
     /// Durable copy of the registry, written by the admin API before the in-memory change.
     pub store: crate::store::Store,
+    /// Rate limiters and the `jti` replay cache of the device token endpoint.
+    pub oauth: crate::oauth::TokenEndpoint,
     pub metrics: Metrics,
     ready: AtomicBool,
     phase: watch::Sender<Phase>,
@@ -42,6 +44,7 @@ impl GatewayState {
             config,
             devices: DeviceRegistry::default(),
             store,
+            oauth: crate::oauth::TokenEndpoint::new(),
             metrics,
             ready: AtomicBool::new(false),
             phase: watch::channel(Phase::Starting).0,

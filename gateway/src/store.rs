@@ -27,6 +27,34 @@ pub struct DeviceRecord {
     pub enabled: bool,
     pub generation: u64,
     pub created_at: u64,
+    /// Public keys and secret hashes (never plaintext secrets).
+    #[serde(default)]
+    pub credentials: Vec<CredentialRecord>,
+}
+
+/// A device credential as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CredentialRecord {
+    PublicKey {
+        kid: String,
+        algorithm: policy::credential::KeyAlgorithm,
+        public_key_pem: String,
+        created_at: u64,
+    },
+    Secret {
+        kid: String,
+        hash: policy::credential::SecretHash,
+        created_at: u64,
+    },
+}
+
+impl CredentialRecord {
+    pub fn kid(&self) -> &str {
+        match self {
+            CredentialRecord::PublicKey { kid, .. } | CredentialRecord::Secret { kid, .. } => kid,
+        }
+    }
 }
 
 /// Why the store could not do what was asked.
@@ -139,6 +167,7 @@ mod tests {
             enabled: true,
             generation,
             created_at: 1,
+            credentials: Vec::new(),
         }
     }
 

@@ -20,6 +20,8 @@ pub enum MintError {
     UnknownDevice,
     #[error("device is disabled")]
     Disabled,
+    #[error("the credential was removed")]
+    CredentialGone,
 }
 
 /// Mints a token for `device`, valid for `requested_ttl_s` (default and maximum from config).
@@ -31,9 +33,12 @@ pub fn mint_for_device(
     cred: Option<String>,
 ) -> Result<Minted, MintError> {
     let d = state.devices.get(device).ok_or(MintError::UnknownDevice)?;
-    let status = d.status();
+    let status = d.status_for(cred.as_deref());
     if !status.enabled {
         return Err(MintError::Disabled);
+    }
+    if !status.credential_present {
+        return Err(MintError::CredentialGone);
     }
     let t = &state.config.tokens;
     let ttl = requested_ttl_s

@@ -9,6 +9,7 @@
 //! What it does not do: I/O of any kind, logging, metrics, or holding locks across calls. The
 //! gateway owns shared state and calls in here with plain values.
 
+pub mod credential;
 pub mod decision;
 pub mod ids;
 pub mod metering;

@@ -3,6 +3,7 @@
 
 mod cli;
 mod devices;
+mod oauth;
 mod rest;
 mod sse;
 mod timeouts;

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::{AdminError, AdminRequest, AdminResult, method_not_allowed};
 use crate::state::{GatewayState, now_s};
+use crate::store::CredentialRecord;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +90,7 @@ fn new_record(
         enabled: true,
         generation: 0,
         created_at: now,
+        credentials: Vec::new(),
     }
 }
 
@@ -230,6 +232,120 @@ fn patch(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult
     Ok((StatusCode::OK, json!({"device": d.view()})))
 }
 
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum NewCredential {
+    PublicKey {
+        kid: String,
+        algorithm: String,
+        public_key_pem: String,
+    },
+    Secret {
+        kid: Option<String>,
+    },
+}
+
+/// `POST /admin/v1/devices/{id}/credentials`: a public key (algorithm pinned) or a generated
+/// secret, shown in the answer exactly once and stored only as a salted hash.
+fn add_credential(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult {
+    let body: NewCredential = req.json()?;
+    let d = state
+        .devices
+        .get(id)
+        .ok_or_else(|| AdminError::not_found("device not found"))?;
+    let current = d.credentials();
+    if current.records().len() >= crate::devices::MAX_CREDENTIALS {
+        return Err(AdminError::bad_request(format!(
+            "a device holds at most {} credentials",
+            crate::devices::MAX_CREDENTIALS
+        )));
+    }
+    let now = now_s();
+    let (record, secret) = match body {
+        NewCredential::PublicKey {
+            kid,
+            algorithm,
+            public_key_pem,
+        } => {
+            let alg: policy::credential::KeyAlgorithm = algorithm
+                .parse()
+                .map_err(|_| AdminError::bad_request("algorithm must be RS256 or ES256"))?;
+            // Parse now: a key that does not parse is refused, not stored.
+            policy::credential::DevicePublicKey::parse(&kid, alg, &public_key_pem)
+                .map_err(|e| AdminError::bad_request(format!("public_key_pem: {e}")))?;
+            let rec = CredentialRecord::PublicKey {
+                kid,
+                algorithm: alg,
+                public_key_pem,
+                created_at: now,
+            };
+            (rec, None)
+        }
+        NewCredential::Secret { kid } => {
+            let kid = kid.unwrap_or_else(|| format!("sec-{:016x}", rand::random::<u64>()));
+            if kid.is_empty() || kid.len() > policy::credential::MAX_KID_LEN || kid.contains('/') {
+                return Err(AdminError::bad_request(
+                    "kid must be 1-128 characters without `/`",
+                ));
+            }
+            let (secret, hash) =
+                policy::credential::DeviceSecret::generate(rand::random(), rand::random());
+            (
+                CredentialRecord::Secret {
+                    kid,
+                    hash,
+                    created_at: now,
+                },
+                Some(secret),
+            )
+        }
+    };
+    if current.contains(record.kid()) {
+        return Err(AdminError::conflict(format!(
+            "credential `{}` already exists",
+            record.kid()
+        )));
+    }
+    let mut records = current.records().to_vec();
+    records.push(record.clone());
+    let mut device_rec = d.record();
+    device_rec.credentials = records.clone();
+    persist(state, &[device_rec])?;
+    let (set, _) = crate::devices::CredentialSet::new(records);
+    state.devices.set_credentials(id, set);
+    let mut answer = json!({"credential": crate::devices::CredentialView::from(&record)});
+    if let Some(secret) = secret {
+        // Shown this once; only the hash is stored.
+        answer["kid"] = json!(record.kid());
+        answer["secret"] = json!(secret.expose());
+    }
+    Ok((StatusCode::CREATED, answer))
+}
+
+/// `DELETE /admin/v1/devices/{id}/credentials/{kid}`: tokens obtained through it stop working.
+fn delete_credential(state: &GatewayState, id: &DeviceId, kid: &str) -> AdminResult {
+    let d = state
+        .devices
+        .get(id)
+        .ok_or_else(|| AdminError::not_found("device not found"))?;
+    let current = d.credentials();
+    if !current.contains(kid) {
+        return Err(AdminError::not_found("credential not found"));
+    }
+    let records: Vec<_> = current
+        .records()
+        .iter()
+        .filter(|r| r.kid() != kid)
+        .cloned()
+        .collect();
+    let mut device_rec = d.record();
+    device_rec.credentials = records.clone();
+    persist(state, &[device_rec])?;
+    let (set, _) = crate::devices::CredentialSet::new(records);
+    state.devices.set_credentials(id, set);
+    Ok((StatusCode::OK, json!({"deleted": true})))
+}
+
 fn revoke(state: &GatewayState, id: &DeviceId) -> AdminResult {
     let d = state
         .devices
@@ -284,7 +400,23 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
         ("DELETE", None, _) => delete(state, &id),
         ("POST", Some("revoke"), None) => revoke(state, &id),
         ("POST", Some("tokens"), None) => mint(state, &id, req),
-        (_, None, _) | (_, Some("tokens" | "revoke"), None) => Err(method_not_allowed()),
+        ("POST", Some("credentials"), None) => add_credential(state, &id, req),
+        ("GET", Some("credentials"), None) => {
+            let d = state.devices.get(&id).ok_or_else(not_found)?;
+            let list: Vec<_> = d
+                .credentials()
+                .records()
+                .iter()
+                .map(crate::devices::CredentialView::from)
+                .collect();
+            Ok((StatusCode::OK, json!({"credentials": list})))
+        }
+        ("DELETE", Some("credentials"), Some(kid)) if parts.next().is_none() => {
+            delete_credential(state, &id, kid)
+        }
+        (_, None, _) | (_, Some("tokens" | "revoke" | "credentials"), None) => {
+            Err(method_not_allowed())
+        }
         _ => Err(AdminError::not_found("no such admin route")),
     }
 }

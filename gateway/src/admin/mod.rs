@@ -48,6 +48,14 @@ impl AdminError {
             msg: msg.into(),
         }
     }
+    /// 409 / 4000: the resource already exists.
+    pub fn conflict(msg: impl Into<String>) -> AdminError {
+        AdminError {
+            status: StatusCode::CONFLICT,
+            code: 4000,
+            msg: msg.into(),
+        }
+    }
     /// 503 / 5000: a dependency (the store) failed; nothing was changed.
     pub fn unavailable(msg: impl Into<String>) -> AdminError {
         AdminError {

@@ -85,6 +85,10 @@ pub struct TokenSettings {
     pub keyring: Keyring,
     pub default_ttl: Duration,
     pub max_ttl: Duration,
+    pub audiences: Vec<String>,
+    pub audience_from_host: bool,
+    pub max_assertion_lifetime: Duration,
+    pub max_assertion_skew: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -428,6 +432,23 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
         );
     }
     let keyring = keyring(&mut c, env, &f.tokens);
+    if f.tokens.max_assertion_lifetime.is_zero()
+        || f.tokens.max_assertion_lifetime > Duration::from_secs(86_400)
+    {
+        c.err(
+            "tokens.max_assertion_lifetime",
+            "must be between 1s and 24h",
+        );
+    }
+    if f.tokens.max_assertion_skew > Duration::from_secs(600) {
+        c.err("tokens.max_assertion_skew", "must be at most 10m");
+    }
+    if !f.tokens.audience_from_host && f.tokens.audiences.is_empty() {
+        c.err(
+            "tokens.audiences",
+            "set at least one audience, or `audience_from_host = true`",
+        );
+    }
     if tracing_subscriber::EnvFilter::try_new(&f.log.level).is_err() {
         c.err(
             "log.level",
@@ -494,6 +515,10 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             keyring,
             default_ttl: f.tokens.default_ttl,
             max_ttl: f.tokens.max_ttl,
+            audiences: f.tokens.audiences.clone(),
+            audience_from_host: f.tokens.audience_from_host,
+            max_assertion_lifetime: f.tokens.max_assertion_lifetime,
+            max_assertion_skew: f.tokens.max_assertion_skew,
         },
         log: LogSettings {
             format: f.log.format,

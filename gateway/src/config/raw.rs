@@ -213,6 +213,18 @@ pub struct TokensConfig {
     #[serde(default)]
     pub signing_keys: Vec<SigningKeyConfig>,
     pub active_kid: Option<String>,
+    /// Accepted `aud` values of device-signed JWT assertions at the token endpoint.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Also accept the request's `Host` as `aud` (what Coze SDKs derive from `base_url`).
+    #[serde(default = "d_true")]
+    pub audience_from_host: bool,
+    /// Longest `exp - iat` of a device assertion (Coze SDKs sign for 3600 s).
+    #[serde(default = "d_assertion_lifetime", with = "humantime_serde")]
+    pub max_assertion_lifetime: Duration,
+    /// Clock skew tolerated on assertion `iat`.
+    #[serde(default = "d_skew", with = "humantime_serde")]
+    pub max_assertion_skew: Duration,
 }
 
 impl Default for TokensConfig {
@@ -222,6 +234,10 @@ impl Default for TokensConfig {
             max_ttl: d_max_ttl(),
             signing_keys: Vec::new(),
             active_kid: None,
+            audiences: Vec::new(),
+            audience_from_host: true,
+            max_assertion_lifetime: d_assertion_lifetime(),
+            max_assertion_skew: d_skew(),
         }
     }
 }
@@ -259,6 +275,12 @@ impl Default for LogConfig {
 
 fn d_store_path() -> String {
     "fleetgate.redb".into()
+}
+fn d_assertion_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_skew() -> Duration {
+    Duration::from_secs(60)
 }
 fn d_grace() -> Duration {
     Duration::from_secs(30)

@@ -86,7 +86,10 @@ pub fn verify_token(
         .keyring
         .verify(token, now_s, IAT_LEEWAY_S)
         .map_err(token_denial)?;
-    let status = state.devices.get(&claims.sub).map(|d| d.status());
+    let status = state
+        .devices
+        .get(&claims.sub)
+        .map(|d| d.status_for(claims.cred.as_deref()));
     token::check_device(&claims, status).map_err(token_denial)?;
     let permit = TokenPermit {
         generation: claims.generation,
@@ -98,7 +101,10 @@ pub fn verify_token(
 /// Whether an admitted session's token still holds (not revoked, device not disabled or
 /// deleted). Called by long-lived sessions when the registry's revocation epoch changes.
 pub fn still_valid(state: &GatewayState, admission: &Admission) -> bool {
-    let status = state.devices.get(&admission.device).map(|d| d.status());
+    let status = state
+        .devices
+        .get(&admission.device)
+        .map(|d| d.status_for(admission.token.cred.as_deref()));
     let Some(status) = status else { return false };
     status.enabled && status.generation == admission.token.generation && status.credential_present
 }

@@ -35,6 +35,8 @@ pub struct RequestCtx {
     pub upstream_logid: Option<String>,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// A route answered by the gateway itself (`"token"`), for metrics and logs.
+    pub local_route: Option<&'static str>,
     /// Set once the SSE-stream gauge was incremented (so `logging` decrements it once).
     pub sse_counted: bool,
 }
@@ -52,6 +54,7 @@ impl RequestCtx {
             request_bytes: 0,
             response_bytes: 0,
             sse_counted: false,
+            local_route: None,
         }
     }
 

@@ -3,6 +3,7 @@
 //!
 //! | phase | module | what happens |
 //! |---|---|---|
+//! | `request_filter` | [`crate::oauth`] | the device token endpoint, answered locally |
 //! | `request_filter` | [`admit`] / [`respond`] | route, token, body limit; denials answered here |
 //! | `request_body_filter` | here | streamed body size enforced for chunked uploads |
 //! | `upstream_peer` | [`upstream::peer`] | upstream address and per-route timeouts |
@@ -62,6 +63,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if crate::oauth::is_token_path(session.req_header().uri.path()) {
+            return crate::oauth::serve(&self.state, session, ctx).await;
+        }
         let req = session.req_header();
         let content_length = req
             .headers

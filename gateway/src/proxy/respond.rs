@@ -42,6 +42,29 @@ pub async fn deny(session: &mut Session, denial: &Denial, logid: &str) -> Result
     Ok(())
 }
 
+/// A JSON answer the gateway writes itself (the token endpoint), with `X-Tt-Logid`,
+/// `Cache-Control: no-store` and an optional `Retry-After`.
+pub async fn json(
+    session: &mut Session,
+    status: u16,
+    body: &serde_json::Value,
+    logid: &str,
+    retry_after_s: Option<u64>,
+) -> Result<()> {
+    let body = Bytes::from(body.to_string());
+    let mut resp = ResponseHeader::build(status, Some(5))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    resp.insert_header("X-Tt-Logid", logid)?;
+    if let Some(s) = retry_after_s {
+        resp.insert_header("retry-after", s.to_string())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
 /// A raw HTTP/1.1 response for a denial, for sockets outside pingora's session.
 pub fn raw_http1(denial: &Denial, logid: &str) -> Vec<u8> {
     let (status, headers, body) = parts(denial, logid);
