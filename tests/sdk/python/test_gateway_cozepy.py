@@ -320,3 +320,87 @@ def test_ws_handshake_with_bad_token_raises_coze_api_error(fleetgate):
         client.connect()
     assert "401" in str(e.value)
     assert e.value.logid
+
+
+# --- device identity: the gateway's own token endpoint, driven by cozepy's OAuth client -----
+
+KEYS = __import__("pathlib").Path(__file__).resolve().parents[3] / "policy" / "tests" / "keys"
+
+
+def _admin(fleetgate, method, path, body=None):
+    import json as _json
+    import urllib.request
+
+    req = urllib.request.Request(
+        fleetgate["admin_url"] + path,
+        data=None if body is None else _json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": "Bearer " + fleetgate["admin_token"], "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req) as r:
+        return _json.loads(r.read())
+
+
+def _stream_hello(coze):
+    events = list(
+        coze.chat.stream(
+            bot_id="b1", user_id="u1", additional_messages=[Message.build_user_question_text("hello")]
+        )
+    )
+    completed = [e for e in events if e.event == ChatEventType.CONVERSATION_CHAT_COMPLETED]
+    assert completed and completed[0].chat.usage.token_count > 0
+    return events
+
+
+def test_jwt_oauth_app_gets_a_gateway_token_and_jwt_auth_streams(fleetgate):
+    """cozepy's JWTOAuthApp, unmodified, with client_id = device id and the device's own key
+    pair, obtains a gateway token; Coze(auth=JWTAuth(oauth_app=...)) then streams a chat."""
+    from cozepy import JWTAuth, JWTOAuthApp
+
+    _admin(fleetgate, "POST", "/admin/v1/devices", {"device_id": "py-jwt-dev"})
+    _admin(
+        fleetgate,
+        "POST",
+        "/admin/v1/devices/py-jwt-dev/credentials",
+        {
+            "type": "public_key",
+            "kid": "py-k1",
+            "algorithm": "RS256",
+            "public_key_pem": (KEYS / "rsa2048_public_spki.pem").read_text(),
+        },
+    )
+    private_pem = (
+        KEYS.parents[2] / "sandbox" / "tests" / "keys" / "test_only_rsa_private.pem"
+    ).read_text()
+    app = JWTOAuthApp(
+        client_id="py-jwt-dev",
+        private_key=private_pem,
+        public_key_id="py-k1",
+        base_url=fleetgate["gateway_url"],
+    )
+    token = app.get_access_token(ttl=900)
+    assert token.access_token and token.expires_in > time.time() + 800
+    coze = Coze(auth=JWTAuth(oauth_app=app), base_url=fleetgate["gateway_url"])
+    _stream_hello(coze)
+
+
+def test_secret_device_gets_a_token_with_client_credentials(fleetgate):
+    """A device that cannot do public-key crypto uses a generated secret (client_credentials);
+    the token then works with cozepy's TokenAuth."""
+    import httpx
+
+    _admin(fleetgate, "POST", "/admin/v1/devices", {"device_id": "py-secret-dev"})
+    cred = _admin(fleetgate, "POST", "/admin/v1/devices/py-secret-dev/credentials", {"type": "secret"})
+    r = httpx.post(
+        fleetgate["gateway_url"] + "/api/permission/oauth2/token",
+        json={"grant_type": "client_credentials", "client_id": "py-secret-dev", "client_secret": cred["secret"]},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["token_type"] == "Bearer" and body["expires_in"] > time.time()
+    _stream_hello(Coze(auth=TokenAuth(body["access_token"]), base_url=fleetgate["gateway_url"]))
+    bad = httpx.post(
+        fleetgate["gateway_url"] + "/api/permission/oauth2/token",
+        json={"grant_type": "client_credentials", "client_id": "py-secret-dev", "client_secret": "wrong"},
+    )
+    assert bad.status_code == 401 and bad.json()["error_code"] == "invalid_client"
