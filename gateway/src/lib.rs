@@ -26,4 +26,5 @@ pub mod store;
 pub mod telemetry;
 pub mod tokens;
 pub mod upstream;
+pub mod upstream_auth;
 pub mod ws;

@@ -12,6 +12,8 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
+/// Cheap to clone: every field is a handle to shared counters.
+#[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
     /// `fleetgate_requests_total{route,protocol,status_class}`
@@ -30,6 +32,10 @@ pub struct Metrics {
     pub relayed_bytes: IntCounterVec,
     /// `fleetgate_tokens_issued_total{grant}`
     pub tokens_issued: IntCounterVec,
+    /// `fleetgate_upstream_token_exchanges_total{result}` (jwt mode)
+    pub upstream_token_exchanges: IntCounterVec,
+    /// `fleetgate_upstream_token_cache_requests_total{result}` (jwt mode: hit, miss)
+    pub upstream_token_cache: IntCounterVec,
     /// `fleetgate_token_endpoint_errors_total{error_code}`
     pub token_errors: IntCounterVec,
     /// `fleetgate_upstream_errors_total{kind}`
@@ -120,6 +126,18 @@ impl Metrics {
                 "fleetgate_tokens_issued_total",
                 "Gateway access tokens issued, by grant.",
                 &["grant"],
+            )?,
+            upstream_token_exchanges: counter_vec(
+                r,
+                "fleetgate_upstream_token_exchanges_total",
+                "Upstream OAuth token exchanges (jwt mode), by result: ok, refused, error.",
+                &["result"],
+            )?,
+            upstream_token_cache: counter_vec(
+                r,
+                "fleetgate_upstream_token_cache_requests_total",
+                "Upstream token cache lookups (jwt mode), by result: hit, miss.",
+                &["result"],
             )?,
             token_errors: counter_vec(
                 r,

@@ -142,7 +142,8 @@ pub fn run(
     let threads = config.threads;
     let store = crate::store::Store::open(&config.store_path)?;
     let records = store.load_devices()?;
-    let state: SharedState = Arc::new(GatewayState::new(config, metrics, store));
+    let state: SharedState =
+        Arc::new(GatewayState::new(config, metrics, store).map_err(|e| anyhow::anyhow!("{e}"))?);
     let loaded = records.len();
     for r in records {
         let id = r.device_id.clone();

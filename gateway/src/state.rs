@@ -27,6 +27,8 @@ pub struct GatewayState {
     pub store: crate::store::Store,
     /// Rate limiters and the `jti` replay cache of the device token endpoint.
     pub oauth: crate::oauth::TokenEndpoint,
+    /// What goes into `Authorization` upstream, per device (PAT or per-device OAuth token).
+    pub upstream_auth: crate::upstream_auth::UpstreamCredentials,
     pub metrics: Metrics,
     ready: AtomicBool,
     phase: watch::Sender<Phase>,
@@ -39,8 +41,14 @@ impl GatewayState {
         config: GatewayConfig,
         metrics: Metrics,
         store: crate::store::Store,
-    ) -> GatewayState {
-        GatewayState {
+    ) -> Result<GatewayState, String> {
+        let upstream_auth = crate::upstream_auth::UpstreamCredentials::new(
+            &config.upstream,
+            crate::ws::tls_client_config(),
+            metrics.clone(),
+        )?;
+        Ok(GatewayState {
+            upstream_auth,
             config,
             devices: DeviceRegistry::default(),
             store,
@@ -48,7 +56,7 @@ impl GatewayState {
             metrics,
             ready: AtomicBool::new(false),
             phase: watch::channel(Phase::Starting).0,
-        }
+        })
     }
 
     pub fn phase(&self) -> Phase {

@@ -8,4 +8,5 @@ mod rest;
 mod sse;
 mod timeouts;
 mod tls;
+mod upstream_jwt;
 mod ws;

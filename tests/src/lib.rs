@@ -58,6 +58,8 @@ pub struct GatewayOptions {
     pub stream_idle_timeout: &'static str,
     /// The embedded store file; `None` = a fresh one in the gateway's temp dir.
     pub store_path: Option<PathBuf>,
+    /// `upstream.auth`: `"pat"` or `"jwt"` (then add an `[upstream.jwt]` table in `extra_toml`).
+    pub upstream_auth: &'static str,
 }
 
 impl GatewayOptions {
@@ -71,6 +73,7 @@ impl GatewayOptions {
             read_timeout: "10s",
             stream_idle_timeout: "10s",
             store_path: None,
+            upstream_auth: "pat",
         }
     }
 }
@@ -136,6 +139,7 @@ addr = "127.0.0.1:0"
 token_env = "FG_TEST_ADMIN"
 [upstream]
 base_url = "{up}"
+auth = "{auth}"
 pat_env = "FG_TEST_PAT"
 connect_timeout = "2s"
 read_timeout = "{read}"
@@ -156,6 +160,7 @@ path = "{store}"
             ping = opts.ping_interval,
             extra = opts.extra_toml,
             read = opts.read_timeout,
+            auth = opts.upstream_auth,
             idle = opts.stream_idle_timeout,
             store = opts
                 .store_path

@@ -60,6 +60,161 @@ impl UpstreamTarget {
 pub enum UpstreamAuth {
     /// One PAT / service token for every call, plus `X-Coze-DeviceInfo`.
     Pat(Secret),
+    /// Per-device OAuth tokens minted with the vendor's OAuth app key.
+    Jwt(UpstreamJwt),
+}
+
+/// Validated `upstream.jwt`.
+#[derive(Clone)]
+pub struct UpstreamJwt {
+    pub app_id: String,
+    pub kid: String,
+    /// PKCS#8 or PKCS#1 DER of the app's RSA private key.
+    pub private_key_der: Vec<u8>,
+    pub pkcs8: bool,
+    pub token_ttl: Duration,
+    pub refresh_before: Duration,
+    pub token_path: String,
+    pub audience: String,
+    pub scope: Option<serde_json::Value>,
+    pub max_concurrent_exchanges: usize,
+    pub max_cached_devices: usize,
+}
+
+impl fmt::Debug for UpstreamJwt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamJwt")
+            .field("app_id", &self.app_id)
+            .field("kid", &self.kid)
+            .field("private_key", &"<redacted>")
+            .field("token_ttl", &self.token_ttl)
+            .field("token_path", &self.token_path)
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+/// PEM → (DER, is PKCS#8). Accepts `PRIVATE KEY` and `RSA PRIVATE KEY`.
+fn private_key_der(pem: &str) -> Result<(Vec<u8>, bool), String> {
+    for (label, pkcs8) in [("PRIVATE KEY", true), ("RSA PRIVATE KEY", false)] {
+        let begin = format!("-----BEGIN {label}-----");
+        let end = format!("-----END {label}-----");
+        if let (Some(b), Some(e)) = (pem.find(&begin), pem.find(&end)) {
+            let body: String = pem
+                .get(b + begin.len()..e)
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .map_err(|_| "the PEM body is not base64".to_owned())?;
+            let ok = if pkcs8 {
+                ring::signature::RsaKeyPair::from_pkcs8(&der).is_ok()
+            } else {
+                ring::signature::RsaKeyPair::from_der(&der).is_ok()
+            };
+            return if ok {
+                Ok((der, pkcs8))
+            } else {
+                Err("not a usable RSA private key (2048-8192 bits)".into())
+            };
+        }
+    }
+    Err("no `PRIVATE KEY` or `RSA PRIVATE KEY` PEM block".into())
+}
+
+fn upstream_jwt(
+    c: &mut Collector,
+    env: EnvLookup<'_>,
+    j: Option<&raw::UpstreamJwtConfig>,
+    rest: Option<&UpstreamTarget>,
+) -> Option<UpstreamJwt> {
+    let Some(j) = j else {
+        c.err(
+            "upstream.jwt",
+            "`auth = \"jwt\"` needs an [upstream.jwt] table (app_id, kid, private key)",
+        );
+        return None;
+    };
+    let pem = match (&j.private_key_file, &j.private_key_env) {
+        (Some(file), None) => std::fs::read_to_string(file)
+            .map_err(|e| {
+                c.err(
+                    "upstream.jwt.private_key_file",
+                    format!("cannot read `{file}`: {e}"),
+                )
+            })
+            .ok(),
+        (None, Some(var)) => {
+            let v = env(var);
+            if v.is_none() {
+                c.err(
+                    "upstream.jwt.private_key_env",
+                    format!("environment variable `{var}` is not set"),
+                );
+            }
+            v
+        }
+        _ => {
+            c.err(
+                "upstream.jwt",
+                "set exactly one of `private_key_file` and `private_key_env`",
+            );
+            None
+        }
+    };
+    let key = pem.and_then(|p| {
+        private_key_der(&p)
+            .map_err(|e| c.err("upstream.jwt.private_key_file", e))
+            .ok()
+    });
+    if j.app_id.is_empty() {
+        c.err("upstream.jwt.app_id", "must not be empty");
+    }
+    if j.kid.is_empty() {
+        c.err("upstream.jwt.kid", "must not be empty");
+    }
+    if j.token_ttl < Duration::from_secs(60) || j.token_ttl > Duration::from_secs(86_399) {
+        c.err("upstream.jwt.token_ttl", "must be between 60s and 86399s");
+    }
+    if j.refresh_before >= j.token_ttl {
+        c.err(
+            "upstream.jwt.refresh_before",
+            "must be shorter than `upstream.jwt.token_ttl`",
+        );
+    }
+    if !j.token_path.starts_with("/api/permission/oauth2/") {
+        c.err(
+            "upstream.jwt.token_path",
+            "must be a Coze OAuth token path (/api/permission/oauth2/…)",
+        );
+    }
+    if j.max_concurrent_exchanges == 0 || j.max_cached_devices == 0 {
+        c.err(
+            "upstream.jwt",
+            "`max_concurrent_exchanges` and `max_cached_devices` must be > 0",
+        );
+    }
+    let scope = j.scope.as_ref().and_then(|t| serde_json::to_value(t).ok());
+    let (der, pkcs8) = key?;
+    Some(UpstreamJwt {
+        app_id: j.app_id.clone(),
+        kid: j.kid.clone(),
+        private_key_der: der,
+        pkcs8,
+        token_ttl: j.token_ttl,
+        refresh_before: j.refresh_before,
+        token_path: j.token_path.clone(),
+        audience: j
+            .audience
+            .clone()
+            .or_else(|| rest.map(|r| r.host.clone()))
+            .unwrap_or_default(),
+        scope,
+        max_concurrent_exchanges: j.max_concurrent_exchanges,
+        max_cached_devices: j.max_cached_devices,
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -379,11 +534,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
                 .map(UpstreamAuth::Pat)
         }
         UpstreamAuthMode::Jwt => {
-            c.err(
-                "upstream.auth",
-                "`jwt` mode is not available in this build yet; use `pat`",
-            );
-            None
+            upstream_jwt(&mut c, env, f.upstream.jwt.as_ref(), rest.as_ref()).map(UpstreamAuth::Jwt)
         }
     };
     for (path, d) in [

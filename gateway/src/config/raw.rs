@@ -128,6 +128,42 @@ pub struct UpstreamConfig {
     /// Whole request/stream, WebSockets excepted.
     #[serde(default = "d_total", with = "humantime_serde")]
     pub total_timeout: Duration,
+    /// Settings of `auth = "jwt"`.
+    pub jwt: Option<UpstreamJwtConfig>,
+}
+
+/// `auth = "jwt"`: per-device OAuth tokens minted with the vendor's Coze OAuth app key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamJwtConfig {
+    /// The OAuth app id (JWT `iss`).
+    pub app_id: String,
+    /// The app's public key fingerprint (JWT header `kid`).
+    pub kid: String,
+    /// PEM file with the app's RSA private key (PKCS#8 `PRIVATE KEY` or PKCS#1).
+    pub private_key_file: Option<String>,
+    /// Environment variable with the PEM instead.
+    pub private_key_env: Option<String>,
+    /// Token lifetime asked for (`duration_seconds`, at most 86399 s).
+    #[serde(default = "d_up_ttl", with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Refresh a device's token this long before it expires (in the background).
+    #[serde(default = "d_up_refresh", with = "humantime_serde")]
+    pub refresh_before: Duration,
+    /// Token endpoint path: `/api/permission/oauth2/token`, or the
+    /// `/account/{id}/token` / `/enterprise_id/{id}/token` variants.
+    #[serde(default = "d_up_path")]
+    pub token_path: String,
+    /// JWT `aud`; default: the upstream host.
+    pub audience: Option<String>,
+    /// Optional channel `scope` object, sent as is.
+    pub scope: Option<toml::Table>,
+    /// Most token exchanges in flight at once (towards the upstream token endpoint).
+    #[serde(default = "d_up_concurrency")]
+    pub max_concurrent_exchanges: usize,
+    /// Most devices with a cached upstream token; idle ones are evicted first.
+    #[serde(default = "d_up_cache")]
+    pub max_cached_devices: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -141,6 +177,7 @@ impl Default for UpstreamConfig {
             read_timeout: d_read(),
             stream_idle_timeout: d_stream_idle(),
             total_timeout: d_total(),
+            jwt: None,
         }
     }
 }
@@ -281,6 +318,21 @@ fn d_assertion_lifetime() -> Duration {
 }
 fn d_skew() -> Duration {
     Duration::from_secs(60)
+}
+fn d_up_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_up_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+fn d_up_path() -> String {
+    "/api/permission/oauth2/token".into()
+}
+fn d_up_concurrency() -> usize {
+    16
+}
+fn d_up_cache() -> usize {
+    100_000
 }
 fn d_grace() -> Duration {
     Duration::from_secs(30)

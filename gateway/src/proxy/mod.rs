@@ -130,7 +130,16 @@ impl ProxyHttp for Gateway {
             .admission
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admission"))?;
-        upstream::rewrite(req, &self.rest, &self.state.config.upstream, admission)
+        let auth = self
+            .state
+            .upstream_auth
+            .authorization(&admission.device)
+            .await
+            .map_err(|e| {
+                tracing::warn!(request_id = %ctx.logid, device_id = %admission.device, error = %e, "No upstream credential.");
+                Error::explain(ErrorType::Custom("upstream_credentials"), "upstream credentials unavailable")
+            })?;
+        upstream::rewrite(req, &self.rest, &auth, admission)
     }
 
     async fn response_filter(

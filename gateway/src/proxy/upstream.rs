@@ -4,8 +4,9 @@ use pingora::http::RequestHeader;
 use pingora::prelude::*;
 
 use super::admit::Admission;
-use crate::config::{UpstreamAuth, UpstreamSettings};
+use crate::config::UpstreamSettings;
 use crate::upstream::ResolvedUpstream;
+use crate::upstream_auth::Authorization;
 
 /// Routes whose answers may be SSE streams get the stream idle timeout instead of the REST one.
 fn may_stream(path: &str) -> bool {
@@ -36,25 +37,24 @@ pub fn device_info_header(device: &str) -> String {
     serde_json::json!({ "device_id": device }).to_string()
 }
 
-/// Replaces the device's credentials with the upstream's and attributes the call.
+/// Replaces the device's credentials with the upstream's and attributes the call (PAT mode:
+/// `X-Coze-DeviceInfo` on every call, Coze ignores it where it doesn't apply; jwt mode: the
+/// per-device token carries the device).
 pub fn rewrite(
     req: &mut RequestHeader,
     up: &ResolvedUpstream,
-    settings: &UpstreamSettings,
+    auth: &Authorization,
     admission: &Admission,
 ) -> Result<()> {
     req.remove_header("authorization");
     req.remove_header("x-coze-deviceinfo");
-    match &settings.auth {
-        UpstreamAuth::Pat(pat) => {
-            req.insert_header("authorization", format!("Bearer {}", pat.expose()))?;
-        }
+    req.insert_header("authorization", auth.header.as_ref())?;
+    if auth.device_info_header {
+        req.insert_header(
+            "x-coze-deviceinfo",
+            device_info_header(admission.device.as_str()),
+        )?;
     }
-    // Attribution on every call (Coze ignores it where it doesn't apply).
-    req.insert_header(
-        "x-coze-deviceinfo",
-        device_info_header(admission.device.as_str()),
-    )?;
     req.insert_header("host", up.target.authority())?;
     Ok(())
 }

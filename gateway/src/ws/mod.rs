@@ -18,7 +18,7 @@
 //! sockets' user-space state and this task; the handshake buffers are freed before relaying.
 
 pub mod frames;
-mod upstream;
+pub mod upstream;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use crate::proxy::respond;
 use crate::state::{Phase, SharedState, now_ms};
 use crate::upstream::ResolvedUpstream;
 use frames::FrameCursor;
-pub use upstream::UpstreamIo;
+pub use upstream::{UpstreamIo, tls_client_config};
 
 /// How long a closing side may take to answer a close before the connection is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -166,16 +166,32 @@ impl WsRelay {
         };
         let started = Instant::now();
         let cfg = &self.state.config;
+        let auth = match self
+            .state
+            .upstream_auth
+            .authorization(&admission.device)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(request_id = %logid, device_id = %admission.device, error = %e, "No upstream credential.");
+                let d = Denial::new(DenyReason::UpstreamUnavailable, "upstream unavailable");
+                return self.refuse(&mut device, &d, &logid).await;
+            }
+        };
         let conn = tokio::time::timeout(
             cfg.ws.handshake_timeout,
             upstream::connect_and_handshake(
                 &self.upstream,
                 &self.tls,
                 &cfg.upstream,
-                &req.path,
-                &admit::strip_authorization_param(&req.query),
-                &req.headers,
-                admission.device.as_str(),
+                upstream::UpgradeRequest {
+                    path: &req.path,
+                    query: &admit::strip_authorization_param(&req.query),
+                    headers: &req.headers,
+                    auth: &auth,
+                    device: admission.device.as_str(),
+                },
             ),
         )
         .await;
@@ -550,11 +566,14 @@ mod tests {
         let up = ResolvedUpstream::new(cfg.upstream.ws.clone()).unwrap();
         let metrics = crate::metrics::Metrics::register(prometheus::Registry::new()).unwrap();
         WsRelay::new(
-            Arc::new(crate::state::GatewayState::new(
-                cfg,
-                metrics,
-                crate::store::Store::open(":memory:").unwrap(),
-            )),
+            Arc::new(
+                crate::state::GatewayState::new(
+                    cfg,
+                    metrics,
+                    crate::store::Store::open(":memory:").unwrap(),
+                )
+                .unwrap(),
+            ),
             up,
         )
     }

@@ -12,8 +12,9 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls;
 
-use crate::config::{UpstreamAuth, UpstreamSettings};
+use crate::config::UpstreamSettings;
 use crate::upstream::ResolvedUpstream;
+use crate::upstream_auth::Authorization;
 
 /// Plain or TLS upstream connection.
 pub enum UpstreamIo {
@@ -62,6 +63,12 @@ impl AsyncWrite for UpstreamIo {
 /// A TLS client trusting the platform's CA store (honouring `SSL_CERT_FILE`/`SSL_CERT_DIR`,
 /// like pingora's REST connector) plus the Mozilla root set (webpki-roots), ring provider.
 pub fn tls_connector() -> TlsConnector {
+    TlsConnector::from(tls_client_config())
+}
+
+/// The rustls client configuration shared by the WebSocket relay and the upstream token
+/// client (see [`tls_connector`]).
+pub fn tls_client_config() -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -89,7 +96,7 @@ pub fn tls_connector() -> TlsConnector {
                 .with_root_certificates(rustls::RootCertStore::empty())
                 .with_no_client_auth()
         });
-    TlsConnector::from(Arc::new(config))
+    Arc::new(config)
 }
 
 /// The upstream's answer to the upgrade request.
@@ -126,7 +133,7 @@ fn handshake_request(
     path: &str,
     query: &str,
     headers: &[(String, Vec<u8>)],
-    settings: &UpstreamSettings,
+    auth: &Authorization,
     device: &str,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
@@ -148,28 +155,34 @@ fn handshake_request(
         out.extend_from_slice(v);
         out.extend_from_slice(b"\r\n");
     }
-    match &settings.auth {
-        UpstreamAuth::Pat(pat) => {
-            out.extend_from_slice(b"Authorization: Bearer ");
-            out.extend_from_slice(pat.expose().as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+    out.extend_from_slice(b"Authorization: ");
+    out.extend_from_slice(auth.header.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if auth.device_info_header {
+        out.extend_from_slice(b"X-Coze-DeviceInfo: ");
+        out.extend_from_slice(crate::proxy::upstream::device_info_header(device).as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"X-Coze-DeviceInfo: ");
-    out.extend_from_slice(crate::proxy::upstream::device_info_header(device).as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(b"\r\n");
     out
 }
 
 /// Connects, sends the upgrade request and reads the response head.
+/// What the upgrade request to the upstream carries.
+pub struct UpgradeRequest<'a> {
+    pub path: &'a str,
+    /// The device's query, `authorization` already removed.
+    pub query: &'a str,
+    pub headers: &'a [(String, Vec<u8>)],
+    pub auth: &'a Authorization,
+    pub device: &'a str,
+}
+
 pub async fn connect_and_handshake(
     up: &ResolvedUpstream,
     tls: &TlsConnector,
     settings: &UpstreamSettings,
-    path: &str,
-    query: &str,
-    headers: &[(String, Vec<u8>)],
-    device: &str,
+    r: UpgradeRequest<'_>,
 ) -> io::Result<Handshaken> {
     let tcp = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(up.addr()))
         .await
@@ -184,11 +197,11 @@ pub async fn connect_and_handshake(
     };
     let req = handshake_request(
         &up.target.authority(),
-        path,
-        query,
-        headers,
-        settings,
-        device,
+        r.path,
+        r.query,
+        r.headers,
+        r.auth,
+        r.device,
     );
     io.write_all(&req).await?;
     io.flush().await?;
