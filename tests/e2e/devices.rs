@@ -255,6 +255,17 @@ async fn devices_and_revocations_survive_kill_9() {
         .await;
     gw.admin(Method::DELETE, "/admin/v1/devices/bulk-0", None)
         .await;
+    let cred: Value = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/devices/kept/credentials",
+            Some(json!({"type": "secret"})),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let secret = cred["secret"].as_str().unwrap().to_owned();
     gw.signal("KILL");
     gw.child.wait().await.unwrap();
 
@@ -287,4 +298,13 @@ async fn devices_and_revocations_survive_kill_9() {
     );
     let m = gw.metrics().await;
     assert!(m.contains("fleetgate_devices 101"), "{m}");
+    // The secret credential (stored as a hash) survived too.
+    let r = gw
+        .http
+        .post(format!("{}/api/permission/oauth2/token", gw.device))
+        .json(&json!({"grant_type": "client_credentials", "client_id": "kept", "client_secret": secret}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }

@@ -343,6 +343,10 @@ async fn client_credentials_grant_and_credential_removal() {
     assert_eq!(status, 200, "{v}");
     let token = v["access_token"].as_str().unwrap().to_owned();
     assert_eq!(use_token(&gw, &token).await, 200);
+    assert!(
+        !gw.log().contains(&token) && !gw.log().contains(&secret),
+        "token or secret in logs"
+    );
     assert_eq!(
         ask(grant("sec-dev", "fgs_wrong")).await.1["error_code"],
         "invalid_client"

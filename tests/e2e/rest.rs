@@ -50,8 +50,10 @@ async fn rest_round_trip_is_attributed_to_the_device() {
         .expect("X-Coze-DeviceInfo sent");
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["device_id"], "speaker-001");
-    // The device's token never reaches upstream: the sandbox only accepts its PAT.
+    // The device's token never reaches upstream: the sandbox only accepts its PAT. Neither the
+    // device token nor the upstream PAT appears in the logs.
     assert!(!gw.log().contains(&token), "device token leaked into logs");
+    assert!(!gw.log().contains(PAT), "upstream PAT leaked into logs");
 }
 
 /// No token, a garbage token, a token signed by another key, or a token for an unknown

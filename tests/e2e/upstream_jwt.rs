@@ -101,6 +101,11 @@ async fn one_exchange_for_200_concurrent_first_requests() {
     let t2 = gw.register_device("jwt-dev-2").await;
     assert_eq!(call(&gw, &t2).await, 200);
     assert_eq!(up.state.token_exchanges(), 2);
+    // Nothing secret in the logs: upstream OAuth tokens (`czs_…`), the app key, device tokens.
+    let log = gw.log();
+    for secret in ["czs_", "PRIVATE KEY", token.as_str(), t2.as_str()] {
+        assert!(!log.contains(secret), "`{secret}` found in the gateway log");
+    }
 }
 
 /// A token near expiry is refreshed in the background while requests keep using the old
