@@ -102,25 +102,55 @@ impl DrainOnSignal {
     }
 }
 
+impl DrainOnSignal {
+    /// SIGHUP: re-reads the config file and applies what can change live (the token signing
+    /// keys: add a new key, make it active, drop the old one after `tokens.max_ttl`). Every
+    /// other change is reported as needing a restart. A bad file changes nothing.
+    fn reload(&self) {
+        let Some(path) = self.state.config.source.clone() else {
+            tracing::warn!("SIGHUP ignored: this configuration was not read from a file.");
+            return;
+        };
+        match crate::config::load_file(&path, &crate::config::process_env) {
+            Ok(new) => {
+                self.state.set_keyring(new.tokens.keyring.clone());
+                self.state.metrics.reloads.inc();
+                tracing::info!(
+                    path = %path.display(),
+                    active_kid = new.tokens.keyring.active_kid(),
+                    "Reloaded: token signing keys applied; other changes need a restart."
+                );
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), errors = %e, "Reload refused; keeping the running configuration.")
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl ShutdownSignalWatch for DrainOnSignal {
     async fn recv(&self) -> ShutdownSignal {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut quit), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::quit()),
+            signal(SignalKind::hangup()),
         ) else {
             tracing::error!("Cannot install signal handlers; stopping.");
             return ShutdownSignal::FastShutdown;
         };
-        tokio::select! {
-            _ = term.recv() => {
-                self.drain().await;
-                ShutdownSignal::GracefulTerminate
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    self.drain().await;
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                _ = int.recv() => return ShutdownSignal::FastShutdown,
+                _ = quit.recv() => return ShutdownSignal::FastShutdown,
+                _ = hup.recv() => self.reload(),
             }
-            _ = int.recv() => ShutdownSignal::FastShutdown,
-            _ = quit.recv() => ShutdownSignal::FastShutdown,
         }
     }
 }

@@ -22,6 +22,8 @@ pub enum Phase {
 
 pub struct GatewayState {
     pub config: GatewayConfig,
+    /// The token signing keys, swapped as a whole on reload (SIGHUP) for key rotation.
+    keyring: std::sync::RwLock<Arc<policy::token::Keyring>>,
     pub devices: DeviceRegistry,
     /// Durable copy of the registry, written by the admin API before the in-memory change.
     pub store: crate::store::Store,
@@ -49,6 +51,7 @@ impl GatewayState {
         )?;
         Ok(GatewayState {
             upstream_auth,
+            keyring: std::sync::RwLock::new(Arc::new(config.tokens.keyring.clone())),
             config,
             devices: DeviceRegistry::default(),
             store,
@@ -57,6 +60,19 @@ impl GatewayState {
             ready: AtomicBool::new(false),
             phase: watch::channel(Phase::Starting).0,
         })
+    }
+
+    /// The current signing keys (cheap: an `Arc` clone under a read lock).
+    pub fn keyring(&self) -> Arc<policy::token::Keyring> {
+        self.keyring
+            .read()
+            .map(|k| k.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Installs new signing keys (reload).
+    pub fn set_keyring(&self, k: policy::token::Keyring) {
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(k);
     }
 
     pub fn phase(&self) -> Phase {

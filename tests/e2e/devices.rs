@@ -308,3 +308,84 @@ async fn devices_and_revocations_survive_kill_9() {
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
+
+fn token_kid(token: &str) -> String {
+    use base64::Engine as _;
+    let header = token.split('.').next().unwrap();
+    let v: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap(),
+    )
+    .unwrap();
+    v["kid"].as_str().unwrap().to_owned()
+}
+
+/// Signing-key rotation without downtime: add a key and make it active (SIGHUP), old tokens
+/// keep working; drop the old key (SIGHUP), tokens signed with it stop working. A broken file
+/// on SIGHUP changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_rotate_on_sighup() {
+    use base64::Engine as _;
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let old = gw.register_device("rot").await;
+    assert_eq!(token_kid(&old), "t1");
+    let original = std::fs::read_to_string(gw.config_path()).unwrap();
+    let key2 = gw.config_path().with_file_name("k2.key");
+    std::fs::write(
+        &key2,
+        base64::engine::general_purpose::STANDARD.encode([7u8; 32]),
+    )
+    .unwrap();
+    let reloads = |n: u32| {
+        let gw = &gw;
+        async move {
+            eventually(Duration::from_secs(5), || async {
+                gw.metrics()
+                    .await
+                    .contains(&format!("fleetgate_config_reloads_total {n}"))
+            })
+            .await
+        }
+    };
+
+    // Step 1: both keys, the new one active.
+    let both = original.replace(
+        r#"signing_keys = [{ kid = "t1", secret_env = "FG_TEST_KEY" }]"#,
+        &format!("active_kid = \"t2\"\nsigning_keys = [{{ kid = \"t1\", secret_env = \"FG_TEST_KEY\" }}, {{ kid = \"t2\", secret_file = \"{}\" }}]", key2.display()),
+    );
+    assert_ne!(both, original);
+    std::fs::write(gw.config_path(), &both).unwrap();
+    gw.signal("HUP");
+    assert!(reloads(1).await, "reload applied");
+    let new = gw.device_token("rot").await;
+    assert_eq!(token_kid(&new), "t2");
+    assert_eq!(call(&gw, &old).await, 200, "old key still verifies");
+    assert_eq!(call(&gw, &new).await, 200);
+
+    // A broken file is refused and changes nothing.
+    std::fs::write(gw.config_path(), "[tokens]\nsigning_keys = []\n").unwrap();
+    gw.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(call(&gw, &new).await, 200);
+    assert_eq!(call(&gw, &old).await, 200);
+
+    // Step 2: only the new key.
+    let only_new = original.replace(
+        r#"signing_keys = [{ kid = "t1", secret_env = "FG_TEST_KEY" }]"#,
+        &format!(
+            "signing_keys = [{{ kid = \"t2\", secret_file = \"{}\" }}]",
+            key2.display()
+        ),
+    );
+    std::fs::write(gw.config_path(), &only_new).unwrap();
+    gw.signal("HUP");
+    assert!(reloads(2).await, "second reload applied");
+    assert_eq!(
+        call(&gw, &old).await,
+        401,
+        "tokens of the dropped key stop working"
+    );
+    assert_eq!(call(&gw, &new).await, 200);
+}

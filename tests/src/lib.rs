@@ -219,6 +219,11 @@ path = "{store}"
         }
     }
 
+    /// The config file the gateway was started with (tests rewrite it before SIGHUP).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.0.join("config.toml")
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://{}", self.device_addr)
     }

@@ -268,6 +268,8 @@ pub struct GatewayConfig {
     pub log: LogSettings,
     /// Embedded store file, or `:memory:`.
     pub store_path: String,
+    /// The file this configuration was read from (for reloads); `None` when built in code.
+    pub source: Option<std::path::PathBuf>,
 }
 
 /// One problem, with the key path it concerns.
@@ -363,7 +365,9 @@ pub fn load_file(
             message: format!("cannot read {}: {e}", path.display()),
         }])
     })?;
-    load_str(&text, env)
+    let mut cfg = load_str(&text, env)?;
+    cfg.source = Some(path.to_path_buf());
+    Ok(cfg)
 }
 
 fn parse_addr(c: &mut Collector, path: &str, s: &str) -> Option<SocketAddr> {
@@ -677,6 +681,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             access_log: f.log.access_log,
         },
         store_path: f.store.path,
+        source: None,
     })
 }
 

@@ -81,9 +81,7 @@ pub fn verify_token(
     now_s: u64,
 ) -> Result<(DeviceId, TokenPermit), Denial> {
     let claims = state
-        .config
-        .tokens
-        .keyring
+        .keyring()
         .verify(token, now_s, IAT_LEEWAY_S)
         .map_err(token_denial)?;
     let status = state
