@@ -36,6 +36,13 @@ pub struct Metrics {
     pub upstream_token_exchanges: IntCounterVec,
     /// `fleetgate_upstream_token_cache_requests_total{result}` (jwt mode: hit, miss)
     pub upstream_token_cache: IntCounterVec,
+    /// `fleetgate_metered_units_total{meter}`
+    pub metered: IntCounterVec,
+    /// `fleetgate_usage_missing_total{protocol}`: answers that should have reported usage
+    /// but did not (settled with an estimate, never silently free).
+    pub usage_missing: IntCounterVec,
+    /// `fleetgate_metering_errors_total{protocol}`
+    pub metering_errors: IntCounterVec,
     /// `fleetgate_token_endpoint_errors_total{error_code}`
     pub token_errors: IntCounterVec,
     /// `fleetgate_upstream_errors_total{kind}`
@@ -139,6 +146,24 @@ impl Metrics {
                 "Upstream token cache lookups (jwt mode), by result: hit, miss.",
                 &["result"],
             )?,
+            metered: counter_vec(
+                r,
+                "fleetgate_metered_units_total",
+                "Metered consumption, by meter (llm_input_tokens, llm_output_tokens, audio_in_ms, audio_out_ms, tts_chars, voice_session_ms, requests).",
+                &["meter"],
+            )?,
+            usage_missing: counter_vec(
+                r,
+                "fleetgate_usage_missing_total",
+                "Streams or workflow answers that ended without a usage report, by protocol.",
+                &["protocol"],
+            )?,
+            metering_errors: counter_vec(
+                r,
+                "fleetgate_metering_errors_total",
+                "Answers the meters could not read (malformed or over a bound), by protocol.",
+                &["protocol"],
+            )?,
             token_errors: counter_vec(
                 r,
                 "fleetgate_token_endpoint_errors_total",
@@ -186,6 +211,23 @@ impl Metrics {
         }
         buf
     }
+}
+
+/// Adds a request's consumption to `fleetgate_metered_units_total`.
+pub fn record_usage(m: &Metrics, u: &policy::metering::Usage, voice_session_ms: u64) {
+    for (meter, v) in [
+        ("llm_input_tokens", u.llm_input_tokens),
+        ("llm_output_tokens", u.llm_output_tokens),
+        ("audio_in_ms", u.audio_in_ms),
+        ("audio_out_ms", u.audio_out_ms),
+        ("tts_chars", u.tts_chars),
+        ("voice_session_ms", voice_session_ms),
+    ] {
+        if v > 0 {
+            m.metered.with_label_values(&[meter]).inc_by(v);
+        }
+    }
+    m.metered.with_label_values(&["requests"]).inc();
 }
 
 /// `2xx`, `4xx`, ... for a status code.

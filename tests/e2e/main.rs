@@ -3,6 +3,7 @@
 
 mod cli;
 mod devices;
+mod metering;
 mod oauth;
 mod rest;
 mod sse;

@@ -23,7 +23,6 @@ impl Protocol {
     }
 }
 
-#[derive(Debug)]
 pub struct RequestCtx {
     /// The gateway's log id for this request (`X-Tt-Logid` unless upstream sent one).
     pub logid: String,
@@ -35,6 +34,11 @@ pub struct RequestCtx {
     pub upstream_logid: Option<String>,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// The meter chosen from the upstream's answer.
+    pub meter: super::meter::RequestMeter,
+    /// Keep a copy of the request body (bounded) for metering (`/v1/audio/speech` input).
+    pub capture_request: bool,
+    pub request_copy: Vec<u8>,
     /// A route answered by the gateway itself (`"token"`), for metrics and logs.
     pub local_route: Option<&'static str>,
     /// Set once the SSE-stream gauge was incremented (so `logging` decrements it once).
@@ -55,6 +59,9 @@ impl RequestCtx {
             response_bytes: 0,
             sse_counted: false,
             local_route: None,
+            meter: Default::default(),
+            capture_request: false,
+            request_copy: Vec::new(),
         }
     }
 

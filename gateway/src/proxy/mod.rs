@@ -17,6 +17,7 @@
 
 pub mod admit;
 pub mod ctx;
+pub mod meter;
 pub mod respond;
 pub mod settle;
 pub mod upstream;
@@ -80,6 +81,7 @@ impl ProxyHttp for Gateway {
         let path = req.uri.path().to_owned();
         match admit::admit(&self.state, &path, token, content_length, now_ms() / 1000) {
             Ok(admission) => {
+                ctx.capture_request = path == "/v1/audio/speech";
                 ctx.admission = Some(admission);
                 Ok(false)
             }
@@ -96,6 +98,10 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         if let Some(b) = body {
             ctx.request_bytes += b.len() as u64;
+            if ctx.capture_request && ctx.request_copy.len() + b.len() <= meter::MAX_SPEECH_REQUEST
+            {
+                ctx.request_copy.extend_from_slice(b);
+            }
         }
         let limit = ctx.admission.as_ref().map_or(0, |a| a.route.body_limit);
         if ctx.request_bytes > limit {
@@ -144,7 +150,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -153,11 +159,18 @@ impl ProxyHttp for Gateway {
             Some(up) => ctx.upstream_logid = Some(up.to_owned()),
             None => resp.insert_header("X-Tt-Logid", &ctx.logid)?,
         }
-        let is_sse = resp
+        let content_type = resp
             .headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+            .unwrap_or("");
+        let is_sse = content_type.starts_with("text/event-stream");
+        ctx.meter = meter::RequestMeter::for_answer(
+            session.req_header().uri.path(),
+            resp.status.as_u16(),
+            content_type,
+            &ctx.request_copy,
+        );
         if is_sse {
             ctx.protocol = Protocol::Sse;
             ctx.sse_counted = true;
@@ -176,6 +189,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<Option<Duration>> {
         if let Some(b) = body {
             ctx.response_bytes += b.len() as u64;
+            ctx.meter.feed(b);
         }
         if ctx.started.elapsed() > self.state.config.upstream.total_timeout {
             return Error::e_explain(ErrorType::ReadTimedout, "total request time exceeded");

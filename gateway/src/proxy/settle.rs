@@ -38,6 +38,16 @@ pub fn finish(
     m.relayed_bytes
         .with_label_values(&["downlink"])
         .inc_by(ctx.response_bytes);
+    let metered = std::mem::take(&mut ctx.meter).finish();
+    if ctx.admission.is_some() && status > 0 && status < 300 {
+        crate::metrics::record_usage(m, &metered.usage, 0);
+    }
+    if metered.missing_usage {
+        m.usage_missing.with_label_values(&[proto]).inc();
+    }
+    if metered.error {
+        m.metering_errors.with_label_values(&[proto]).inc();
+    }
     if ctx.sse_counted {
         m.sse_streams.dec();
         ctx.sse_counted = false;
@@ -64,6 +74,11 @@ pub fn finish(
             upstream_logid = ctx.upstream_logid.as_deref().unwrap_or("-"),
             request_bytes = ctx.request_bytes,
             response_bytes = ctx.response_bytes,
+            llm_input_tokens = metered.usage.llm_input_tokens,
+            llm_output_tokens = metered.usage.llm_output_tokens,
+            audio_in_ms = metered.usage.audio_in_ms,
+            audio_out_ms = metered.usage.audio_out_ms,
+            tts_chars = metered.usage.tts_chars,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             error = e.map(|e| e.etype().as_str()).unwrap_or("-"),
         );

@@ -280,6 +280,13 @@ impl WsRelay {
         m.duration
             .with_label_values(&[route, "websocket"])
             .observe(started.elapsed().as_secs_f64());
+        let session_ms = started.elapsed().as_millis() as u64;
+        let voice_session_ms = if path == "/v1/chat" { session_ms } else { 0 };
+        let usage = counters.meter.usage();
+        crate::metrics::record_usage(m, &usage, voice_session_ms);
+        if counters.meter_failed {
+            m.metering_errors.with_label_values(&["websocket"]).inc();
+        }
         if cfg.log.access_log {
             tracing::info!(
                 target: "access",
@@ -294,6 +301,12 @@ impl WsRelay {
                 request_bytes = counters.up,
                 response_bytes = counters.down,
                 duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                llm_input_tokens = usage.llm_input_tokens,
+                llm_output_tokens = usage.llm_output_tokens,
+                audio_in_ms = usage.audio_in_ms,
+                audio_out_ms = usage.audio_out_ms,
+                tts_chars = usage.tts_chars,
+                voice_session_ms,
             );
         }
     }
@@ -318,14 +331,14 @@ impl WsRelay {
         let mut downc = FrameCursor::default();
         if !early_down.is_empty() {
             downc.feed(&early_down);
-            counters.down += early_down.len() as u64;
+            counters.downlink(&early_down);
             if device.write_all(&early_down).await.is_err() || device.flush().await.is_err() {
                 return EndedBy::Device;
             }
         }
         if !early_up.is_empty() {
             upc.feed(&early_up);
-            counters.up += early_up.len() as u64;
+            counters.uplink(&early_up);
             if up.write_all(&early_up).await.is_err() || up.flush().await.is_err() {
                 return EndedBy::Upstream;
             }
@@ -387,7 +400,7 @@ impl WsRelay {
                     } Ok(n) => n };
                     let chunk = dbuf.get(..n).unwrap_or_default();
                     upc.feed(chunk);
-                    counters.up += n as u64;
+                    counters.uplink(chunk);
                     if up.write_all(chunk).await.is_err() || up.flush().await.is_err() {
                         close(device).await;
                         return EndedBy::Upstream;
@@ -401,7 +414,7 @@ impl WsRelay {
                     last_up_rx = tokio::time::Instant::now();
                     let chunk = ubuf.get(..n).unwrap_or_default();
                     downc.feed(chunk);
-                    counters.down += n as u64;
+                    counters.downlink(chunk);
                     if device.write_all(chunk).await.is_err() || device.flush().await.is_err() {
                         close(up).await;
                         return EndedBy::Device;
@@ -500,10 +513,31 @@ fn revoked_event(logid: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What a session relayed and consumed.
 #[derive(Default)]
 struct Counters {
     up: u64,
     down: u64,
+    /// Usage read from the frames as they pass (policy::metering::WsSessionMeter).
+    meter: policy::metering::WsSessionMeter,
+    /// The meter hit a protocol error; usage after that point is not counted.
+    meter_failed: bool,
+}
+
+impl Counters {
+    fn uplink(&mut self, chunk: &[u8]) {
+        self.up += chunk.len() as u64;
+        if !self.meter_failed && self.meter.feed_uplink(chunk).is_err() {
+            self.meter_failed = true;
+        }
+    }
+
+    fn downlink(&mut self, chunk: &[u8]) {
+        self.down += chunk.len() as u64;
+        if !self.meter_failed && self.meter.feed_downlink(chunk).is_err() {
+            self.meter_failed = true;
+        }
+    }
 }
 
 /// Half-closes a socket; a failure only means the peer is already gone.

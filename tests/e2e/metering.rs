@@ -1,0 +1,150 @@
+//! Metering through the gateway: what the device consumed is read from the traffic itself
+//! (SSE usage events, WebSocket audio frames, TTS requests) and counted per meter.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use gateway_tests::*;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// `fleetgate_metered_units_total{meter="…"}`, or 0.
+fn metered(metrics: &str, meter: &str) -> u64 {
+    let prefix = format!("fleetgate_metered_units_total{{meter=\"{meter}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn wait_metered(gw: &GatewayProcess, meter: &str, at_least: u64) -> String {
+    let ok = eventually(Duration::from_secs(5), || async {
+        metered(&gw.metrics().await, meter) >= at_least
+    })
+    .await;
+    let m = gw.metrics().await;
+    assert!(ok, "{meter} never reached {at_least}:\n{m}");
+    m
+}
+
+/// SSE chat: the tokens counted equal the usage in the stream's `conversation.chat.completed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_chat_tokens_are_metered() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("meter-sse").await;
+    let body = gw
+        .http
+        .post(format!("{}/v3/chat", gw.device))
+        .bearer_auth(&token)
+        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
+            "additional_messages": [{"role": "user", "content": "tell me something", "content_type": "text"}]}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let completed = body
+        .split("\n\n")
+        .find(|e| e.starts_with("event:conversation.chat.completed"))
+        .and_then(|e| e.lines().nth(1))
+        .and_then(|l| l.strip_prefix("data:"))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .expect("completed event");
+    let input = completed["usage"]["input_count"].as_u64().unwrap();
+    let output = completed["usage"]["output_count"].as_u64().unwrap();
+    let m = wait_metered(&gw, "llm_output_tokens", output).await;
+    assert_eq!(metered(&m, "llm_input_tokens"), input);
+    assert_eq!(metered(&m, "llm_output_tokens"), output);
+    assert_eq!(metered(&m, "requests"), 1);
+}
+
+/// A voice session: 1 s of 16 kHz PCM up is exactly 1,000 ms of input audio; output audio,
+/// tokens and the session's wall time are counted when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voice_session_audio_and_time_are_metered() {
+    let up = sandbox_upstream(SandboxConfig {
+        realtime_audio: false,
+        ..Default::default()
+    })
+    .await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("meter-ws").await;
+    let mut req = format!("{}/v1/chat?bot_id=b1", gw.ws_url())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::text(json!({"id": "1", "event_type": "chat.update", "data": {
+        "input_audio": {"format": "pcm", "codec": "pcm", "sample_rate": 16000, "channel": 1, "bit_depth": 16},
+        "output_audio": {"codec": "pcm", "pcm_config": {"sample_rate": 24000}}}}).to_string())).await.unwrap();
+    let frame = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 640]);
+    for i in 0..50 {
+        ws.send(Message::text(json!({"id": format!("a{i}"), "event_type": "input_audio_buffer.append", "data": {"delta": frame}}).to_string())).await.unwrap();
+    }
+    ws.send(Message::text(
+        json!({"id": "c", "event_type": "input_audio_buffer.complete"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut audio_out_bytes = 0usize;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Message::Text(t) = msg else { continue };
+        let e: Value = serde_json::from_str(&t).unwrap();
+        if e["event_type"] == "conversation.audio.delta" {
+            audio_out_bytes += base64::engine::general_purpose::STANDARD
+                .decode(e["data"]["content"].as_str().unwrap())
+                .unwrap()
+                .len();
+        }
+        if e["event_type"] == "conversation.chat.completed" {
+            break;
+        }
+    }
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    let m = wait_metered(&gw, "voice_session_ms", 1).await;
+    assert_eq!(metered(&m, "audio_in_ms"), 1000, "50 × 20 ms of 16 kHz PCM");
+    assert_eq!(
+        metered(&m, "audio_out_ms"),
+        (audio_out_bytes / 48) as u64,
+        "24 kHz 16-bit mono down"
+    );
+    assert!(metered(&m, "llm_output_tokens") > 0);
+}
+
+/// REST TTS: the request's characters and the returned audio's duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speech_characters_and_audio_are_metered() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("meter-tts").await;
+    let input = "hello from a speaker";
+    let r = gw
+        .http
+        .post(format!("{}/v1/audio/speech", gw.device))
+        .bearer_auth(&token)
+        .json(&json!({"input": input, "voice_id": "v1", "response_format": "pcm", "sample_rate": 16000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let audio = r.bytes().await.unwrap();
+    let m = wait_metered(&gw, "tts_chars", input.chars().count() as u64).await;
+    assert_eq!(metered(&m, "tts_chars"), input.chars().count() as u64);
+    assert_eq!(
+        metered(&m, "audio_out_ms"),
+        (audio.len() / 32) as u64,
+        "16 kHz 16-bit mono"
+    );
+}
