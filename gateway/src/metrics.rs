@@ -255,3 +255,42 @@ pub fn error_kind(e: &pingora::Error) -> &'static str {
         _ => "other",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric the gateway registers is documented in `docs/metrics.md` (the catalog
+    /// operators, alerts and dashboards rely on), and every documented name is registered.
+    /// (Names are read from this file's string literals: `gather()` omits vectors that have
+    /// no children yet.)
+    #[test]
+    fn catalog_matches_the_registry() {
+        let m = Metrics::register(Registry::new()).unwrap();
+        drop(m); // registration itself must succeed (no duplicate names)
+        let source = include_str!("metrics.rs");
+        let catalog = include_str!("../../docs/metrics.md");
+        let registered: Vec<&str> = source
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| {
+                s.starts_with("fleetgate_") && s.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            })
+            .collect();
+        assert!(registered.len() >= 15, "{registered:?}");
+        for name in &registered {
+            assert!(
+                catalog.contains(&format!("`{name}`")),
+                "{name} is not in docs/metrics.md"
+            );
+        }
+        for line in catalog.lines().filter(|l| l.starts_with("| `fleetgate_")) {
+            let documented = line.split('`').nth(1).unwrap();
+            assert!(
+                registered.contains(&documented),
+                "{documented} is documented but not registered"
+            );
+        }
+    }
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Real-SDK contract tests: unmodified cozepy (Python) and @coze/api (Node) against the sandbox and
-# through the gateway (`fleetgate sandbox`).
+# through the gateway (`fleetgate sandbox`). Also runs tests/deploy (structural checks of deploy/,
+# `fleetgate check-config` on the Kubernetes ConfigMap) in the same venv.
 #
 # Prerequisite: `cargo build --bins` (debug binaries `sandbox` and `fleetgate` under
 # ${CARGO_TARGET_DIR:-<repo>/target}/debug). Needs python3 and node/npm; network access only to
@@ -101,7 +102,13 @@ echo "== Python SDK (cozepy) =="
 echo "== Node SDK (@coze/api) =="
 (cd "$SDK/node" && node --test --test-concurrency=1 --test-reporter=spec) || status=1
 
+echo "== Deployment artifacts (deploy/) =="
+(
+  cd "$REPO/tests/deploy" &&
+    PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider .
+) || status=1
+
 if [ "$status" -ne 0 ]; then
-  echo "tests/sdk/run.sh: SDK tests FAILED" >&2
+  echo "tests/sdk/run.sh: SDK or deploy tests FAILED" >&2
 fi
 exit "$status"
