@@ -18,6 +18,11 @@ use serde::{Deserialize, Serialize};
 /// device id → JSON [`DeviceRecord`]. The `_v1` suffix versions the value format.
 const DEVICES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("devices_v1");
 
+/// Quota rules: benefit id → JSON rule (Coze's shape).
+pub const RULES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("rules_v1");
+/// Usage counters: `device/benefit_type/kind` → JSON counter (window start + used).
+pub const USAGE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("usage_v1");
+
 /// A device as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -105,10 +110,11 @@ impl Store {
             }
             redb::Database::create(path).map_err(|e| open_err(e.to_string()))?
         };
-        // Make sure the table exists so reads of a fresh store succeed.
+        // Make sure the tables exist so reads of a fresh store succeed.
         let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(DEVICES)
-            .map_err(|e| open_err(e.to_string()))?;
+        for table in [DEVICES, RULES, USAGE] {
+            txn.open_table(table).map_err(|e| open_err(e.to_string()))?;
+        }
         txn.commit().map_err(|e| open_err(e.to_string()))?;
         Ok(Store { db })
     }
@@ -139,6 +145,44 @@ impl Store {
                 let bytes = serde_json::to_vec(r).map_err(|e| io("encode")(&e))?;
                 table
                     .insert(r.device_id.as_str(), bytes.as_slice())
+                    .map_err(|e| io("write")(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| io("commit")(&e))
+    }
+
+    /// Every record of a JSON table, decoded.
+    pub fn load_all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<'_, &str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| io("read")(&e))?;
+        let t = txn.open_table(table).map_err(|e| io("read")(&e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| io("read")(&e))? {
+            let (k, v) = row.map_err(|e| io("read")(&e))?;
+            out.push(
+                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                    key: k.value().to_owned(),
+                    reason: e.to_string(),
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Writes `(key, value)` pairs of a JSON table in one durable transaction.
+    pub fn put_all<T: Serialize>(
+        &self,
+        table: TableDefinition<'_, &str, &[u8]>,
+        rows: &[(String, T)],
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| io("write")(&e))?;
+        {
+            let mut t = txn.open_table(table).map_err(|e| io("write")(&e))?;
+            for (k, v) in rows {
+                let bytes = serde_json::to_vec(v).map_err(|e| io("encode")(&e))?;
+                t.insert(k.as_str(), bytes.as_slice())
                     .map_err(|e| io("write")(&e))?;
             }
         }
@@ -184,6 +228,16 @@ mod tests {
         let s = Store::open(&path).unwrap();
         assert_eq!(s.load_devices().unwrap(), vec![rec("a", 1)]);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn json_tables_round_trip() {
+        let s = Store::open(":memory:").unwrap();
+        s.put_all(RULES, &[("b1".to_owned(), serde_json::json!({"limit": 5}))])
+            .unwrap();
+        let rows: Vec<serde_json::Value> = s.load_all(RULES).unwrap();
+        assert_eq!(rows, vec![serde_json::json!({"limit": 5})]);
+        assert!(s.load_all::<serde_json::Value>(USAGE).unwrap().is_empty());
     }
 
     #[test]
