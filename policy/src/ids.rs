@@ -25,6 +25,12 @@ impl DeviceId {
     pub const MAX_LEN: usize = 128;
 
     pub fn parse(s: &str) -> Result<DeviceId, DeviceIdError> {
+        Self::validate(s)?;
+        Ok(DeviceId(s.to_owned()))
+    }
+
+    /// Check `s` without allocating (what [`DeviceId::parse`] checks).
+    pub fn validate(s: &str) -> Result<(), DeviceIdError> {
         if s.is_empty() {
             return Err(DeviceIdError::Empty);
         }
@@ -37,7 +43,7 @@ impl DeviceId {
         if !ok {
             return Err(DeviceIdError::BadChar);
         }
-        Ok(DeviceId(s.to_owned()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {

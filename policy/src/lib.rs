@@ -13,5 +13,6 @@ pub mod credential;
 pub mod decision;
 pub mod ids;
 pub mod metering;
+pub mod quota;
 pub mod route;
 pub mod token;

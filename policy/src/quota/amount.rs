@@ -57,7 +57,10 @@ impl Consumption {
     pub(crate) fn max(&self, other: &Consumption) -> Consumption {
         Consumption {
             usage: Usage {
-                llm_input_tokens: self.usage.llm_input_tokens.max(other.usage.llm_input_tokens),
+                llm_input_tokens: self
+                    .usage
+                    .llm_input_tokens
+                    .max(other.usage.llm_input_tokens),
                 llm_output_tokens: self
                     .usage
                     .llm_output_tokens

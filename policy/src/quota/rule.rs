@@ -250,8 +250,9 @@ pub struct Rule {
     #[serde(default, deserialize_with = "string_or_integer")]
     pub benefit_id: String,
     pub entity_type: EntityType,
-    /// Device id for `single_device`; empty (and ignored) for `enterprise_all_*`.
-    #[serde(default)]
+    /// Device id for `single_device`; empty (and ignored) for `enterprise_all_*`, where it is
+    /// omitted from the JSON as on Coze.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub entity_id: String,
     pub benefit_type: BenefitType,
     /// In the benefit's limit unit (points, seconds, tokens, ...; see [`BenefitType`]).
@@ -400,13 +401,13 @@ impl Rule {
     /// rule (`limit`, `trigger_time`, ...).
     pub fn validate(&self) -> Result<(), RuleErrors> {
         let mut errs = Vec::new();
-        self.validate_into("", &mut errs);
+        self.validate_into(None, &mut errs);
         RuleErrors::result(errs)
     }
 
-    /// `prefix` is prepended to field names (`"rules[3]."`, `"benefit_info."`).
-    fn validate_into(&self, prefix: &str, errs: &mut Vec<RuleError>) {
-        let field = |name: &str| format!("{prefix}{name}");
+    /// With `index`, field names are `rules[index].name`.
+    fn validate_into(&self, index: Option<usize>, errs: &mut Vec<RuleError>) {
+        let field = |name: &str| field_path(index, name);
         if self.benefit_id.is_empty() {
             errs.push(RuleError::new(field("benefit_id"), RuleErrorKind::Missing));
         } else if self.benefit_id.len() > 128 {
@@ -417,7 +418,7 @@ impl Rule {
         }
         match self.entity_type {
             EntityType::SingleDevice => {
-                if let Err(e) = DeviceId::parse(&self.entity_id) {
+                if let Err(e) = DeviceId::validate(&self.entity_id) {
                     errs.push(RuleError::new(
                         field("entity_id"),
                         RuleErrorKind::InvalidDeviceId(e),
@@ -540,7 +541,7 @@ impl CreateLimitation {
             trigger_time: b.trigger_time,
         };
         let mut errs = Vec::new();
-        rule.validate_into("", &mut errs);
+        rule.validate_into(None, &mut errs);
         for e in &mut errs {
             if !matches!(e.field.as_str(), "entity_id" | "entity_type" | "benefit_id") {
                 e.field = format!("benefit_info.{}", e.field);
@@ -699,8 +700,7 @@ impl RuleSet {
     pub fn new(rules: Vec<Rule>) -> Result<RuleSet, RuleErrors> {
         let mut errs = Vec::new();
         let mut by_id: HashMap<String, u32> = HashMap::with_capacity(rules.len());
-        let mut enterprise_seen: HashMap<(EntityType, BenefitType, RuleKind), u32> =
-            HashMap::new();
+        let mut enterprise_seen: HashMap<(EntityType, BenefitType, RuleKind), u32> = HashMap::new();
         if u32::try_from(rules.len()).is_err() {
             errs.push(RuleError::new(
                 "rules".to_owned(),
@@ -710,30 +710,25 @@ impl RuleSet {
             ));
             return Err(RuleErrors(errs));
         }
+        let mut by_device: HashMap<String, Slots> = HashMap::with_capacity(rules.len());
+        let mut enterprise = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
             let idx = u32::try_from(i).unwrap_or(u32::MAX);
-            let prefix = format!("rules[{i}].");
-            rule.validate_into(&prefix, &mut errs);
+            rule.validate_into(Some(i), &mut errs);
             if by_id.insert(rule.benefit_id.clone(), idx).is_some() {
                 errs.push(RuleError::new(
-                    format!("{prefix}benefit_id"),
+                    field_path(Some(i), "benefit_id"),
                     RuleErrorKind::DuplicateBenefitId(rule.benefit_id.clone()),
                 ));
             }
             if rule.entity_type.is_enterprise_wide() && rule.status != RuleStatus::Cancel {
                 let key = (rule.entity_type, rule.benefit_type, rule.kind());
                 if let Some(&prev) = enterprise_seen.get(&key) {
-                    errs.push(conflict(&prefix, rule, &rules[prev as usize]));
+                    errs.push(conflict(Some(i), rule, &rules[prev as usize]));
                 } else {
                     enterprise_seen.insert(key, idx);
                 }
             }
-        }
-
-        let mut by_device: HashMap<String, Slots> = HashMap::new();
-        let mut enterprise = Vec::new();
-        for (i, rule) in rules.iter().enumerate() {
-            let idx = u32::try_from(i).unwrap_or(u32::MAX);
             match rule.entity_type {
                 EntityType::SingleDevice => match by_device.get_mut(rule.entity_id.as_str()) {
                     Some(s) => s.push(idx),
@@ -746,12 +741,14 @@ impl RuleSet {
             }
         }
         for slots in by_device.values() {
-            let idxs = slots.as_slice();
+            let Slots::Many(idxs) = slots else {
+                continue;
+            };
             for (n, &i) in idxs.iter().enumerate() {
                 for &j in &idxs[..n] {
                     let (a, b) = (&rules[i as usize], &rules[j as usize]);
                     if overlaps(a, b) {
-                        errs.push(overlap(&format!("rules[{i}]."), a, b));
+                        errs.push(overlap(Some(i as usize), a, b));
                     }
                 }
             }
@@ -769,7 +766,7 @@ impl RuleSet {
     /// API's create/update before rebuilding the snapshot. Field names are the flat rule's.
     pub fn admits(&self, rule: &Rule) -> Result<(), RuleErrors> {
         let mut errs = Vec::new();
-        rule.validate_into("", &mut errs);
+        rule.validate_into(None, &mut errs);
         if rule.entity_type.is_enterprise_wide() && rule.status != RuleStatus::Cancel {
             for &i in &self.enterprise_like(rule.entity_type) {
                 let other = &self.rules[i as usize];
@@ -778,7 +775,7 @@ impl RuleSet {
                     && other.benefit_type == rule.benefit_type
                     && other.kind() == rule.kind()
                 {
-                    errs.push(conflict("", rule, other));
+                    errs.push(conflict(None, rule, other));
                 }
             }
         }
@@ -792,7 +789,7 @@ impl RuleSet {
                 .map(|&i| &self.rules[i as usize])
             {
                 if other.benefit_id != rule.benefit_id && overlaps(rule, other) {
-                    errs.push(overlap("", rule, other));
+                    errs.push(overlap(None, rule, other));
                 }
             }
         }
@@ -841,7 +838,10 @@ impl RuleSet {
         self.enterprise.iter().map(|&i| &self.rules[i as usize])
     }
 
-    fn device_rules<'a>(&'a self, device: &DeviceId) -> impl Iterator<Item = &'a Rule> + 'a {
+    fn device_rules<'a>(
+        &'a self,
+        device: &DeviceId,
+    ) -> impl Iterator<Item = &'a Rule> + Clone + 'a {
         self.by_device
             .get(device.as_str())
             .map(Slots::as_slice)
@@ -861,13 +861,16 @@ impl RuleSet {
         now_s: u64,
     ) -> impl Iterator<Item = &'a Rule> + 'a {
         let mut covered: u32 = 0;
-        let singles = self.device_rules(device).filter(move |r| r.is_active(now_s));
+        let singles = self
+            .device_rules(device)
+            .filter(move |r| r.is_active(now_s));
         for r in singles.clone() {
             covered |= bit(r.benefit_type, r.kind());
         }
         singles.chain(
-            self.enterprise_rules()
-                .filter(move |r| r.is_active(now_s) && covered & bit(r.benefit_type, r.kind()) == 0),
+            self.enterprise_rules().filter(move |r| {
+                r.is_active(now_s) && covered & bit(r.benefit_type, r.kind()) == 0
+            }),
         )
     }
 }
@@ -893,9 +896,9 @@ fn kind_name(k: RuleKind) -> &'static str {
     }
 }
 
-fn overlap(prefix: &str, rule: &Rule, existing: &Rule) -> RuleError {
+fn overlap(index: Option<usize>, rule: &Rule, existing: &Rule) -> RuleError {
     RuleError::new(
-        format!("{prefix}started_at"),
+        field_path(index, "started_at"),
         RuleErrorKind::DeviceRuleOverlap {
             kind: kind_name(rule.kind()),
             existing: existing.benefit_id.clone(),
@@ -903,9 +906,16 @@ fn overlap(prefix: &str, rule: &Rule, existing: &Rule) -> RuleError {
     )
 }
 
-fn conflict(prefix: &str, rule: &Rule, existing: &Rule) -> RuleError {
+fn field_path(index: Option<usize>, name: &str) -> String {
+    match index {
+        Some(i) => format!("rules[{i}].{name}"),
+        None => name.to_owned(),
+    }
+}
+
+fn conflict(index: Option<usize>, rule: &Rule, existing: &Rule) -> RuleError {
     RuleError::new(
-        format!("{prefix}trigger_unit"),
+        field_path(index, "trigger_unit"),
         RuleErrorKind::EnterpriseRuleConflict {
             benefit_type: rule.benefit_type,
             kind: kind_name(rule.kind()),

@@ -1,0 +1,792 @@
+//! The per-device quota ledger: counters, reservations, settlement, idempotency, persistence.
+//!
+//! See the [module docs](super) for the model; this file holds the mechanics.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::amount::{Consumption, PriceTable};
+use super::rule::{
+    BaseUnit, BenefitType, EntityType, Rule, RuleKind, RuleSet, TriggerUnit, WindowSpec,
+};
+use crate::decision::{Denial, DenyReason};
+use crate::ids::DeviceId;
+
+/// Validated ledger settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerPolicy {
+    /// How `resource_point` is computed from the other meters.
+    pub prices: PriceTable,
+    /// A reservation not settled, refunded or progressed within this many seconds is charged
+    /// its held amount by [`QuotaLedger::sweep`]. Must exceed the gateway's drain bound and the
+    /// interval between [`QuotaLedger::progress`] calls of long sessions.
+    pub reservation_ttl_s: u64,
+    /// How long a finished request id is remembered for idempotency (seconds)...
+    pub remember_finished_s: u64,
+    /// ...and at most how many ids (oldest forgotten first; at least 1).
+    pub remember_finished_max: usize,
+}
+
+impl Default for LedgerPolicy {
+    fn default() -> LedgerPolicy {
+        LedgerPolicy {
+            prices: PriceTable::default(),
+            reservation_ttl_s: 900,
+            remember_finished_s: 3_600,
+            remember_finished_max: 100_000,
+        }
+    }
+}
+
+/// How a request id was finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    /// [`QuotaLedger::settle`] replaced a reservation by the actual consumption.
+    Settled,
+    /// [`QuotaLedger::charge`] charged a request that had no reservation.
+    Charged,
+    /// [`QuotaLedger::refund`] dropped the reservation without charge.
+    Refunded,
+    /// [`QuotaLedger::sweep`] charged an expired reservation its held amount.
+    Swept,
+}
+
+/// Proof that a reservation is held. Finish it with `settle` or `refund` (by request id);
+/// otherwise `sweep` charges it after `expires_at_s`.
+#[must_use = "a reservation must be settled or refunded"]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    request_id: String,
+    device: DeviceId,
+    expires_at_s: u64,
+}
+
+impl Reservation {
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+    pub fn device(&self) -> &DeviceId {
+        &self.device
+    }
+    /// When `sweep` would charge it if nothing else happens (`progress` pushes this out).
+    pub fn expires_at_s(&self) -> u64 {
+        self.expires_at_s
+    }
+}
+
+/// Why `reserve` did not reserve.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReserveError {
+    /// A rule is exhausted: answer the device with this.
+    #[error("{}", .0.message)]
+    Denied(Denial),
+    /// The request id is already finished, or reserved for another device: a gateway bug.
+    #[error("request id already used")]
+    RequestIdReused,
+}
+
+/// The result of `settle` / `charge`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleOutcome {
+    /// The actual consumption was charged (replacing the reservation, if any).
+    Settled,
+    /// This request id was already finished; nothing changed.
+    AlreadySettled(Finish),
+    /// `settle` of an id with no reservation and no memory of it: nothing charged (use
+    /// `charge` for requests that were never reserved).
+    Unknown,
+}
+
+/// The result of `refund`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefundOutcome {
+    Refunded,
+    AlreadySettled(Finish),
+    Unknown,
+}
+
+/// The result of `progress`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Keep going.
+    Continue,
+    /// The session itself has used up a rule: end it (WS `error` event 4028, then close), then
+    /// `settle` it.
+    Exhausted(Denial),
+    /// No open reservation under this id.
+    Unknown,
+}
+
+/// An exhausted rule, with what the gateway needs to log and answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exhausted {
+    pub benefit_id: String,
+    pub benefit_type: BenefitType,
+    pub kind: RuleKind,
+    /// Seconds until the window resets (periodic), `None` for cumulative (blocked until the
+    /// rule changes).
+    pub retry_after_s: Option<u64>,
+}
+
+impl Exhausted {
+    /// `QuotaExhausted`, a message naming the benefit, and `Retry-After` for periodic rules.
+    pub fn to_denial(&self) -> Denial {
+        let d = Denial::new(
+            DenyReason::QuotaExhausted,
+            self.benefit_type.exhausted_message(),
+        );
+        match self.retry_after_s {
+            Some(s) => d.retry_after(s),
+            None => d,
+        }
+    }
+}
+
+/// One expired reservation charged by `sweep`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Swept {
+    pub request_id: String,
+    pub device: DeviceId,
+    /// What was charged: the estimate, or more if `progress` reported more.
+    pub charged: Consumption,
+}
+
+/// One applicable rule and where the device stands against it (the usage API's item).
+///
+/// `limit`, `used`, `reserved`, `remaining` are in the benefit's **base unit** (`unit`:
+/// micro-points, milliseconds, ...); `rule_limit` is the rule's own `limit` in its limit unit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageItem {
+    pub benefit_id: String,
+    pub entity_type: EntityType,
+    pub benefit_type: BenefitType,
+    pub kind: RuleKind,
+    pub trigger_unit: TriggerUnit,
+    pub trigger_time: u32,
+    pub unit: BaseUnit,
+    pub rule_limit: u64,
+    pub limit: u64,
+    pub used: u64,
+    pub reserved: u64,
+    /// `limit − used − reserved`, floored at 0.
+    pub remaining: u64,
+    pub window_start: u64,
+    /// End of the current window (cumulative: the rule's `ended_at`).
+    pub window_end: u64,
+    /// When the window resets: `Some(window_end)` for periodic rules, `None` for cumulative.
+    pub resets_at: Option<u64>,
+}
+
+/// A persisted counter: `(device, benefit_type, kind) → {window_start, used}`. Reservations are
+/// not persisted (see the module docs, "Failure modes").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterRecord {
+    pub device: DeviceId,
+    pub benefit_type: BenefitType,
+    pub kind: RuleKind,
+    pub window_start: u64,
+    pub used: u64,
+}
+
+/// A read-only view of one counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CounterView {
+    /// Start of the window `used` belongs to.
+    pub window_start: u64,
+    /// Charged in that window (base units).
+    pub used: u64,
+    /// Held by open reservations, whatever their window (base units).
+    pub reserved: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    benefit: BenefitType,
+    kind: RuleKind,
+    window_start: u64,
+    used: u64,
+    reserved: u64,
+    dirty: bool,
+}
+
+impl Slot {
+    fn used_in(&self, window_start: u64) -> u64 {
+        if self.window_start == window_start {
+            self.used
+        } else {
+            0
+        }
+    }
+
+    fn charge(&mut self, window_start: u64, amount: u64) {
+        if self.window_start != window_start {
+            self.window_start = window_start;
+            self.used = 0;
+        }
+        self.used = self.used.saturating_add(amount);
+        self.dirty = true;
+    }
+}
+
+/// One rule's share of a reservation.
+#[derive(Clone, Debug)]
+struct Hold {
+    benefit: BenefitType,
+    kind: RuleKind,
+    spec: WindowSpec,
+    held: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Open {
+    device: DeviceId,
+    estimate: Consumption,
+    observed: Consumption,
+    holds: Vec<Hold>,
+    expires_at: u64,
+}
+
+/// The ledger. Not thread-safe by itself: the gateway owns it behind a `Mutex` (or shards it by
+/// device hash). See the [module docs](super).
+#[derive(Debug)]
+pub struct QuotaLedger {
+    policy: LedgerPolicy,
+    counters: HashMap<DeviceId, Vec<Slot>>,
+    dirty: HashSet<DeviceId>,
+    open: HashMap<String, Open>,
+    finished: HashMap<String, Finish>,
+    finished_order: VecDeque<(String, u64)>,
+}
+
+type Counters = HashMap<DeviceId, Vec<Slot>>;
+
+fn find<'a>(c: &'a Counters, d: &DeviceId, b: BenefitType, k: RuleKind) -> Option<&'a Slot> {
+    c.get(d)?.iter().find(|s| s.benefit == b && s.kind == k)
+}
+
+/// The slot for a key, created empty if missing. `None` never happens (the map holds the
+/// device after the insert); it only spares an `unwrap`.
+fn find_mut<'a>(
+    c: &'a mut Counters,
+    d: &DeviceId,
+    b: BenefitType,
+    k: RuleKind,
+) -> Option<&'a mut Slot> {
+    if !c.contains_key(d) {
+        c.insert(d.clone(), Vec::with_capacity(2));
+    }
+    let slots = c.get_mut(d)?;
+    let i = match slots.iter().position(|s| s.benefit == b && s.kind == k) {
+        Some(i) => i,
+        None => {
+            slots.push(Slot {
+                benefit: b,
+                kind: k,
+                window_start: 0,
+                used: 0,
+                reserved: 0,
+                dirty: false,
+            });
+            slots.len() - 1
+        }
+    };
+    slots.get_mut(i)
+}
+
+/// Change a key's held amount by `release` down and `hold` up, and charge `amount` to the
+/// window starting at `window_start` (when `Some`).
+#[allow(clippy::too_many_arguments)] // private plumbing; every call site names its arguments
+fn apply(
+    c: &mut Counters,
+    dirty: &mut HashSet<DeviceId>,
+    d: &DeviceId,
+    b: BenefitType,
+    k: RuleKind,
+    release: u64,
+    hold: u64,
+    charge: Option<(u64, u64)>,
+) {
+    if let Some(slot) = find_mut(c, d, b, k) {
+        slot.reserved = slot.reserved.saturating_sub(release).saturating_add(hold);
+        if let Some((window_start, amount)) = charge {
+            slot.charge(window_start, amount);
+            if !dirty.contains(d) {
+                dirty.insert(d.clone());
+            }
+        }
+    }
+}
+
+impl QuotaLedger {
+    pub fn new(policy: LedgerPolicy) -> QuotaLedger {
+        QuotaLedger {
+            policy,
+            counters: HashMap::new(),
+            dirty: HashSet::new(),
+            open: HashMap::new(),
+            finished: HashMap::new(),
+            finished_order: VecDeque::new(),
+        }
+    }
+
+    pub fn policy(&self) -> &LedgerPolicy {
+        &self.policy
+    }
+
+    /// Replace the settings (prices, TTLs) for future calls.
+    pub fn set_policy(&mut self, policy: LedgerPolicy) {
+        self.policy = policy;
+    }
+
+    /// Admission without side effects: `Ok` unless an applicable rule has `used + reserved ≥
+    /// limit`. See [`QuotaLedger::check_detailed`] for which denial wins.
+    pub fn check(&self, rules: &RuleSet, device: &DeviceId, now_s: u64) -> Result<(), Denial> {
+        self.check_detailed(rules, device, now_s)
+            .map_err(|e| e.to_denial())
+    }
+
+    /// Like [`QuotaLedger::check`] with the exhausted rule's id. When several are exhausted a
+    /// cumulative one wins (no retry helps), otherwise the periodic one resetting last.
+    pub fn check_detailed(
+        &self,
+        rules: &RuleSet,
+        device: &DeviceId,
+        now_s: u64,
+    ) -> Result<(), Exhausted> {
+        let mut worst: Option<Exhausted> = None;
+        for rule in rules.applicable(device, now_s) {
+            let Some(w) = rule.window(now_s) else {
+                continue;
+            };
+            let (used, reserved) = find(&self.counters, device, rule.benefit_type, rule.kind())
+                .map_or((0, 0), |s| (s.used_in(w.start), s.reserved));
+            if used.saturating_add(reserved) < rule.limit_base() {
+                continue;
+            }
+            let e = exhausted(rule, now_s, w.end);
+            worst = Some(match worst {
+                None => e,
+                Some(prev) => worse(prev, e),
+            });
+        }
+        worst.map_or(Ok(()), Err)
+    }
+
+    /// Admission for a request: `check`, then hold `estimate` against every applicable rule
+    /// until `settle`, `refund` or `sweep`. Idempotent: reserving an id that is already open for
+    /// the same device returns the same reservation and holds nothing more.
+    pub fn reserve(
+        &mut self,
+        request_id: &str,
+        device: &DeviceId,
+        estimate: &Consumption,
+        rules: &RuleSet,
+        now_s: u64,
+    ) -> Result<Reservation, ReserveError> {
+        if self.finished.contains_key(request_id) {
+            return Err(ReserveError::RequestIdReused);
+        }
+        if let Some(open) = self.open.get(request_id) {
+            if &open.device != device {
+                return Err(ReserveError::RequestIdReused);
+            }
+            return Ok(Reservation {
+                request_id: request_id.to_owned(),
+                device: device.clone(),
+                expires_at_s: open.expires_at,
+            });
+        }
+        self.check(rules, device, now_s)
+            .map_err(ReserveError::Denied)?;
+        let prices = self.policy.prices;
+        let mut holds = Vec::new();
+        for rule in rules.applicable(device, now_s) {
+            let held = estimate.amount(rule.benefit_type, &prices);
+            apply(
+                &mut self.counters,
+                &mut self.dirty,
+                device,
+                rule.benefit_type,
+                rule.kind(),
+                0,
+                held,
+                None,
+            );
+            holds.push(Hold {
+                benefit: rule.benefit_type,
+                kind: rule.kind(),
+                spec: rule.spec(),
+                held,
+            });
+        }
+        let expires_at = now_s.saturating_add(self.policy.reservation_ttl_s);
+        self.open.insert(
+            request_id.to_owned(),
+            Open {
+                device: device.clone(),
+                estimate: *estimate,
+                observed: Consumption::default(),
+                holds,
+                expires_at,
+            },
+        );
+        Ok(Reservation {
+            request_id: request_id.to_owned(),
+            device: device.clone(),
+            expires_at_s: expires_at,
+        })
+    }
+
+    /// A long session reports what it consumed **so far** (cumulative, not a delta). The hold
+    /// grows to `max(estimate, so_far)` per benefit, the expiry moves to `now_s + ttl`, and the
+    /// session is told to stop once, for some rule applicable now, `used + others' holds +
+    /// so_far ≥ limit` (its own estimate does not count against it).
+    pub fn progress(
+        &mut self,
+        request_id: &str,
+        so_far: &Consumption,
+        rules: &RuleSet,
+        now_s: u64,
+    ) -> Progress {
+        let Some(open) = self.open.get_mut(request_id) else {
+            return Progress::Unknown;
+        };
+        let prices = self.policy.prices;
+        open.observed = open.observed.max(so_far);
+        open.expires_at = now_s.saturating_add(self.policy.reservation_ttl_s);
+        let basis = open.estimate.max(&open.observed);
+        for hold in &mut open.holds {
+            let want = basis.amount(hold.benefit, &prices);
+            if want > hold.held {
+                apply(
+                    &mut self.counters,
+                    &mut self.dirty,
+                    &open.device,
+                    hold.benefit,
+                    hold.kind,
+                    0,
+                    want - hold.held,
+                    None,
+                );
+                hold.held = want;
+            }
+        }
+        let mut worst: Option<Exhausted> = None;
+        for rule in rules.applicable(&open.device, now_s) {
+            let Some(w) = rule.window(now_s) else {
+                continue;
+            };
+            let (b, k) = (rule.benefit_type, rule.kind());
+            let own_hold = open
+                .holds
+                .iter()
+                .find(|h| h.benefit == b && h.kind == k)
+                .map_or(0, |h| h.held);
+            let (used, reserved) = find(&self.counters, &open.device, b, k)
+                .map_or((0, 0), |s| (s.used_in(w.start), s.reserved));
+            let total = used
+                .saturating_add(reserved.saturating_sub(own_hold))
+                .saturating_add(open.observed.amount(b, &prices));
+            if total >= rule.limit_base() {
+                let e = exhausted(rule, now_s, w.end);
+                worst = Some(match worst {
+                    None => e,
+                    Some(prev) => worse(prev, e),
+                });
+            }
+        }
+        match worst {
+            Some(e) => Progress::Exhausted(e.to_denial()),
+            None => Progress::Continue,
+        }
+    }
+
+    /// Replace the reservation by the `actual` consumption, charged to each held rule's window
+    /// at `now_s`. Idempotent per request id while it is remembered. An id with no reservation
+    /// is [`SettleOutcome::Unknown`] and charges nothing: use [`QuotaLedger::charge`].
+    pub fn settle(&mut self, request_id: &str, actual: &Consumption, now_s: u64) -> SettleOutcome {
+        if let Some(&how) = self.finished.get(request_id) {
+            return SettleOutcome::AlreadySettled(how);
+        }
+        let Some(open) = self.open.remove(request_id) else {
+            return SettleOutcome::Unknown;
+        };
+        let prices = self.policy.prices;
+        for hold in &open.holds {
+            let w = hold.spec.window_clamped(now_s);
+            apply(
+                &mut self.counters,
+                &mut self.dirty,
+                &open.device,
+                hold.benefit,
+                hold.kind,
+                hold.held,
+                0,
+                Some((w.start, actual.amount(hold.benefit, &prices))),
+            );
+        }
+        self.remember(request_id, Finish::Settled, now_s);
+        SettleOutcome::Settled
+    }
+
+    /// Charge a request that was never reserved (short REST calls admitted with `check`) against
+    /// the rules applicable at `now_s`. Idempotent per request id like `settle`; an id with an
+    /// open reservation is settled instead (`device` and `rules` are then ignored).
+    pub fn charge(
+        &mut self,
+        request_id: &str,
+        device: &DeviceId,
+        actual: &Consumption,
+        rules: &RuleSet,
+        now_s: u64,
+    ) -> SettleOutcome {
+        if let Some(&how) = self.finished.get(request_id) {
+            return SettleOutcome::AlreadySettled(how);
+        }
+        if self.open.contains_key(request_id) {
+            return self.settle(request_id, actual, now_s);
+        }
+        let prices = self.policy.prices;
+        for rule in rules.applicable(device, now_s) {
+            let Some(w) = rule.window(now_s) else {
+                continue;
+            };
+            apply(
+                &mut self.counters,
+                &mut self.dirty,
+                device,
+                rule.benefit_type,
+                rule.kind(),
+                0,
+                0,
+                Some((w.start, actual.amount(rule.benefit_type, &prices))),
+            );
+        }
+        self.remember(request_id, Finish::Charged, now_s);
+        SettleOutcome::Settled
+    }
+
+    /// Drop a reservation without charging (upstream refused the request). Idempotent. Do not
+    /// refund a request that consumed anything: settle it.
+    pub fn refund(&mut self, request_id: &str, now_s: u64) -> RefundOutcome {
+        if let Some(&how) = self.finished.get(request_id) {
+            return RefundOutcome::AlreadySettled(how);
+        }
+        let Some(open) = self.open.remove(request_id) else {
+            return RefundOutcome::Unknown;
+        };
+        self.release(&open);
+        self.remember(request_id, Finish::Refunded, now_s);
+        RefundOutcome::Refunded
+    }
+
+    fn release(&mut self, open: &Open) {
+        for hold in &open.holds {
+            apply(
+                &mut self.counters,
+                &mut self.dirty,
+                &open.device,
+                hold.benefit,
+                hold.kind,
+                hold.held,
+                0,
+                None,
+            );
+        }
+    }
+
+    /// Charge every reservation whose expiry is `≤ now_s` its held amount (estimate, or what
+    /// `progress` reported if more) and forget finished ids past their memory bound. Call it
+    /// periodically (e.g. every few seconds); cost is O(open reservations).
+    pub fn sweep(&mut self, now_s: u64) -> Vec<Swept> {
+        let expired: Vec<String> = self
+            .open
+            .iter()
+            .filter(|(_, o)| o.expires_at <= now_s)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut out = Vec::with_capacity(expired.len());
+        for id in expired {
+            let Some(open) = self.open.remove(&id) else {
+                continue;
+            };
+            for hold in &open.holds {
+                let w = hold.spec.window_clamped(now_s);
+                apply(
+                    &mut self.counters,
+                    &mut self.dirty,
+                    &open.device,
+                    hold.benefit,
+                    hold.kind,
+                    hold.held,
+                    0,
+                    Some((w.start, hold.held)),
+                );
+            }
+            self.remember(&id, Finish::Swept, now_s);
+            out.push(Swept {
+                request_id: id,
+                device: open.device,
+                charged: open.estimate.max(&open.observed),
+            });
+        }
+        self.evict(now_s, 0);
+        out
+    }
+
+    fn remember(&mut self, request_id: &str, how: Finish, now_s: u64) {
+        self.evict(now_s, 1);
+        self.finished.insert(request_id.to_owned(), how);
+        self.finished_order
+            .push_back((request_id.to_owned(), now_s));
+    }
+
+    /// Forget finished ids older than the memory window, and oldest ones until `room` more fit.
+    fn evict(&mut self, now_s: u64, room: usize) {
+        let max = self.policy.remember_finished_max.max(1);
+        while let Some((id, at)) = self.finished_order.front() {
+            let too_old = at.saturating_add(self.policy.remember_finished_s) <= now_s;
+            let too_many = self.finished_order.len() + room > max;
+            if !(too_old || too_many) {
+                break;
+            }
+            self.finished.remove(id);
+            self.finished_order.pop_front();
+        }
+    }
+
+    /// Where `device` stands against every rule applicable at `now_s` (the usage API).
+    pub fn usage(&self, rules: &RuleSet, device: &DeviceId, now_s: u64) -> Vec<UsageItem> {
+        rules
+            .applicable(device, now_s)
+            .filter_map(|rule| {
+                let w = rule.window(now_s)?;
+                let (used, reserved) = find(&self.counters, device, rule.benefit_type, rule.kind())
+                    .map_or((0, 0), |s| (s.used_in(w.start), s.reserved));
+                let limit = rule.limit_base();
+                Some(UsageItem {
+                    benefit_id: rule.benefit_id.clone(),
+                    entity_type: rule.entity_type,
+                    benefit_type: rule.benefit_type,
+                    kind: rule.kind(),
+                    trigger_unit: rule.trigger_unit,
+                    trigger_time: rule.trigger_time,
+                    unit: rule.benefit_type.base_unit(),
+                    rule_limit: rule.limit,
+                    limit,
+                    used,
+                    reserved,
+                    remaining: limit.saturating_sub(used.saturating_add(reserved)),
+                    window_start: w.start,
+                    window_end: w.end,
+                    resets_at: match rule.kind() {
+                        RuleKind::Periodic => Some(w.end),
+                        RuleKind::Cumulative => None,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// The raw counter for one key, if it exists.
+    pub fn counter(
+        &self,
+        device: &DeviceId,
+        benefit_type: BenefitType,
+        kind: RuleKind,
+    ) -> Option<CounterView> {
+        find(&self.counters, device, benefit_type, kind).map(|s| CounterView {
+            window_start: s.window_start,
+            used: s.used,
+            reserved: s.reserved,
+        })
+    }
+
+    /// Number of open reservations.
+    pub fn open_reservations(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Number of remembered finished request ids.
+    pub fn remembered_ids(&self) -> usize {
+        self.finished.len()
+    }
+
+    /// Every counter, for a full snapshot.
+    pub fn export(&self) -> Vec<CounterRecord> {
+        self.counters
+            .iter()
+            .flat_map(|(d, slots)| slots.iter().map(move |s| record(d, s)))
+            .collect()
+    }
+
+    /// Counters changed since the last drain (charges and window resets; reservations alone
+    /// do not persist). If writing them fails, keep them and retry: records are absolute
+    /// values, so writing a record twice or late-but-in-order is harmless.
+    pub fn drain_dirty(&mut self) -> Vec<CounterRecord> {
+        let mut out = Vec::new();
+        for d in self.dirty.drain() {
+            if let Some(slots) = self.counters.get_mut(&d) {
+                for s in slots.iter_mut().filter(|s| s.dirty) {
+                    s.dirty = false;
+                    out.push(record(&d, s));
+                }
+            }
+        }
+        out
+    }
+
+    /// Load persisted counters (at start, before admitting). Each record overwrites the
+    /// counter's `window_start` and `used`; reservations are untouched. Imported counters are
+    /// not dirty.
+    pub fn import(&mut self, records: impl IntoIterator<Item = CounterRecord>) {
+        for r in records {
+            if let Some(slot) = find_mut(&mut self.counters, &r.device, r.benefit_type, r.kind) {
+                slot.window_start = r.window_start;
+                slot.used = r.used;
+            }
+        }
+    }
+}
+
+fn record(d: &DeviceId, s: &Slot) -> CounterRecord {
+    CounterRecord {
+        device: d.clone(),
+        benefit_type: s.benefit,
+        kind: s.kind,
+        window_start: s.window_start,
+        used: s.used,
+    }
+}
+
+fn exhausted(rule: &Rule, now_s: u64, window_end: u64) -> Exhausted {
+    Exhausted {
+        benefit_id: rule.benefit_id.clone(),
+        benefit_type: rule.benefit_type,
+        kind: rule.kind(),
+        retry_after_s: match rule.kind() {
+            RuleKind::Periodic => Some(window_end.saturating_sub(now_s).max(1)),
+            RuleKind::Cumulative => None,
+        },
+    }
+}
+
+/// The denial that tells the device the most: cumulative (no retry) beats periodic; among
+/// periodic, the later reset.
+fn worse(a: Exhausted, b: Exhausted) -> Exhausted {
+    match (a.retry_after_s, b.retry_after_s) {
+        (None, _) => a,
+        (_, None) => b,
+        (Some(x), Some(y)) => {
+            if y > x {
+                b
+            } else {
+                a
+            }
+        }
+    }
+}
