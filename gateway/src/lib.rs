@@ -19,6 +19,8 @@ pub mod logid;
 pub mod metrics;
 pub mod oauth;
 pub mod proxy;
+pub mod quota;
+pub mod quota_api;
 pub mod sandbox_cmd;
 pub mod server;
 pub mod state;

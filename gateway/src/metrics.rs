@@ -36,6 +36,8 @@ pub struct Metrics {
     pub upstream_token_exchanges: IntCounterVec,
     /// `fleetgate_upstream_token_cache_requests_total{result}` (jwt mode: hit, miss)
     pub upstream_token_cache: IntCounterVec,
+    /// `fleetgate_store_errors_total{table}`
+    pub store_errors: IntCounterVec,
     /// `fleetgate_metered_units_total{meter}`
     pub metered: IntCounterVec,
     /// `fleetgate_usage_missing_total{protocol}`: answers that should have reported usage
@@ -145,6 +147,12 @@ impl Metrics {
                 "fleetgate_upstream_token_cache_requests_total",
                 "Upstream token cache lookups (jwt mode), by result: hit, miss.",
                 &["result"],
+            )?,
+            store_errors: counter_vec(
+                r,
+                "fleetgate_store_errors_total",
+                "Embedded store write failures, by table (devices, rules, usage).",
+                &["table"],
             )?,
             metered: counter_vec(
                 r,

@@ -218,6 +218,15 @@ pub fn run(
     admin.threads = Some(1);
     server.add_service(admin);
 
+    let mut persister = background_service(
+        "fleetgate usage persister",
+        crate::quota::Persister {
+            state: state.clone(),
+        },
+    );
+    persister.threads = Some(1);
+    server.add_service(persister);
+
     let ready = Ready {
         device_addr,
         admin_addr,

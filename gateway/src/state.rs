@@ -29,6 +29,8 @@ pub struct GatewayState {
     pub store: crate::store::Store,
     /// Rate limiters and the `jti` replay cache of the device token endpoint.
     pub oauth: crate::oauth::TokenEndpoint,
+    /// Quota rules, the usage ledger and their persistence.
+    pub quotas: crate::quota::Quotas,
     /// What goes into `Authorization` upstream, per device (PAT or per-device OAuth token).
     pub upstream_auth: crate::upstream_auth::UpstreamCredentials,
     pub metrics: Metrics,
@@ -49,7 +51,9 @@ impl GatewayState {
             crate::ws::tls_client_config(),
             metrics.clone(),
         )?;
+        let quotas = crate::quota::Quotas::load(&store, &config.quota)?;
         Ok(GatewayState {
+            quotas,
             upstream_auth,
             keyring: std::sync::RwLock::new(Arc::new(config.tokens.keyring.clone())),
             config,

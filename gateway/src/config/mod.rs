@@ -246,6 +246,16 @@ pub struct TokenSettings {
     pub max_assertion_skew: Duration,
 }
 
+/// Validated `[quota]`.
+#[derive(Clone, Debug)]
+pub struct QuotaSettings {
+    pub estimate_llm_tokens: u64,
+    pub estimate_audio_ms: u64,
+    pub estimate_tts_chars: u64,
+    pub persist_interval: Duration,
+    pub prices: policy::quota::PriceTable,
+}
+
 #[derive(Clone, Debug)]
 pub struct LogSettings {
     pub format: LogFormat,
@@ -268,6 +278,7 @@ pub struct GatewayConfig {
     pub log: LogSettings,
     /// Embedded store file, or `:memory:`.
     pub store_path: String,
+    pub quota: QuotaSettings,
     /// The file this configuration was read from (for reloads); `None` when built in code.
     pub source: Option<std::path::PathBuf>,
 }
@@ -610,6 +621,9 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             format!("`{}` is not a valid filter (e.g. `info`)", f.log.level),
         );
     }
+    if f.quota.persist_interval.is_zero() || f.quota.persist_interval > Duration::from_secs(10) {
+        c.err("quota.persist_interval", "must be between 1ms and 10s");
+    }
     if f.store.path.trim().is_empty() {
         c.err("store.path", "must name a file (or `:memory:`)");
     }
@@ -682,6 +696,21 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
         },
         store_path: f.store.path,
         source: None,
+        quota: QuotaSettings {
+            estimate_llm_tokens: f.quota.estimate_llm_tokens,
+            estimate_audio_ms: f.quota.estimate_audio_ms,
+            estimate_tts_chars: f.quota.estimate_tts_chars,
+            persist_interval: f.quota.persist_interval,
+            prices: policy::quota::PriceTable {
+                per_request: f.quota.prices.per_request,
+                llm_input_per_1k_tokens: f.quota.prices.llm_input_per_1k_tokens,
+                llm_output_per_1k_tokens: f.quota.prices.llm_output_per_1k_tokens,
+                audio_in_per_second: f.quota.prices.audio_in_per_second,
+                audio_out_per_second: f.quota.prices.audio_out_per_second,
+                tts_per_1k_chars: f.quota.prices.tts_per_1k_chars,
+                voice_session_per_second: f.quota.prices.voice_session_per_second,
+            },
+        },
     })
 }
 

@@ -26,6 +26,62 @@ pub struct ConfigFile {
     pub log: LogConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub quota: QuotaConfig,
+}
+
+/// Quotas: what admission holds for a request before its real usage is known, how credits
+/// (`resource_point`) are priced, and how often usage counters are persisted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// LLM tokens held at admission for a chat / workflow call (released at settlement).
+    #[serde(default = "d_est_tokens")]
+    pub estimate_llm_tokens: u64,
+    /// Audio held at admission for a voice session or an audio call, in ms.
+    #[serde(default = "d_est_audio")]
+    pub estimate_audio_ms: u64,
+    /// TTS characters held at admission for `/v1/audio/speech`.
+    #[serde(default = "d_est_tts")]
+    pub estimate_tts_chars: u64,
+    /// Usage counters are written to the store this often (the most settled usage a crash
+    /// can lose).
+    #[serde(default = "d_persist", with = "humantime_serde")]
+    pub persist_interval: Duration,
+    /// `resource_point` prices, in micro-points (1 point = 1 000 000).
+    #[serde(default)]
+    pub prices: PricesConfig,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            estimate_llm_tokens: d_est_tokens(),
+            estimate_audio_ms: d_est_audio(),
+            estimate_tts_chars: d_est_tts(),
+            persist_interval: d_persist(),
+            prices: PricesConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricesConfig {
+    #[serde(default)]
+    pub per_request: u64,
+    #[serde(default)]
+    pub llm_input_per_1k_tokens: u64,
+    #[serde(default)]
+    pub llm_output_per_1k_tokens: u64,
+    #[serde(default)]
+    pub audio_in_per_second: u64,
+    #[serde(default)]
+    pub audio_out_per_second: u64,
+    #[serde(default)]
+    pub tts_per_1k_chars: u64,
+    #[serde(default)]
+    pub voice_session_per_second: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -333,6 +389,18 @@ fn d_up_concurrency() -> usize {
 }
 fn d_up_cache() -> usize {
     100_000
+}
+fn d_est_tokens() -> u64 {
+    1000
+}
+fn d_est_audio() -> u64 {
+    10_000
+}
+fn d_est_tts() -> u64 {
+    300
+}
+fn d_persist() -> Duration {
+    Duration::from_millis(100)
 }
 fn d_grace() -> Duration {
     Duration::from_secs(30)

@@ -34,6 +34,8 @@ pub struct RequestCtx {
     pub upstream_logid: Option<String>,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// A quota hold was taken under `logid` and must be settled in `logging`.
+    pub quota_held: bool,
     /// The meter chosen from the upstream's answer.
     pub meter: super::meter::RequestMeter,
     /// Keep a copy of the request body (bounded) for metering (`/v1/audio/speech` input).
@@ -60,6 +62,7 @@ impl RequestCtx {
             sse_counted: false,
             local_route: None,
             meter: Default::default(),
+            quota_held: false,
             capture_request: false,
             request_copy: Vec::new(),
         }

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `request_filter` | [`crate::oauth`] | the device token endpoint, answered locally |
 //! | `request_filter` | [`admit`] / [`respond`] | route, token, body limit; denials answered here |
+//! | `request_filter` | [`crate::quota`] | quota hold (429 / 4028 when a rule is exhausted); `GET /v1/gateway/quota` |
 //! | `request_body_filter` | here | streamed body size enforced for chunked uploads |
 //! | `upstream_peer` | [`upstream::peer`] | upstream address and per-route timeouts |
 //! | `upstream_request_filter` | [`upstream::rewrite`] | upstream credentials, `X-Coze-DeviceInfo`, `Host` |
@@ -79,14 +80,28 @@ impl ProxyHttp for Gateway {
                 .map(|v| v.as_bytes()),
         );
         let path = req.uri.path().to_owned();
-        match admit::admit(&self.state, &path, token, content_length, now_ms() / 1000) {
-            Ok(admission) => {
-                ctx.capture_request = path == "/v1/audio/speech";
-                ctx.admission = Some(admission);
-                Ok(false)
-            }
-            Err(denial) => self.deny(session, ctx, denial).await,
+        if path == "/v1/gateway/quota" {
+            let token = token.map(str::to_owned);
+            return crate::quota_api::device_quota(&self.state, session, ctx, token.as_deref())
+                .await;
         }
+        let now_s = now_ms() / 1000;
+        let admission = match admit::admit(&self.state, &path, token, content_length, now_s) {
+            Ok(a) => a,
+            Err(denial) => return self.deny(session, ctx, denial).await,
+        };
+        if let Err(denial) =
+            self.state
+                .quotas
+                .reserve(&ctx.logid, &admission.device, admission.route.class, now_s)
+        {
+            ctx.admission = Some(admission);
+            return self.deny(session, ctx, denial).await;
+        }
+        ctx.quota_held = true;
+        ctx.capture_request = path == "/v1/audio/speech";
+        ctx.admission = Some(admission);
+        Ok(false)
     }
 
     async fn request_body_filter(

@@ -42,6 +42,32 @@ pub fn finish(
     if ctx.admission.is_some() && status > 0 && status < 300 {
         crate::metrics::record_usage(m, &metered.usage, 0);
     }
+    if ctx.quota_held
+        && let Some(a) = &ctx.admission
+    {
+        let measured = policy::quota::Consumption {
+            usage: metered.usage,
+            requests: 1,
+            voice_session_ms: 0,
+        };
+        let outcome = if !(200..300).contains(&status) {
+            // The upstream refused (or nothing was answered): no charge.
+            crate::quota::Outcome::Refund
+        } else if e.is_some() || metered.missing_usage {
+            // Cut short (device gone mid-stream) or no usage report: charge the hold.
+            crate::quota::Outcome::Estimate(measured)
+        } else {
+            crate::quota::Outcome::Consumed(measured)
+        };
+        state.quotas.settle(
+            &ctx.logid,
+            &a.device,
+            a.route.class,
+            outcome,
+            crate::state::now_s(),
+        );
+        ctx.quota_held = false;
+    }
     if metered.missing_usage {
         m.usage_missing.with_label_values(&[proto]).inc();
     }

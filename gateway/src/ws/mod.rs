@@ -91,6 +91,7 @@ enum EndedBy {
     Upstream,
     Drain,
     Revoked,
+    Quota,
 }
 
 impl EndedBy {
@@ -100,6 +101,7 @@ impl EndedBy {
             EndedBy::Upstream => "upstream",
             EndedBy::Drain => "drain",
             EndedBy::Revoked => "revoked",
+            EndedBy::Quota => "quota",
         }
     }
 }
@@ -166,6 +168,14 @@ impl WsRelay {
         };
         let started = Instant::now();
         let cfg = &self.state.config;
+        let class = admission.route.class;
+        if let Err(d) = self
+            .state
+            .quotas
+            .reserve(&logid, &admission.device, class, now_ms() / 1000)
+        {
+            return self.refuse(&mut device, &d, &logid).await;
+        }
         let auth = match self
             .state
             .upstream_auth
@@ -174,6 +184,13 @@ impl WsRelay {
         {
             Ok(a) => a,
             Err(e) => {
+                self.state.quotas.settle(
+                    &logid,
+                    &admission.device,
+                    class,
+                    crate::quota::Outcome::Refund,
+                    now_ms() / 1000,
+                );
                 tracing::warn!(request_id = %logid, device_id = %admission.device, error = %e, "No upstream credential.");
                 let d = Denial::new(DenyReason::UpstreamUnavailable, "upstream unavailable");
                 return self.refuse(&mut device, &d, &logid).await;
@@ -198,6 +215,13 @@ impl WsRelay {
         let mut up = match conn {
             Ok(Ok(up)) => up,
             Ok(Err(e)) => {
+                self.state.quotas.settle(
+                    &logid,
+                    &admission.device,
+                    class,
+                    crate::quota::Outcome::Refund,
+                    now_ms() / 1000,
+                );
                 tracing::warn!(request_id = %logid, error = %e, "Upstream WebSocket handshake failed.");
                 self.state
                     .metrics
@@ -225,6 +249,13 @@ impl WsRelay {
         let status = up.status;
         let route = admission.route.class.as_str();
         if status != 101 {
+            self.state.quotas.settle(
+                &logid,
+                &admission.device,
+                class,
+                crate::quota::Outcome::Refund,
+                now_ms() / 1000,
+            );
             // Relay the error body (bounded) and finish.
             if let Err(e) =
                 relay_error_body(&mut up.io, &mut device, up.rest, up.content_length).await
@@ -260,6 +291,7 @@ impl WsRelay {
                 Session {
                     admission: &admission,
                     logid: &logid,
+                    started,
                     early_up,
                     early_down,
                 },
@@ -284,6 +316,18 @@ impl WsRelay {
         let voice_session_ms = if path == "/v1/chat" { session_ms } else { 0 };
         let usage = counters.meter.usage();
         crate::metrics::record_usage(m, &usage, voice_session_ms);
+        let consumed = policy::quota::Consumption {
+            usage,
+            requests: 1,
+            voice_session_ms,
+        };
+        self.state.quotas.settle(
+            &logid,
+            &admission.device,
+            class,
+            crate::quota::Outcome::Consumed(consumed),
+            now_ms() / 1000,
+        );
         if counters.meter_failed {
             m.metering_errors.with_label_values(&["websocket"]).inc();
         }
@@ -311,6 +355,37 @@ impl WsRelay {
         }
     }
 
+    /// Reports the session's consumption to the ledger when it changed; true once the session
+    /// itself has exhausted a rule (the relay then sends `error` 4028 and closes both sides).
+    fn quota_exhausted(
+        &self,
+        logid: &str,
+        counters: &Counters,
+        last: &mut policy::metering::Usage,
+        voice: bool,
+        started: Instant,
+    ) -> bool {
+        let usage = counters.meter.usage();
+        if usage == *last {
+            return false;
+        }
+        *last = usage;
+        let voice_session_ms = if voice {
+            started.elapsed().as_millis() as u64
+        } else {
+            0
+        };
+        let so_far = policy::quota::Consumption {
+            usage,
+            requests: 1,
+            voice_session_ms,
+        };
+        self.state
+            .quotas
+            .progress(logid, &so_far, now_ms() / 1000)
+            .is_err()
+    }
+
     /// Relays until either side closes. `early_up`: device bytes already read; `early_down`:
     /// upstream bytes read after its 101 (these are the frames pingora #946 loses).
     async fn relay(
@@ -323,9 +398,12 @@ impl WsRelay {
         let Session {
             admission,
             logid,
+            started,
             early_up,
             early_down,
         } = session;
+        let voice = admission.route.class == policy::route::RouteClass::Voice;
+        let mut last_checked = policy::metering::Usage::default();
         let cfg = &self.state.config.ws;
         let mut upc = FrameCursor::default();
         let mut downc = FrameCursor::default();
@@ -362,18 +440,18 @@ impl WsRelay {
             // Inject closing frames, only where the protocol allows: an `error` event between
             // messages, close frames between frames.
             if let Some(c) = closing {
-                if c == Closing::Revoked
+                if let Some((code, msg)) = c.error_event()
                     && !sent_error
                     && !downc.saw_close
                     && downc.at_message_boundary()
                 {
-                    let f = frames::text_frame(&revoked_event(logid));
+                    let f = frames::text_frame(&error_event(logid, code, msg));
                     if device.write_all(&f).await.is_err() || device.flush().await.is_err() {
                         return c.ended_by();
                     }
                     sent_error = true;
                 }
-                let error_done = c != Closing::Revoked || sent_error;
+                let error_done = c.error_event().is_none() || sent_error;
                 if error_done && !sent_close_down && !downc.saw_close && downc.at_boundary() {
                     let f = frames::close_frame(c.device_code(), c.device_reason());
                     if device.write_all(&f).await.is_err() || device.flush().await.is_err() {
@@ -399,8 +477,17 @@ impl WsRelay {
                         return closing.map_or(EndedBy::Device, Closing::ended_by);
                     } Ok(n) => n };
                     let chunk = dbuf.get(..n).unwrap_or_default();
+                    if sent_close_up {
+                        // The gateway closed the upstream side (drain, revocation, quota):
+                        // nothing more may follow its close frame; the device's bytes are
+                        // dropped while its own close is awaited.
+                        continue;
+                    }
                     upc.feed(chunk);
                     counters.uplink(chunk);
+                    if closing.is_none() && self.quota_exhausted(logid, &counters, &mut last_checked, voice, started) {
+                        closing = Some(Closing::QuotaExhausted);
+                    }
                     if up.write_all(chunk).await.is_err() || up.flush().await.is_err() {
                         close(device).await;
                         return EndedBy::Upstream;
@@ -415,6 +502,9 @@ impl WsRelay {
                     let chunk = ubuf.get(..n).unwrap_or_default();
                     downc.feed(chunk);
                     counters.downlink(chunk);
+                    if closing.is_none() && self.quota_exhausted(logid, &counters, &mut last_checked, voice, started) {
+                        closing = Some(Closing::QuotaExhausted);
+                    }
                     if device.write_all(chunk).await.is_err() || device.flush().await.is_err() {
                         close(up).await;
                         return EndedBy::Device;
@@ -454,6 +544,8 @@ impl WsRelay {
 struct Session<'a> {
     admission: &'a admit::Admission,
     logid: &'a str,
+    /// When the session started (voice session time counts against quotas live).
+    started: Instant,
     early_up: Vec<u8>,
     early_down: Vec<u8>,
 }
@@ -466,47 +558,61 @@ enum Closing {
     /// The device's token was revoked (revoke, disable, delete): an `error` event with code
     /// 4100, then `1008`.
     Revoked,
+    /// The session exhausted a quota rule: an `error` event with code 4028, then `1008`.
+    QuotaExhausted,
 }
 
 impl Closing {
     fn device_code(self) -> u16 {
         match self {
             Closing::Drain => 1001,
-            Closing::Revoked => 1008,
+            Closing::Revoked | Closing::QuotaExhausted => 1008,
         }
     }
     fn device_reason(self) -> &'static str {
         match self {
             Closing::Drain => DRAIN_REASON,
             Closing::Revoked => "access token revoked",
+            Closing::QuotaExhausted => "quota exhausted",
         }
     }
     fn upstream_code(self) -> u16 {
         match self {
             Closing::Drain => 1001,
-            Closing::Revoked => 1000,
+            Closing::Revoked | Closing::QuotaExhausted => 1000,
         }
     }
     fn upstream_reason(self) -> &'static str {
         match self {
             Closing::Drain => "gateway shutting down",
             Closing::Revoked => "device access revoked",
+            Closing::QuotaExhausted => "device quota exhausted",
         }
     }
+    /// The `error` event (code, message) the device gets before the close frame, if any.
+    fn error_event(self) -> Option<(u32, &'static str)> {
+        match self {
+            Closing::Drain => None,
+            Closing::Revoked => Some((4100, "access token revoked")),
+            Closing::QuotaExhausted => Some((4028, "end-user quota exhausted")),
+        }
+    }
+
     fn ended_by(self) -> EndedBy {
         match self {
             Closing::Drain => EndedBy::Drain,
             Closing::Revoked => EndedBy::Revoked,
+            Closing::QuotaExhausted => EndedBy::Quota,
         }
     }
 }
 
-/// The downlink `error` event sent before closing a revoked session (coze-api.md §8.2 shape).
-fn revoked_event(logid: &str) -> Vec<u8> {
+/// A downlink `error` event (coze-api.md §8.2 shape) sent before the gateway closes a session.
+fn error_event(logid: &str, code: u32, msg: &str) -> Vec<u8> {
     serde_json::json!({
         "id": logid,
         "event_type": "error",
-        "data": {"code": 4100, "msg": "access token revoked"},
+        "data": {"code": code, "msg": msg},
         "detail": {"logid": logid},
     })
     .to_string()

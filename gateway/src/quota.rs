@@ -1,0 +1,331 @@
+//! Quota glue: the rule set and ledger of `policy::quota`, their persistence, and the
+//! request lifecycle around them.
+//!
+//! - **Admission** ([`Quotas::reserve`]): every admitted request or WebSocket session holds an
+//!   estimate (`[quota] estimate_*`, by route class) against the device's applicable rules; an
+//!   exhausted rule is a 429 / 4028 with `Retry-After` (seconds to the window reset for
+//!   periodic rules) before anything goes upstream.
+//! - **Settlement** ([`Quotas::settle`]): the real consumption replaces the hold; idempotent
+//!   per request id (the gateway's log id). Upstream refusals (non-2xx, no answer) are
+//!   refunded; a stream that ended without a usage report, or a device that disconnected
+//!   mid-stream, is charged the estimate (never silently free).
+//! - **Long sessions** ([`Quotas::progress`]): WebSocket sessions report what they consumed
+//!   so far; when the session itself exhausts a rule, the relay sends an `error` event (4028)
+//!   and closes both sides.
+//! - **Persistence**: [`Quotas::persist`] writes changed usage counters to the embedded store
+//!   every `quota.persist_interval` (100 ms by default): that is the most settled usage a
+//!   crash can lose. Open holds are not persisted (a crash forgets in-flight requests).
+//!   Unsettled holds expire after 15 min and are charged ([`Quotas::sweep`]).
+//!
+//! # Cost
+//! One `Mutex<QuotaLedger>` for the node, taken for a few microseconds per request (and per
+//! WebSocket chunk that changed the session's usage); rule changes rebuild the `RuleSet`
+//! (O(rules)) and swap it.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use policy::decision::Denial;
+use policy::ids::DeviceId;
+use policy::metering::Usage;
+use policy::quota::{
+    Consumption, CounterRecord, CreateLimitation, LedgerPolicy, Progress, QuotaLedger,
+    ReserveError, Rule, RuleErrors, RuleSet, UpdateLimitation, UsageItem,
+};
+use policy::route::RouteClass;
+
+use crate::config::QuotaSettings;
+use crate::store::{RULES, Store, StoreError, USAGE};
+
+/// How a request ended, for settlement.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    /// The upstream answered and the meters read this.
+    Consumed(Consumption),
+    /// The upstream answered but the real usage is unknown (no usage event, device gone
+    /// mid-stream): charge the hold (or what was measured, if more).
+    Estimate(Consumption),
+    /// The upstream refused or never answered: no charge.
+    Refund,
+}
+
+pub struct Quotas {
+    rules: RwLock<Arc<RuleSet>>,
+    ledger: Mutex<QuotaLedger>,
+    settings: QuotaSettings,
+}
+
+/// Why a rule change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleChangeError {
+    #[error("{0}")]
+    Invalid(RuleErrors),
+    #[error("benefit {0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Quotas {
+    /// Loads rules and usage counters from the store.
+    pub fn load(store: &Store, settings: &QuotaSettings) -> Result<Quotas, String> {
+        let rules: Vec<Rule> = store.load_all(RULES).map_err(|e| e.to_string())?;
+        let set =
+            RuleSet::new(rules).map_err(|e| format!("stored quota rules are inconsistent: {e}"))?;
+        let policy = LedgerPolicy {
+            prices: settings.prices,
+            ..LedgerPolicy::default()
+        };
+        let mut ledger = QuotaLedger::new(policy);
+        let counters: Vec<CounterRecord> = store.load_all(USAGE).map_err(|e| e.to_string())?;
+        ledger.import(counters);
+        // What was just loaded is already on disk.
+        let _ = ledger.drain_dirty();
+        Ok(Quotas {
+            rules: RwLock::new(Arc::new(set)),
+            ledger: Mutex::new(ledger),
+            settings: settings.clone(),
+        })
+    }
+
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.rules
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// What admission holds for a request of this route class.
+    pub fn estimate(&self, class: RouteClass) -> Consumption {
+        let s = &self.settings;
+        let usage = match class {
+            RouteClass::Chat | RouteClass::Workflow => Usage {
+                llm_output_tokens: s.estimate_llm_tokens,
+                ..Usage::default()
+            },
+            RouteClass::Audio => Usage {
+                tts_chars: s.estimate_tts_chars,
+                audio_out_ms: s.estimate_audio_ms,
+                ..Usage::default()
+            },
+            RouteClass::Voice => Usage {
+                llm_output_tokens: s.estimate_llm_tokens,
+                audio_in_ms: s.estimate_audio_ms,
+                audio_out_ms: s.estimate_audio_ms,
+                ..Usage::default()
+            },
+            _ => Usage::default(),
+        };
+        let voice_session_ms = if class == RouteClass::Voice {
+            s.estimate_audio_ms
+        } else {
+            0
+        };
+        Consumption {
+            usage,
+            requests: 1,
+            voice_session_ms,
+        }
+    }
+
+    /// Admission: holds the estimate, or says why not.
+    pub fn reserve(
+        &self,
+        request_id: &str,
+        device: &DeviceId,
+        class: RouteClass,
+        now_s: u64,
+    ) -> Result<(), Denial> {
+        let rules = self.rules();
+        let estimate = self.estimate(class);
+        match lock(&self.ledger).reserve(request_id, device, &estimate, &rules, now_s) {
+            Ok(_reservation) => Ok(()),
+            Err(ReserveError::Denied(d)) => Err(d),
+            Err(e) => {
+                // A reused request id is a gateway bug; admit rather than block a device for it.
+                tracing::error!(request_id, error = %e, "Quota reservation failed; admitting unreserved.");
+                Ok(())
+            }
+        }
+    }
+
+    /// A long session's consumption so far; `Err` when it has exhausted a rule.
+    pub fn progress(
+        &self,
+        request_id: &str,
+        so_far: &Consumption,
+        now_s: u64,
+    ) -> Result<(), Denial> {
+        let rules = self.rules();
+        match lock(&self.ledger).progress(request_id, so_far, &rules, now_s) {
+            Progress::Exhausted(d) => Err(d),
+            _ => Ok(()),
+        }
+    }
+
+    /// Ends a request (idempotent per request id).
+    pub fn settle(
+        &self,
+        request_id: &str,
+        device: &DeviceId,
+        class: RouteClass,
+        outcome: Outcome,
+        now_s: u64,
+    ) {
+        let mut ledger = lock(&self.ledger);
+        match outcome {
+            Outcome::Refund => {
+                ledger.refund(request_id, now_s);
+            }
+            Outcome::Consumed(c) => {
+                let rules = self.rules();
+                ledger.charge(request_id, device, &c, &rules, now_s);
+            }
+            Outcome::Estimate(measured) => {
+                let rules = self.rules();
+                let est = self.estimate(class);
+                let charge = max_consumption(&est, &measured);
+                ledger.charge(request_id, device, &charge, &rules, now_s);
+            }
+        }
+    }
+
+    /// The device's rules with used / remaining / reset times.
+    pub fn usage(&self, device: &DeviceId, now_s: u64) -> Vec<UsageItem> {
+        let rules = self.rules();
+        lock(&self.ledger).usage(&rules, device, now_s)
+    }
+
+    /// Writes changed counters; returns how many.
+    pub fn persist(&self, store: &Store) -> Result<usize, StoreError> {
+        let dirty = lock(&self.ledger).drain_dirty();
+        if dirty.is_empty() {
+            return Ok(0);
+        }
+        let rows: Vec<(String, CounterRecord)> = dirty
+            .into_iter()
+            .map(|r| {
+                (
+                    format!("{}/{}/{:?}", r.device, r.benefit_type.as_str(), r.kind),
+                    r,
+                )
+            })
+            .collect();
+        if let Err(e) = store.put_all(USAGE, &rows) {
+            // Put them back so the next round retries.
+            lock(&self.ledger).import(rows.into_iter().map(|(_, r)| r));
+            return Err(e);
+        }
+        Ok(rows.len())
+    }
+
+    /// Charges holds that were never settled (the request's end was lost).
+    pub fn sweep(&self, now_s: u64) -> usize {
+        lock(&self.ledger).sweep(now_s).len()
+    }
+
+    /// `POST /v1/commerce/benefit/limitations`.
+    pub fn create(&self, store: &Store, req: CreateLimitation) -> Result<Rule, RuleChangeError> {
+        let id = format!(
+            "{}",
+            7_400_000_000_000_000_000u64 + rand::random::<u64>() % 1_000_000_000_000_000_000
+        );
+        let rule = req.into_rule(id).map_err(RuleChangeError::Invalid)?;
+        self.install(store, rule)
+    }
+
+    /// `PUT /v1/commerce/benefit/limitations/{benefit_id}`.
+    pub fn update(
+        &self,
+        store: &Store,
+        benefit_id: &str,
+        req: &UpdateLimitation,
+    ) -> Result<Rule, RuleChangeError> {
+        let current = self.rules();
+        let old = current
+            .get(benefit_id)
+            .ok_or_else(|| RuleChangeError::NotFound(benefit_id.to_owned()))?;
+        let rule = old.updated(req).map_err(RuleChangeError::Invalid)?;
+        self.install(store, rule)
+    }
+
+    /// Validates against the current set, persists, then swaps in the new set.
+    fn install(&self, store: &Store, rule: Rule) -> Result<Rule, RuleChangeError> {
+        let current = self.rules();
+        let mut all: Vec<Rule> = current
+            .iter()
+            .filter(|r| r.benefit_id != rule.benefit_id)
+            .cloned()
+            .collect();
+        all.push(rule.clone());
+        let next = RuleSet::new(all).map_err(RuleChangeError::Invalid)?;
+        store.put_all(RULES, &[(rule.benefit_id.clone(), rule.clone())])?;
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(rule)
+    }
+}
+
+fn max_consumption(a: &Consumption, b: &Consumption) -> Consumption {
+    let (x, y) = (&a.usage, &b.usage);
+    Consumption {
+        usage: Usage {
+            llm_input_tokens: x.llm_input_tokens.max(y.llm_input_tokens),
+            llm_output_tokens: x.llm_output_tokens.max(y.llm_output_tokens),
+            audio_in_ms: x.audio_in_ms.max(y.audio_in_ms),
+            audio_out_ms: x.audio_out_ms.max(y.audio_out_ms),
+            tts_chars: x.tts_chars.max(y.tts_chars),
+            usage_events: y.usage_events,
+            completed: y.completed,
+        },
+        requests: a.requests.max(b.requests),
+        voice_session_ms: a.voice_session_ms.max(b.voice_session_ms),
+    }
+}
+
+/// Background service: persists usage counters every `quota.persist_interval`, sweeps
+/// expired holds every second, and flushes once more on shutdown.
+pub struct Persister {
+    pub state: crate::state::SharedState,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Persister {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let q = &self.state.quotas;
+        let every = self.state.config.quota.persist_interval;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sweep = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+            }
+            if last_sweep.elapsed() >= std::time::Duration::from_secs(1) {
+                last_sweep = std::time::Instant::now();
+                let swept = q.sweep(crate::state::now_s());
+                if swept > 0 {
+                    tracing::warn!(swept, "Charged quota holds whose requests never settled.");
+                }
+            }
+            if let Err(e) = q.persist(&self.state.store) {
+                self.state
+                    .metrics
+                    .store_errors
+                    .with_label_values(&["usage"])
+                    .inc();
+                tracing::error!(error = %e, "Persisting usage counters failed; will retry.");
+            }
+        }
+        if let Err(e) = q.persist(&self.state.store) {
+            tracing::error!(error = %e, "Final usage flush failed.");
+        }
+    }
+}

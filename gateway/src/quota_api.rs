@@ -1,0 +1,173 @@
+//! Quota HTTP surfaces: the device's own `GET /v1/gateway/quota` (device listener) and the
+//! admin API at Coze's paths (`/v1/commerce/benefit/limitations…`, admin listener). Answers
+//! use Coze's envelope `{"code","msg","data","detail":{"logid"}}`.
+
+use http::StatusCode;
+use pingora::prelude::*;
+use policy::quota::{CreateLimitation, EntityType, RuleStatus, UpdateLimitation, UsageItem};
+use serde_json::{Value, json};
+
+use crate::admin::{AdminError, AdminRequest, AdminResult};
+use crate::proxy::ctx::RequestCtx;
+use crate::proxy::{admit, respond};
+use crate::quota::RuleChangeError;
+use crate::state::{GatewayState, now_s};
+
+fn items_json(items: &[UsageItem]) -> Value {
+    json!({ "items": items })
+}
+
+/// `GET /v1/gateway/quota` on the device listener: the calling device's rules, used,
+/// remaining and reset times.
+pub async fn device_quota(
+    state: &GatewayState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    token: Option<&str>,
+) -> Result<bool> {
+    ctx.local_route = Some("quota");
+    let device = match token
+        .ok_or(policy::decision::Denial::new(
+            policy::decision::DenyReason::MissingToken,
+            "missing access token",
+        ))
+        .and_then(|t| admit::verify_token(state, t, now_s()))
+    {
+        Ok((d, _)) => d,
+        Err(denial) => {
+            ctx.denied = Some(denial.reason);
+            respond::deny(session, &denial, &ctx.logid).await?;
+            return Ok(true);
+        }
+    };
+    let items = state.quotas.usage(&device, now_s());
+    let body =
+        json!({"code": 0, "msg": "", "data": items_json(&items), "detail": {"logid": ctx.logid}});
+    respond::json(session, 200, &body, &ctx.logid, None).await?;
+    Ok(true)
+}
+
+fn envelope(data: Value) -> Value {
+    json!({"code": 0, "msg": "", "data": data})
+}
+
+fn change_error(e: RuleChangeError) -> AdminError {
+    match e {
+        RuleChangeError::Invalid(errors) => AdminError::bad_request(errors.to_string()),
+        RuleChangeError::NotFound(id) => AdminError::not_found(format!("benefit {id} not found")),
+        RuleChangeError::Store(e) => {
+            tracing::error!(error = %e, "Rule store write failed.");
+            AdminError::unavailable("rule store unavailable; nothing was changed")
+        }
+    }
+}
+
+const MAX_PAGE: usize = 200;
+
+/// Routes under `/v1/commerce/benefit/limitations` on the admin listener.
+pub fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {
+    let rest = req.path.strip_prefix("/v1/commerce/benefit/limitations")?;
+    Some(match (req.method.as_str(), rest) {
+        ("POST", "") => {
+            let body: CreateLimitation = match req.json() {
+                Ok(b) => b,
+                Err(e) => return Some(Err(e)),
+            };
+            state
+                .quotas
+                .create(&state.store, body)
+                .map(|rule| (StatusCode::OK, envelope(json!({ "benefit_info": rule }))))
+                .map_err(change_error)
+        }
+        ("GET", "") => list(state, req),
+        ("GET", "/usage") => usage(state, req),
+        ("PUT", id) if id.starts_with('/') && id.len() > 1 && !id[1..].contains('/') => {
+            let body: UpdateLimitation = match req.json() {
+                Ok(b) => b,
+                Err(e) => return Some(Err(e)),
+            };
+            state
+                .quotas
+                .update(&state.store, &id[1..], &body)
+                .map(|rule| (StatusCode::OK, envelope(json!({ "benefit_info": rule }))))
+                .map_err(change_error)
+        }
+        _ => Err(crate::admin::method_not_allowed()),
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(name: &str, v: &str) -> Result<T, AdminError> {
+    serde_json::from_value(Value::String(v.to_owned()))
+        .map_err(|_| AdminError::bad_request(format!("invalid parameter {name}: `{v}`")))
+}
+
+/// `GET …/limitations?entity_type=&entity_id=&benefit_type=&status=&page_token=&page_size=`
+fn list(state: &GatewayState, req: &AdminRequest) -> AdminResult {
+    let q = &req.query;
+    let entity_type: EntityType = parse(
+        "entity_type",
+        q.get("entity_type")
+            .ok_or_else(|| AdminError::bad_request("invalid parameter entity_type: required"))?,
+    )?;
+    let status: RuleStatus = parse("status", q.get("status").map_or("valid", String::as_str))?;
+    let benefit_type = q.get("benefit_type").filter(|b| !b.is_empty()).cloned();
+    let entity_id = q.get("entity_id").filter(|e| !e.is_empty()).cloned();
+    let page_size = match q.get("page_size") {
+        None => 20,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| AdminError::bad_request("invalid parameter page_size: must be 1-200"))?,
+    };
+    let offset = match q.get("page_token").filter(|t| !t.is_empty()) {
+        None => 0,
+        Some(t) => t
+            .parse::<usize>()
+            .map_err(|_| AdminError::bad_request("invalid parameter page_token"))?,
+    };
+    let rules = state.quotas.rules();
+    let mut matching: Vec<_> = rules
+        .iter()
+        .filter(|r| r.entity_type == entity_type && r.status == status)
+        .filter(|r| entity_id.as_ref().is_none_or(|e| r.entity_id == *e))
+        .filter(|r| {
+            benefit_type
+                .as_ref()
+                .is_none_or(|b| r.benefit_type.as_str() == b)
+        })
+        .collect();
+    matching.sort_by(|a, b| a.benefit_id.cmp(&b.benefit_id));
+    let page: Vec<_> = matching.iter().skip(offset).take(page_size).collect();
+    let has_more = offset + page.len() < matching.len();
+    let next = if has_more {
+        (offset + page.len()).to_string()
+    } else {
+        String::new()
+    };
+    Ok((
+        StatusCode::OK,
+        envelope(json!({"has_more": has_more, "page_token": next, "benefit_infos": page})),
+    ))
+}
+
+/// `GET …/limitations/usage?entity_type=single_device&entity_id=<device>`
+fn usage(state: &GatewayState, req: &AdminRequest) -> AdminResult {
+    let q = &req.query;
+    if q.get("entity_type")
+        .map(String::as_str)
+        .unwrap_or("single_device")
+        != "single_device"
+    {
+        return Err(AdminError::bad_request(
+            "invalid parameter entity_type: usage is per device (single_device)",
+        ));
+    }
+    let id = q.get("entity_id").ok_or_else(|| {
+        AdminError::bad_request("invalid parameter entity_id: a device id is required")
+    })?;
+    let device = policy::ids::DeviceId::parse(id)
+        .map_err(|e| AdminError::bad_request(format!("entity_id: {e}")))?;
+    let items = state.quotas.usage(&device, now_s());
+    Ok((StatusCode::OK, envelope(items_json(&items))))
+}
