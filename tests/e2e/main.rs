@@ -5,6 +5,7 @@ mod cli;
 mod devices;
 mod metering;
 mod oauth;
+mod quota;
 mod rest;
 mod sse;
 mod timeouts;

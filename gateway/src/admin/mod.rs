@@ -207,6 +207,9 @@ impl AdminApp {
             query,
             body,
         };
+        if let Some(r) = crate::quota_api::route(&self.state, &req) {
+            return r;
+        }
         devices::route(&self.state, &req)
     }
 }

@@ -485,7 +485,7 @@ impl WsRelay {
                     }
                     upc.feed(chunk);
                     counters.uplink(chunk);
-                    if closing.is_none() && self.quota_exhausted(logid, &counters, &mut last_checked, voice, started) {
+                    if closing.is_none() && self.quota_exhausted(logid, counters, &mut last_checked, voice, started) {
                         closing = Some(Closing::QuotaExhausted);
                     }
                     if up.write_all(chunk).await.is_err() || up.flush().await.is_err() {
@@ -502,7 +502,7 @@ impl WsRelay {
                     let chunk = ubuf.get(..n).unwrap_or_default();
                     downc.feed(chunk);
                     counters.downlink(chunk);
-                    if closing.is_none() && self.quota_exhausted(logid, &counters, &mut last_checked, voice, started) {
+                    if closing.is_none() && self.quota_exhausted(logid, counters, &mut last_checked, voice, started) {
                         closing = Some(Closing::QuotaExhausted);
                     }
                     if device.write_all(chunk).await.is_err() || device.flush().await.is_err() {

@@ -1,0 +1,399 @@
+//! Quotas end to end: Coze-shaped rules on the admin API, enforcement before anything goes
+//! upstream, windows that reset, WebSocket cut-off, charging disconnects, and usage that
+//! survives `kill -9`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use gateway_tests::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const LIMITATIONS: &str = "/v1/commerce/benefit/limitations";
+const FOREVER: u64 = 253_402_300_799;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn add_rule(
+    gw: &GatewayProcess,
+    device: Option<&str>,
+    benefit: &str,
+    limit: u64,
+    unit: &str,
+    started_at: u64,
+) -> Value {
+    let mut body = json!({
+        "entity_type": if device.is_some() { "single_device" } else { "enterprise_all_devices" },
+        "benefit_info": {"benefit_type": benefit, "active_mode": "absolute_time", "started_at": started_at,
+                         "ended_at": FOREVER, "limit": limit, "status": "valid", "trigger_unit": unit, "trigger_time": 1}
+    });
+    if let Some(d) = device {
+        body["entity_id"] = json!(d);
+    }
+    let r = gw.admin(Method::POST, LIMITATIONS, Some(body)).await;
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["code"], 0, "{v}");
+    v["data"]["benefit_info"].clone()
+}
+
+/// Streams a chat; returns (HTTP status, tokens in its usage event, the answer).
+async fn chat(gw: &GatewayProcess, token: &str) -> (u16, u64, reqwest::header::HeaderMap, String) {
+    let r = gw
+        .http
+        .post(format!("{}/v3/chat", gw.device))
+        .bearer_auth(token)
+        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
+            "additional_messages": [{"role": "user", "content": "what is the weather like today in Hangzhou", "content_type": "text"}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.text().await.unwrap();
+    let tokens = body
+        .split("\n\n")
+        .find(|e| e.starts_with("event:conversation.chat.completed"))
+        .and_then(|e| e.lines().nth(1)?.strip_prefix("data:").map(str::to_owned))
+        .map(|d| {
+            serde_json::from_str::<Value>(&d).unwrap()["usage"]["token_count"]
+                .as_u64()
+                .unwrap()
+        })
+        .unwrap_or(0);
+    (status, tokens, headers, body)
+}
+
+async fn usage_of(gw: &GatewayProcess, device: &str) -> Vec<Value> {
+    let v: Value = gw
+        .admin(
+            Method::GET,
+            &format!("{LIMITATIONS}/usage?entity_type=single_device&entity_id={device}"),
+            None,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    v["data"]["items"].as_array().unwrap().clone()
+}
+
+/// A device with a 1,000-token-per-minute rule streams chats until it is blocked: the total
+/// never exceeds the limit by more than one in-flight turn, the refusal is 429 / 4028 with
+/// `Retry-After` before anything reaches the upstream, and the device is unblocked when the
+/// window resets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_quota_blocks_then_the_window_resets() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("q-tokens").await;
+    // A one-minute window that started 50 s ago: it resets in about 10 s.
+    add_rule(
+        &gw,
+        Some("q-tokens"),
+        "llm_tokens",
+        1000,
+        "minute",
+        now() - 50,
+    )
+    .await;
+    let mut total = 0;
+    let mut biggest_turn = 0;
+    let refusal = loop {
+        let (status, tokens, headers, body) = chat(&gw, &token).await;
+        if status != 200 {
+            break (status, headers, body);
+        }
+        total += tokens;
+        biggest_turn = biggest_turn.max(tokens);
+        assert!(total < 100_000, "never blocked");
+    };
+    let (status, headers, body) = refusal;
+    assert_eq!(status, 429);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["code"], 4028, "{v}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert!(total >= 1000 - biggest_turn, "blocked too early: {total}");
+    assert!(
+        total <= 1000 + biggest_turn,
+        "overshoot beyond one turn: {total} (turn {biggest_turn})"
+    );
+    let before = up
+        .state
+        .counters
+        .api_requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(chat(&gw, &token).await.0, 429);
+    assert_eq!(
+        up.state
+            .counters
+            .api_requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "refused before the upstream"
+    );
+    let items = usage_of(&gw, "q-tokens").await;
+    assert_eq!(
+        items[0]["used"].as_u64().unwrap(),
+        total,
+        "usage API agrees with what the device received"
+    );
+    // The window resets.
+    tokio::time::sleep(Duration::from_secs(retry + 1)).await;
+    assert_eq!(chat(&gw, &token).await.0, 200, "unblocked after the reset");
+}
+
+/// The Coze-shaped rule API: create (validated, all errors with field paths), list with
+/// filters and pagination, update, usage; the device sees its own quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_api_has_coze_shapes_and_devices_see_their_quota() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("q-api").await;
+    let rule = add_rule(&gw, None, "requests", 100, "day", 0).await;
+    let id = rule["benefit_id"].as_str().unwrap().to_owned();
+    assert_eq!(rule["entity_type"], "enterprise_all_devices");
+    for i in 0..25 {
+        add_rule(
+            &gw,
+            Some(&format!("other-{i}")),
+            "llm_tokens",
+            10,
+            "never",
+            0,
+        )
+        .await;
+    }
+    let bad = gw
+        .admin(Method::POST, LIMITATIONS, Some(json!({"entity_type": "single_device", "benefit_info": {"benefit_type": "llm_tokens", "started_at": 10, "ended_at": 5, "limit": 1, "trigger_unit": "week", "trigger_time": 0}})))
+        .await;
+    assert_eq!(bad.status(), 400);
+    let dup = gw
+        .admin(Method::POST, LIMITATIONS, Some(json!({"entity_type": "enterprise_all_devices", "benefit_info": {"benefit_type": "requests", "started_at": 0, "ended_at": FOREVER, "limit": 5, "trigger_unit": "hour", "trigger_time": 1}})))
+        .await;
+    assert_eq!(
+        dup.status(),
+        400,
+        "one periodic enterprise rule per benefit type"
+    );
+
+    let mut seen = 0;
+    let mut page_token = String::new();
+    loop {
+        let v: Value = gw
+            .admin(
+                Method::GET,
+                &format!(
+                    "{LIMITATIONS}?entity_type=single_device&page_size=10&page_token={page_token}"
+                ),
+                None,
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        seen += v["data"]["benefit_infos"].as_array().unwrap().len();
+        if !v["data"]["has_more"].as_bool().unwrap() {
+            break;
+        }
+        page_token = v["data"]["page_token"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(seen, 25);
+
+    for _ in 0..3 {
+        assert_eq!(
+            gw.http
+                .post(format!("{}/v1/conversation/create", gw.device))
+                .bearer_auth(&token)
+                .json(&json!({"bot_id": "b"}))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let put = gw
+        .admin(
+            Method::PUT,
+            &format!("{LIMITATIONS}/{id}"),
+            Some(json!({"limit": 3})),
+        )
+        .await;
+    assert_eq!(put.status(), 200);
+    let r = gw
+        .http
+        .post(format!("{}/v1/conversation/create", gw.device))
+        .bearer_auth(&token)
+        .json(&json!({"bot_id": "b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "limit lowered to what was used");
+    let mine: Value = gw
+        .http
+        .get(format!("{}/v1/gateway/quota", gw.device))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let item = &mine["data"]["items"][0];
+    assert_eq!(
+        (
+            item["used"].as_u64(),
+            item["remaining"].as_u64(),
+            item["limit"].as_u64()
+        ),
+        (Some(3), Some(0), Some(3)),
+        "{mine}"
+    );
+    assert!(item["resets_at"].as_u64().unwrap() > now());
+    let r = gw
+        .admin(
+            Method::PUT,
+            &format!("{LIMITATIONS}/nope"),
+            Some(json!({"limit": 3})),
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+    let r = gw
+        .http
+        .get(format!("{}/v1/gateway/quota", gw.device))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+/// A voice session with 10 s of input-audio quota is cut within a second of audio of its
+/// limit: an `error` event 4028, then a close frame; nothing more is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voice_session_is_cut_when_its_audio_quota_runs_out() {
+    let up = sandbox_upstream(SandboxConfig {
+        realtime_audio: false,
+        ..Default::default()
+    })
+    .await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("q-voice").await;
+    add_rule(&gw, Some("q-voice"), "audio_in_ms", 10_000, "never", 0).await;
+    let mut req = format!("{}/v1/chat?bot_id=b1", gw.ws_url())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    tx.send(Message::text(json!({"id": "1", "event_type": "chat.update", "data": {
+        "input_audio": {"format": "pcm", "codec": "pcm", "sample_rate": 16000, "channel": 1, "bit_depth": 16}}}).to_string())).await.unwrap();
+    // 200 ms frames as fast as possible: 20 s of audio offered.
+    let frame = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 6400]);
+    let sender = tokio::spawn(async move {
+        for i in 0..100 {
+            let msg = Message::text(json!({"id": format!("a{i}"), "event_type": "input_audio_buffer.append", "data": {"delta": frame}}).to_string());
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tx
+    });
+    let mut got_error = false;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.next())
+            .await
+            .expect("cut in time")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let e: Value = serde_json::from_str(&t).unwrap();
+                if e["event_type"] == "error" && e["data"]["code"] == 4028 {
+                    got_error = true;
+                }
+            }
+            Some(Ok(Message::Close(f))) => break f,
+            Some(Ok(_)) => {}
+            other => panic!("expected error + close, got {other:?}"),
+        }
+    };
+    let _ = sender.await;
+    assert!(got_error, "error event 4028 before the close");
+    assert_eq!(close.expect("close frame").code, CloseCode::Policy);
+    let used = eventually(Duration::from_secs(3), || async {
+        usage_of(&gw, "q-voice").await[0]["used"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 10_000
+    })
+    .await;
+    assert!(used);
+    let used = usage_of(&gw, "q-voice").await[0]["used"].as_u64().unwrap();
+    assert!(
+        used <= 11_000,
+        "charged {used} ms: more than 1 s past the 10 s limit"
+    );
+}
+
+/// A device that disconnects mid-stream is still charged (the hold), and usage written
+/// before `kill -9` is there after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnects_are_charged_and_usage_survives_kill_9() {
+    let up = sandbox_upstream(SandboxConfig {
+        sse_event_delay: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let dir = TempDir::new();
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.store_path = Some(dir.0.join("q.redb"));
+    let mut gw = GatewayProcess::start(&opts).await;
+    let token = gw.register_device("q-gone").await;
+    add_rule(&gw, Some("q-gone"), "llm_tokens", 1_000_000, "never", 0).await;
+    let r = gw
+        .http
+        .post(format!("{}/v3/chat", gw.device))
+        .bearer_auth(&token)
+        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
+            "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let _first = body.next().await.unwrap().unwrap();
+    drop(body); // the device goes away mid-stream
+    let charged = eventually(Duration::from_secs(5), || async {
+        usage_of(&gw, "q-gone").await[0]["used"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1000
+    })
+    .await;
+    assert!(
+        charged,
+        "disconnect charged the hold: {:?}",
+        usage_of(&gw, "q-gone").await
+    );
+    let used_before = usage_of(&gw, "q-gone").await[0]["used"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await; // > persist interval
+    gw.signal("KILL");
+    gw.child.wait().await.unwrap();
+    let gw = GatewayProcess::start(&opts).await;
+    assert_eq!(
+        usage_of(&gw, "q-gone").await[0]["used"].as_u64().unwrap(),
+        used_before,
+        "usage survived kill -9"
+    );
+}
