@@ -404,3 +404,37 @@ def test_secret_device_gets_a_token_with_client_credentials(fleetgate):
         json={"grant_type": "client_credentials", "client_id": "py-secret-dev", "client_secret": "wrong"},
     )
     assert bad.status_code == 401 and bad.json()["error_code"] == "invalid_client"
+
+
+def test_out_of_quota_device_gets_a_typed_4028_error(fleetgate):
+    """A device whose quota is exhausted gets HTTP 429 with code 4028 in Coze's envelope, so
+    cozepy raises CozeAPIError(code=4028) before anything reaches the upstream."""
+    _admin(fleetgate, "POST", "/admin/v1/devices", {"device_id": "py-quota-dev"})
+    token = _admin(fleetgate, "POST", "/admin/v1/devices/py-quota-dev/tokens", {})["access_token"]
+    _admin(
+        fleetgate,
+        "POST",
+        "/v1/commerce/benefit/limitations",
+        {
+            "entity_type": "single_device",
+            "entity_id": "py-quota-dev",
+            "benefit_info": {
+                "benefit_type": "requests",
+                "active_mode": "absolute_time",
+                "started_at": 0,
+                "ended_at": 253402300799,
+                "limit": 0,
+                "status": "valid",
+                "trigger_unit": "never",
+                "trigger_time": 1,
+            },
+        },
+    )
+    coze = Coze(auth=TokenAuth(token), base_url=fleetgate["gateway_url"])
+    with pytest.raises(CozeAPIError) as err:
+        coze.chat.create(bot_id="b1", user_id="u1", additional_messages=[Message.build_user_question_text("hi")])
+    assert err.value.code == 4028
+    assert err.value.logid
+    with pytest.raises(CozeAPIError) as err:
+        list(coze.chat.stream(bot_id="b1", user_id="u1", additional_messages=[Message.build_user_question_text("hi")]))
+    assert err.value.code == 4028
