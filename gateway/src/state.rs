@@ -29,6 +29,8 @@ pub struct GatewayState {
     pub store: crate::store::Store,
     /// Rate limiters and the `jti` replay cache of the device token endpoint.
     pub oauth: crate::oauth::TokenEndpoint,
+    /// Per-device and fleet request rate limits.
+    pub rate_limits: crate::ratelimit::RateLimits,
     /// Quota rules, the usage ledger and their persistence.
     pub quotas: crate::quota::Quotas,
     /// What goes into `Authorization` upstream, per device (PAT or per-device OAuth token).
@@ -53,6 +55,7 @@ impl GatewayState {
         )?;
         let quotas = crate::quota::Quotas::load(&store, &config.quota)?;
         Ok(GatewayState {
+            rate_limits: crate::ratelimit::RateLimits::new(&config.rate_limits),
             quotas,
             upstream_auth,
             keyring: std::sync::RwLock::new(Arc::new(config.tokens.keyring.clone())),

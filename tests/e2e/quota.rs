@@ -397,3 +397,60 @@ async fn disconnects_are_charged_and_usage_survives_kill_9() {
         "usage survived kill -9"
     );
 }
+
+/// Per-device request rates and the fleet-wide chat QPS cap answer 429 / 4013 with
+/// `Retry-After`, before anything goes upstream; other devices (per-device limit) are
+/// unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_per_device_and_fleet() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.extra_toml =
+        "[rate_limits]\ndevice_rps = 1\ndevice_burst = 2\nfleet_workflow_qps = 1\n".into();
+    let gw = GatewayProcess::start(&opts).await;
+    let a = gw.register_device("rl-a").await;
+    let b = gw.register_device("rl-b").await;
+    let call = |token: String, path: &'static str| {
+        let http = gw.http.clone();
+        let url = format!("{}{path}", gw.device);
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"bot_id": "b", "workflow_id": "w"}))
+                .send()
+                .await
+                .unwrap();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let s = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (s, v["code"].as_i64(), retry)
+        }
+    };
+    assert_eq!(call(a.clone(), "/v1/conversation/create").await.0, 200);
+    assert_eq!(call(a.clone(), "/v1/conversation/create").await.0, 200);
+    let (status, code, retry) = call(a.clone(), "/v1/conversation/create").await;
+    assert_eq!((status, code), (429, Some(4013)), "burst of 2 spent");
+    assert!(retry.is_some());
+    assert_eq!(
+        call(b.clone(), "/v1/conversation/create").await.0,
+        200,
+        "another device is unaffected"
+    );
+    // Fleet-wide: one workflow request per second for everyone.
+    assert_eq!(call(b.clone(), "/v1/workflow/run").await.0, 200);
+    let c = gw.register_device("rl-c").await;
+    assert_eq!(
+        call(c, "/v1/workflow/run").await.1,
+        Some(4013),
+        "fleet workflow QPS spent"
+    );
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("fleetgate_denials_total{reason=\"rate_limited\"}"),
+        "{m}"
+    );
+}

@@ -246,6 +246,16 @@ pub struct TokenSettings {
     pub max_assertion_skew: Duration,
 }
 
+/// Validated `[rate_limits]` (0 = off).
+#[derive(Clone, Debug)]
+pub struct RateLimitSettings {
+    pub device_rps: u32,
+    pub device_burst: u32,
+    pub fleet_chat_qps: u32,
+    pub fleet_workflow_qps: u32,
+    pub max_tracked_devices: usize,
+}
+
 /// Validated `[quota]`.
 #[derive(Clone, Debug)]
 pub struct QuotaSettings {
@@ -279,6 +289,7 @@ pub struct GatewayConfig {
     /// Embedded store file, or `:memory:`.
     pub store_path: String,
     pub quota: QuotaSettings,
+    pub rate_limits: RateLimitSettings,
     /// The file this configuration was read from (for reloads); `None` when built in code.
     pub source: Option<std::path::PathBuf>,
 }
@@ -624,6 +635,15 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
     if f.quota.persist_interval.is_zero() || f.quota.persist_interval > Duration::from_secs(10) {
         c.err("quota.persist_interval", "must be between 1ms and 10s");
     }
+    if f.rate_limits.device_burst == Some(0) && f.rate_limits.device_rps > 0 {
+        c.err(
+            "rate_limits.device_burst",
+            "must be at least 1 when `device_rps` is set",
+        );
+    }
+    if f.rate_limits.max_tracked_devices == Some(0) {
+        c.err("rate_limits.max_tracked_devices", "must be at least 1");
+    }
     if f.store.path.trim().is_empty() {
         c.err("store.path", "must name a file (or `:memory:`)");
     }
@@ -696,6 +716,16 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
         },
         store_path: f.store.path,
         source: None,
+        rate_limits: RateLimitSettings {
+            device_rps: f.rate_limits.device_rps,
+            device_burst: f
+                .rate_limits
+                .device_burst
+                .unwrap_or(f.rate_limits.device_rps),
+            fleet_chat_qps: f.rate_limits.fleet_chat_qps,
+            fleet_workflow_qps: f.rate_limits.fleet_workflow_qps,
+            max_tracked_devices: f.rate_limits.max_tracked_devices.unwrap_or(1_000_000),
+        },
         quota: QuotaSettings {
             estimate_llm_tokens: f.quota.estimate_llm_tokens,
             estimate_audio_ms: f.quota.estimate_audio_ms,

@@ -28,6 +28,27 @@ pub struct ConfigFile {
     pub store: StoreConfig,
     #[serde(default)]
     pub quota: QuotaConfig,
+    #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
+}
+
+/// Request rate limits (GCRA). 0 turns a limit off.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// Requests (and WebSocket sessions) per second per device, all routes.
+    #[serde(default)]
+    pub device_rps: u32,
+    /// Burst per device (default: `device_rps`).
+    pub device_burst: Option<u32>,
+    /// Fleet-wide requests per second sent upstream on chat routes (Coze plan `api_run_qps`).
+    #[serde(default)]
+    pub fleet_chat_qps: u32,
+    /// Fleet-wide requests per second on workflow routes.
+    #[serde(default)]
+    pub fleet_workflow_qps: u32,
+    /// Devices tracked by the per-device limiter (idle ones are forgotten first).
+    pub max_tracked_devices: Option<usize>,
 }
 
 /// Quotas: what admission holds for a request before its real usage is known, how credits

@@ -92,6 +92,14 @@ impl ProxyHttp for Gateway {
         };
         if let Err(denial) =
             self.state
+                .rate_limits
+                .admit(&admission.device, admission.route.class, now_ms())
+        {
+            ctx.admission = Some(admission);
+            return self.deny(session, ctx, denial).await;
+        }
+        if let Err(denial) =
+            self.state
                 .quotas
                 .reserve(&ctx.logid, &admission.device, admission.route.class, now_s)
         {

@@ -171,6 +171,13 @@ impl WsRelay {
         let class = admission.route.class;
         if let Err(d) = self
             .state
+            .rate_limits
+            .admit(&admission.device, class, now_ms())
+        {
+            return self.refuse(&mut device, &d, &logid).await;
+        }
+        if let Err(d) = self
+            .state
             .quotas
             .reserve(&logid, &admission.device, class, now_ms() / 1000)
         {
