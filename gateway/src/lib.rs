@@ -21,6 +21,7 @@ pub mod oauth;
 pub mod proxy;
 pub mod quota;
 pub mod quota_api;
+pub mod quota_sync;
 pub mod ratelimit;
 pub mod sandbox_cmd;
 pub mod server;

@@ -36,6 +36,12 @@ pub struct Metrics {
     pub upstream_token_exchanges: IntCounterVec,
     /// `fleetgate_upstream_token_cache_requests_total{result}` (jwt mode: hit, miss)
     pub upstream_token_cache: IntCounterVec,
+    /// `fleetgate_quota_sync_runs_total{result}`
+    pub quota_sync_runs: IntCounterVec,
+    /// `fleetgate_quota_sync_last_success_timestamp_seconds`
+    pub quota_sync_last_success: IntGauge,
+    /// `fleetgate_quota_rules{source}`
+    pub quota_rules: prometheus::IntGaugeVec,
     /// `fleetgate_store_errors_total{table}`
     pub store_errors: IntCounterVec,
     /// `fleetgate_metered_units_total{meter}`
@@ -148,6 +154,28 @@ impl Metrics {
                 "Upstream token cache lookups (jwt mode), by result: hit, miss.",
                 &["result"],
             )?,
+            quota_sync_runs: counter_vec(
+                r,
+                "fleetgate_quota_sync_runs_total",
+                "Upstream quota rule syncs, by result (ok, error).",
+                &["result"],
+            )?,
+            quota_sync_last_success: gauge(
+                r,
+                "fleetgate_quota_sync_last_success_timestamp_seconds",
+                "Unix time of the last successful upstream quota rule sync.",
+            )?,
+            quota_rules: {
+                let g = prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "fleetgate_quota_rules",
+                        "Quota rules in effect, by source (local, upstream).",
+                    ),
+                    &["source"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             store_errors: counter_vec(
                 r,
                 "fleetgate_store_errors_total",

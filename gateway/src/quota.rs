@@ -34,7 +34,7 @@ use policy::quota::{
 use policy::route::RouteClass;
 
 use crate::config::QuotaSettings;
-use crate::store::{RULES, Store, StoreError, USAGE};
+use crate::store::{RULES, SYNCED_RULES, Store, StoreError, USAGE};
 
 /// How a request ended, for settlement.
 #[derive(Debug, Clone, Copy)]
@@ -48,8 +48,22 @@ pub enum Outcome {
     Refund,
 }
 
+/// State of the upstream rule sync, for `/readyz` and metrics.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SyncStatus {
+    pub enabled: bool,
+    /// Unix seconds of the last successful sync.
+    pub last_success: Option<u64>,
+    /// The last failure since then (secret-free).
+    pub last_error: Option<String>,
+    pub rules: usize,
+}
+
 pub struct Quotas {
     rules: RwLock<Arc<RuleSet>>,
+    /// Benefit ids of the rules that came from the upstream (the rest are local).
+    synced_ids: RwLock<std::collections::HashSet<String>>,
+    pub sync_status: Mutex<SyncStatus>,
     ledger: Mutex<QuotaLedger>,
     settings: QuotaSettings,
 }
@@ -72,7 +86,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Quotas {
     /// Loads rules and usage counters from the store.
     pub fn load(store: &Store, settings: &QuotaSettings) -> Result<Quotas, String> {
-        let rules: Vec<Rule> = store.load_all(RULES).map_err(|e| e.to_string())?;
+        let mut rules: Vec<Rule> = store.load_all(RULES).map_err(|e| e.to_string())?;
+        let synced: Vec<Rule> = store.load_all(SYNCED_RULES).map_err(|e| e.to_string())?;
+        let synced_ids: std::collections::HashSet<String> =
+            synced.iter().map(|r| r.benefit_id.clone()).collect();
+        rules.extend(synced);
         let set =
             RuleSet::new(rules).map_err(|e| format!("stored quota rules are inconsistent: {e}"))?;
         let policy = LedgerPolicy {
@@ -84,8 +102,14 @@ impl Quotas {
         ledger.import(counters);
         // What was just loaded is already on disk.
         let _ = ledger.drain_dirty();
+        let status = SyncStatus {
+            enabled: settings.sync.is_some(),
+            ..SyncStatus::default()
+        };
         Ok(Quotas {
             rules: RwLock::new(Arc::new(set)),
+            synced_ids: RwLock::new(synced_ids),
+            sync_status: Mutex::new(status),
             ledger: Mutex::new(ledger),
             settings: settings.clone(),
         })
@@ -250,6 +274,39 @@ impl Quotas {
             .ok_or_else(|| RuleChangeError::NotFound(benefit_id.to_owned()))?;
         let rule = old.updated(req).map_err(RuleChangeError::Invalid)?;
         self.install(store, rule)
+    }
+
+    /// Replaces the rules that came from the upstream by `synced`, atomically: validated with
+    /// the local rules, persisted, then swapped in. On any error nothing changes (the
+    /// last-known rules keep holding).
+    pub fn apply_synced(&self, store: &Store, synced: Vec<Rule>) -> Result<usize, String> {
+        let current = self.rules();
+        let previous = self
+            .synced_ids
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let mut all: Vec<Rule> = current
+            .iter()
+            .filter(|r| !previous.contains(&r.benefit_id))
+            .cloned()
+            .collect();
+        let ids: std::collections::HashSet<String> =
+            synced.iter().map(|r| r.benefit_id.clone()).collect();
+        let n = synced.len();
+        let rows: Vec<(String, Rule)> = synced
+            .iter()
+            .map(|r| (r.benefit_id.clone(), r.clone()))
+            .collect();
+        all.extend(synced);
+        let next = RuleSet::new(all)
+            .map_err(|e| format!("synced rules conflict with local rules: {e}"))?;
+        store
+            .replace_all(SYNCED_RULES, &rows)
+            .map_err(|e| e.to_string())?;
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        *self.synced_ids.write().unwrap_or_else(|p| p.into_inner()) = ids;
+        Ok(n)
     }
 
     /// Validates against the current set, persists, then swaps in the new set.

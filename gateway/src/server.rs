@@ -227,6 +227,19 @@ pub fn run(
     persister.threads = Some(1);
     server.add_service(persister);
 
+    if let Some(sync) = state.config.quota.sync.clone() {
+        let svc = crate::quota_sync::RuleSync::new(state.clone(), sync)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut svc = background_service("fleetgate quota sync", svc);
+        svc.threads = Some(1);
+        server.add_service(svc);
+    }
+    state
+        .metrics
+        .quota_rules
+        .with_label_values(&["local"])
+        .set(state.quotas.rules().len() as i64);
+
     let ready = Ready {
         device_addr,
         admin_addr,

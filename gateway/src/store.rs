@@ -20,6 +20,9 @@ const DEVICES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("devices_
 
 /// Quota rules: benefit id → JSON rule (Coze's shape).
 pub const RULES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("rules_v1");
+/// Rules pulled from the upstream (kept across restarts: the last-known rules hold while the
+/// upstream is unreachable): benefit id → JSON rule.
+pub const SYNCED_RULES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("synced_rules_v1");
 /// Usage counters: `device/benefit_type/kind` → JSON counter (window start + used).
 pub const USAGE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("usage_v1");
 
@@ -112,7 +115,7 @@ impl Store {
         };
         // Make sure the tables exist so reads of a fresh store succeed.
         let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-        for table in [DEVICES, RULES, USAGE] {
+        for table in [DEVICES, RULES, USAGE, SYNCED_RULES] {
             txn.open_table(table).map_err(|e| open_err(e.to_string()))?;
         }
         txn.commit().map_err(|e| open_err(e.to_string()))?;
@@ -178,6 +181,25 @@ impl Store {
         rows: &[(String, T)],
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| io("write")(&e))?;
+        {
+            let mut t = txn.open_table(table).map_err(|e| io("write")(&e))?;
+            for (k, v) in rows {
+                let bytes = serde_json::to_vec(v).map_err(|e| io("encode")(&e))?;
+                t.insert(k.as_str(), bytes.as_slice())
+                    .map_err(|e| io("write")(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| io("commit")(&e))
+    }
+
+    /// Replaces a JSON table's whole content in one durable transaction.
+    pub fn replace_all<T: Serialize>(
+        &self,
+        table: TableDefinition<'_, &str, &[u8]>,
+        rows: &[(String, T)],
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| io("write")(&e))?;
+        txn.delete_table(table).map_err(|e| io("write")(&e))?;
         {
             let mut t = txn.open_table(table).map_err(|e| io("write")(&e))?;
             for (k, v) in rows {

@@ -454,3 +454,108 @@ async fn rate_limits_per_device_and_fleet() {
         "{m}"
     );
 }
+
+/// Rules created upstream (Coze's limitations API, here the sandbox) are enforced at the edge
+/// within one sync interval; while the upstream's quota API is down, the last-known rules keep
+/// holding and `/readyz` says why; the plan's `api_run_qps` becomes the fleet chat cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_rules_are_synced_and_kept_when_sync_fails() {
+    let up = sandbox_upstream(SandboxConfig {
+        plan_qps: 1,
+        ..Default::default()
+    })
+    .await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.extra_toml = "[quota.sync]\nenabled = true\ninterval = \"300ms\"\n".into();
+    let gw = GatewayProcess::start(&opts).await;
+    let token = gw.register_device("sync-dev").await;
+    let create = |path: &'static str| {
+        let http = gw.http.clone();
+        let url = format!("{}{path}", gw.device);
+        let token = token.clone();
+        async move {
+            http.post(url)
+                .bearer_auth(token)
+                .json(&json!({"bot_id": "b"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(create("/v1/conversation/create").await, 200);
+    // An operator blocks the device on Coze (the sandbox upstream).
+    let r = gw
+        .http
+        .post(format!("{}{LIMITATIONS}", up.base_url()))
+        .bearer_auth(PAT)
+        .json(&json!({"entity_type": "single_device", "entity_id": "sync-dev",
+            "benefit_info": {"benefit_type": "resource_point", "active_mode": "absolute_time", "started_at": 0,
+                             "ended_at": FOREVER, "limit": 0, "status": "valid", "trigger_unit": "never", "trigger_time": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let blocked = eventually(Duration::from_secs(3), || async {
+        create("/v1/conversation/create").await == 429
+    })
+    .await;
+    assert!(
+        blocked,
+        "rule from upstream enforced within a sync interval or two"
+    );
+
+    // The upstream's quota API goes down: the rule keeps holding.
+    up.switches()
+        .limitations_down
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let failing = eventually(Duration::from_secs(3), || async {
+        gw.metrics()
+            .await
+            .contains("fleetgate_quota_sync_runs_total{result=\"error\"}")
+    })
+    .await;
+    assert!(failing);
+    assert_eq!(
+        create("/v1/conversation/create").await,
+        429,
+        "last-known rules keep holding"
+    );
+    let ready: Value = gw
+        .http
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(ready["quota_sync"]["last_error"].is_string(), "{ready}");
+    assert_eq!(
+        ready["ready"], true,
+        "still ready: the gateway keeps enforcing known rules"
+    );
+
+    // Plan QPS 1 for chat: a second chat in the same second is refused fleet-wide.
+    let other = gw.register_device("sync-other").await;
+    let chat = |t: String| {
+        let http = gw.http.clone();
+        let url = format!("{}/v3/chat", gw.device);
+        async move {
+            let r = http.post(url).bearer_auth(t).json(&json!({"bot_id": "b", "user_id": "u",
+                "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})).send().await.unwrap();
+            let s = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (s, v["code"].as_i64())
+        }
+    };
+    let first = chat(other.clone()).await;
+    let second = chat(other).await;
+    assert_eq!(first.0, 200, "{first:?}");
+    assert_eq!(
+        second,
+        (429, Some(4013)),
+        "plan QPS of 1 applied as the fleet chat cap"
+    );
+}

@@ -193,7 +193,17 @@ impl AdminApp {
                     StatusCode::SERVICE_UNAVAILABLE
                 };
                 let phase = format!("{:?}", self.state.phase()).to_lowercase();
-                return Ok((status, json!({"ready": ready, "phase": phase})));
+                let sync = self
+                    .state
+                    .quotas
+                    .sync_status
+                    .lock()
+                    .map(|s| s.clone())
+                    .unwrap_or_default();
+                return Ok((
+                    status,
+                    json!({"ready": ready, "phase": phase, "quota_sync": sync}),
+                ));
             }
             _ => {}
         }

@@ -256,9 +256,19 @@ pub struct RateLimitSettings {
     pub max_tracked_devices: usize,
 }
 
+/// Validated `[quota.sync]`.
+#[derive(Clone, Debug)]
+pub struct QuotaSync {
+    pub interval: Duration,
+    pub token: Secret,
+    pub plan_qps: bool,
+}
+
 /// Validated `[quota]`.
 #[derive(Clone, Debug)]
 pub struct QuotaSettings {
+    /// `None`: sync off.
+    pub sync: Option<QuotaSync>,
     pub estimate_llm_tokens: u64,
     pub estimate_audio_ms: u64,
     pub estimate_tts_chars: u64,
@@ -632,6 +642,24 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             format!("`{}` is not a valid filter (e.g. `info`)", f.log.level),
         );
     }
+    let quota_sync = if f.quota.sync.enabled {
+        if f.quota.sync.interval < Duration::from_millis(100) {
+            c.err("quota.sync.interval", "must be at least 100ms");
+        }
+        let var = f
+            .quota
+            .sync
+            .token_env
+            .clone()
+            .unwrap_or_else(|| f.upstream.pat_env.clone());
+        secret_from_env(&mut c, env, "quota.sync.token_env", &var).map(|token| QuotaSync {
+            interval: f.quota.sync.interval,
+            token,
+            plan_qps: f.quota.sync.plan_qps,
+        })
+    } else {
+        None
+    };
     if f.quota.persist_interval.is_zero() || f.quota.persist_interval > Duration::from_secs(10) {
         c.err("quota.persist_interval", "must be between 1ms and 10s");
     }
@@ -727,6 +755,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             max_tracked_devices: f.rate_limits.max_tracked_devices.unwrap_or(1_000_000),
         },
         quota: QuotaSettings {
+            sync: quota_sync,
             estimate_llm_tokens: f.quota.estimate_llm_tokens,
             estimate_audio_ms: f.quota.estimate_audio_ms,
             estimate_tts_chars: f.quota.estimate_tts_chars,

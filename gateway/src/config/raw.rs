@@ -72,6 +72,35 @@ pub struct QuotaConfig {
     /// `resource_point` prices, in micro-points (1 point = 1 000 000).
     #[serde(default)]
     pub prices: PricesConfig,
+    /// Pull rules (and the plan QPS) from the upstream's quota APIs.
+    #[serde(default)]
+    pub sync: QuotaSyncConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSyncConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "d_sync_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Environment variable with a token allowed to list limitations (default: the PAT's).
+    pub token_env: Option<String>,
+    /// Also read the plan's `api_run_qps` (chat, workflow) as fleet caps when the
+    /// `[rate_limits]` caps are 0.
+    #[serde(default = "d_true")]
+    pub plan_qps: bool,
+}
+
+impl Default for QuotaSyncConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: d_sync_interval(),
+            token_env: None,
+            plan_qps: true,
+        }
+    }
 }
 
 impl Default for QuotaConfig {
@@ -82,6 +111,7 @@ impl Default for QuotaConfig {
             estimate_tts_chars: d_est_tts(),
             persist_interval: d_persist(),
             prices: PricesConfig::default(),
+            sync: QuotaSyncConfig::default(),
         }
     }
 }
@@ -422,6 +452,9 @@ fn d_est_tts() -> u64 {
 }
 fn d_persist() -> Duration {
     Duration::from_millis(100)
+}
+fn d_sync_interval() -> Duration {
+    Duration::from_secs(30)
 }
 fn d_grace() -> Duration {
     Duration::from_secs(30)
