@@ -64,6 +64,8 @@ pub struct Quotas {
     /// Benefit ids of the rules that came from the upstream (the rest are local).
     synced_ids: RwLock<std::collections::HashSet<String>>,
     pub sync_status: Mutex<SyncStatus>,
+    /// Wakes the sync service for an immediate round (after a forwarded admin write).
+    pub sync_now: tokio::sync::Notify,
     ledger: Mutex<QuotaLedger>,
     settings: QuotaSettings,
 }
@@ -110,6 +112,7 @@ impl Quotas {
             rules: RwLock::new(Arc::new(set)),
             synced_ids: RwLock::new(synced_ids),
             sync_status: Mutex::new(status),
+            sync_now: tokio::sync::Notify::new(),
             ledger: Mutex::new(ledger),
             settings: settings.clone(),
         })

@@ -200,6 +200,47 @@ impl RuleSync {
     }
 }
 
+/// With sync on, a rule written through the gateway's admin API goes to the upstream (the
+/// single source of truth) unchanged, the upstream's answer is returned as is, and the
+/// gateway re-syncs at once.
+pub async fn forward(
+    state: &crate::state::GatewayState,
+    cfg: &QuotaSync,
+    method: &http::Method,
+    path_and_query: &str,
+    body: bytes::Bytes,
+) -> Result<(u16, Value), String> {
+    let up = &state.config.upstream;
+    let url = format!(
+        "{}://{}{path_and_query}",
+        if up.rest.tls { "https" } else { "http" },
+        up.rest.authority()
+    );
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls((*crate::ws::tls_client_config()).clone())
+        .connect_timeout(up.connect_timeout)
+        .timeout(up.connect_timeout + up.read_timeout)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let method =
+        reqwest::Method::from_bytes(method.as_str().as_bytes()).map_err(|e| e.to_string())?;
+    let r = http
+        .request(method, url)
+        .bearer_auth(cfg.token.expose())
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| e.without_url().to_string())?;
+    let status = r.status().as_u16();
+    let v: Value = r
+        .json()
+        .await
+        .map_err(|_| format!("upstream answered HTTP {status} without JSON"))?;
+    state.quotas.sync_now.notify_one();
+    Ok((status, v))
+}
+
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for RuleSync {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
@@ -207,6 +248,7 @@ impl pingora::services::background::BackgroundService for RuleSync {
             self.run_once().await;
             tokio::select! {
                 _ = tokio::time::sleep(self.cfg.interval) => {}
+                _ = self.state.quotas.sync_now.notified() => {}
                 r = shutdown.changed() => {
                     if r.is_err() || *shutdown.borrow() {
                         return;

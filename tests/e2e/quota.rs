@@ -559,3 +559,55 @@ async fn upstream_rules_are_synced_and_kept_when_sync_fails() {
         "plan QPS of 1 applied as the fleet chat cap"
     );
 }
+
+/// With sync on, rules written through the gateway's admin API go to the upstream (one source
+/// of truth): the upstream's answer comes back as is, and the rule is enforced right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_rule_writes_are_forwarded_upstream_when_syncing() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.extra_toml = "[quota.sync]\nenabled = true\ninterval = \"1h\"\nplan_qps = false\n".into();
+    let gw = GatewayProcess::start(&opts).await;
+    let token = gw.register_device("fwd-dev").await;
+    let body = json!({"entity_type": "single_device", "entity_id": "fwd-dev",
+        "benefit_info": {"benefit_type": "resource_point", "active_mode": "absolute_time", "started_at": 0,
+                         "ended_at": FOREVER, "limit": 0, "status": "valid", "trigger_unit": "never", "trigger_time": 1}});
+    let r = gw.admin(Method::POST, LIMITATIONS, Some(body)).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], 0, "the upstream's answer: {v}");
+    let listed: Value = gw
+        .http
+        .get(format!(
+            "{}{LIMITATIONS}?entity_type=single_device&entity_id=fwd-dev",
+            up.base_url()
+        ))
+        .bearer_auth(PAT)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["data"]["benefit_infos"].as_array().unwrap().len(),
+        1,
+        "the rule lives upstream: {listed}"
+    );
+    let blocked = eventually(Duration::from_secs(3), || async {
+        gw.http
+            .post(format!("{}/v1/conversation/create", gw.device))
+            .bearer_auth(&token)
+            .json(&json!({"bot_id": "b"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 429
+    })
+    .await;
+    assert!(
+        blocked,
+        "re-synced right after the write (the interval is an hour)"
+    );
+}

@@ -217,6 +217,33 @@ impl AdminApp {
             query,
             body,
         };
+        if let Some(sync) = &self.state.config.quota.sync
+            && req.path.starts_with("/v1/commerce/benefit/limitations")
+            && matches!(req.method, Method::POST | Method::PUT)
+        {
+            let target = match session.req_header().uri.path_and_query() {
+                Some(pq) => pq.as_str().to_owned(),
+                None => req.path.clone(),
+            };
+            return crate::quota_sync::forward(
+                &self.state,
+                sync,
+                &req.method,
+                &target,
+                req.body.clone(),
+            )
+            .await
+            .map(|(status, v)| {
+                (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                    v,
+                )
+            })
+            .map_err(|e| {
+                tracing::warn!(error = %e, "Forwarding a rule write upstream failed.");
+                AdminError::unavailable("upstream quota API unavailable; nothing was changed")
+            });
+        }
         if let Some(r) = crate::quota_api::route(&self.state, &req) {
             return r;
         }
