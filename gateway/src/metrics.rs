@@ -63,6 +63,81 @@ pub struct Metrics {
     pub devices: IntGauge,
     /// `fleetgate_config_reloads_total`
     pub reloads: IntCounter,
+    /// `process_*` (standard names), refreshed from `/proc/self` at every scrape.
+    process: ProcessMetrics,
+}
+
+/// The standard Prometheus process metrics, read from `/proc/self` (Linux) at scrape time.
+#[derive(Clone)]
+struct ProcessMetrics {
+    cpu_seconds: prometheus::Gauge,
+    resident_bytes: IntGauge,
+    virtual_bytes: IntGauge,
+    open_fds: IntGauge,
+    threads: IntGauge,
+    start_time: IntGauge,
+}
+
+impl ProcessMetrics {
+    fn register(r: &Registry) -> prometheus::Result<ProcessMetrics> {
+        let cpu = prometheus::Gauge::new(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
+        )?;
+        r.register(Box::new(cpu.clone()))?;
+        Ok(ProcessMetrics {
+            cpu_seconds: cpu,
+            resident_bytes: gauge(
+                r,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+            )?,
+            virtual_bytes: gauge(
+                r,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+            )?,
+            open_fds: gauge(r, "process_open_fds", "Number of open file descriptors.")?,
+            threads: gauge(r, "process_threads", "Number of OS threads.")?,
+            start_time: gauge(
+                r,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+            )?,
+        })
+    }
+
+    /// Best effort: on systems without `/proc` the gauges stay at 0.
+    fn refresh(&self) {
+        const TICKS_PER_S: f64 = 100.0; // USER_HZ on Linux
+        const PAGE: i64 = 4096;
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command name (which is in parentheses and may hold spaces).
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+            // f[0] = state (field 3); utime = field 14 → f[11], stime → f[12], threads → f[17],
+            // starttime → f[19], vsize → f[20], rss pages → f[21].
+            self.cpu_seconds
+                .set((num(11) + num(12)) as f64 / TICKS_PER_S);
+            self.threads.set(num(17));
+            self.virtual_bytes.set(num(20));
+            self.resident_bytes.set(num(21) * PAGE);
+            if let Some(boot) = boot_time() {
+                self.start_time.set(boot + num(19) / TICKS_PER_S as i64);
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(dir.count() as i64);
+        }
+    }
+}
+
+fn boot_time() -> Option<i64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn counter_vec(
@@ -231,6 +306,7 @@ impl Metrics {
                 r.register(Box::new(c.clone()))?;
                 c
             },
+            process: ProcessMetrics::register(r)?,
             registry,
         };
         for reason in policy::decision::DenyReason::ALL {
@@ -241,6 +317,7 @@ impl Metrics {
 
     /// Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
+        self.process.refresh();
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::warn!(error = %e, "Metrics encoding failed.");

@@ -91,7 +91,12 @@ impl DrainOnSignal {
         self.state.set_phase(Phase::Draining);
         let start = Instant::now();
         let m = &self.state.metrics;
-        while start.elapsed() < grace && (m.ws_sessions.get() > 0 || m.sse_streams.get() > 0) {
+        // Keep serving for `drain_delay` with readiness failed (load balancers notice), and
+        // until streams end, within the grace period.
+        let delay = self.state.config.drain_delay;
+        while start.elapsed() < grace
+            && (start.elapsed() < delay || m.ws_sessions.get() > 0 || m.sse_streams.get() > 0)
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tracing::info!(

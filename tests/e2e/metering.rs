@@ -148,3 +148,96 @@ async fn speech_characters_and_audio_are_metered() {
         "16 kHz 16-bit mono"
     );
 }
+
+/// Metrics stay bounded: 10,000 different devices making requests add no series (no device
+/// id is ever a label); process metrics are exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_series_stay_bounded_with_10k_devices() {
+    use std::sync::Arc;
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = Arc::new(GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await);
+    const N: usize = 10_000;
+    let devices: Vec<Value> = (0..N)
+        .map(|i| json!({"device_id": format!("fleet-{i:05}")}))
+        .collect();
+    let r = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/devices",
+            Some(json!({"devices": devices})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    // Tokens minted with the harness's signing key (what the admin API would mint).
+    let keyring = policy::token::Keyring::new([("t1", &[42u8; 32][..])], "t1").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |i: usize| {
+        keyring.mint(&policy::token::Claims {
+            iss: policy::token::ISSUER.into(),
+            sub: policy::ids::DeviceId::parse(&format!("fleet-{i:05}")).unwrap(),
+            iat: now,
+            exp: now + 3600,
+            generation: 0,
+            cred: None,
+            jti: format!("j{i}"),
+        })
+    };
+    let series = |m: &str| {
+        m.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .count()
+    };
+    let call = |t: String| {
+        let (http, url) = (
+            gw.http.clone(),
+            format!("{}/v1/conversation/create", gw.device),
+        );
+        async move {
+            http.post(url)
+                .bearer_auth(t)
+                .json(&json!({"bot_id": "b"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    for i in 0..10 {
+        assert_eq!(call(token(i)).await, 200);
+    }
+    let before = series(&gw.metrics().await);
+    let tokens: Vec<String> = (10..N).map(token).collect();
+    let mut it = tokens.into_iter();
+    loop {
+        let batch: Vec<_> = it
+            .by_ref()
+            .take(64)
+            .map(|t| tokio::spawn(call(t)))
+            .collect();
+        if batch.is_empty() {
+            break;
+        }
+        for t in batch {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+    }
+    let m = gw.metrics().await;
+    let after = series(&m);
+    assert!(
+        after <= before + 2,
+        "series grew with devices: {before} → {after}"
+    );
+    assert!(!m.contains("fleet-0"), "a device id leaked into metrics");
+    let rss = m
+        .lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .unwrap();
+    assert!(
+        rss.parse::<f64>().unwrap() > 1e6,
+        "process metrics exported"
+    );
+}

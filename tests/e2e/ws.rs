@@ -261,3 +261,84 @@ async fn silent_upstream_is_pinged() {
         "pinged only after the interval"
     );
 }
+
+/// Zero failed REST requests during a drain: on SIGTERM `/readyz` fails at once while REST is
+/// still served for `server.drain_delay`; a client that stops sending when readiness fails
+/// (as a load balancer does) sees no error at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_rest_request_fails_during_a_drain() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let up = sandbox_upstream(fast_upstream()).await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.drain_delay = "2s";
+    let mut gw = GatewayProcess::start(&opts).await;
+    let token = gw.register_device("drain-rest").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (http, url, token) = (
+            gw.http.clone(),
+            format!("{}/v1/conversation/create", gw.device),
+            token.clone(),
+        );
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                match http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!({"bot_id": "b"}))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("failed during drain: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    let watcher = {
+        let (http, url, stop) = (
+            gw.http.clone(),
+            format!("{}/readyz", gw.admin),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                if let Ok(r) = http.get(&url).send().await
+                    && r.status() == 503
+                {
+                    stop.store(true, Ordering::Release);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.signal("TERM");
+    watcher.await.unwrap();
+    for t in load {
+        t.await.unwrap();
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), gw.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "failed requests during the drain"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 20,
+        "load ran: {}",
+        ok.load(Ordering::Relaxed)
+    );
+}

@@ -51,6 +51,8 @@ pub struct GatewayOptions {
     pub upstream: String,
     pub extra_toml: String,
     pub grace_period: &'static str,
+    /// Serving with readiness failed after SIGTERM (`server.drain_delay`).
+    pub drain_delay: &'static str,
     pub ping_interval: &'static str,
     /// Extra environment variables for the gateway process (e.g. `SSL_CERT_FILE`).
     pub env: Vec<(String, String)>,
@@ -68,6 +70,7 @@ impl GatewayOptions {
             upstream: upstream.to_owned(),
             extra_toml: String::new(),
             grace_period: "5s",
+            drain_delay: "0s",
             ping_interval: "30s",
             env: Vec::new(),
             read_timeout: "10s",
@@ -132,6 +135,7 @@ impl GatewayProcess {
 [server]
 threads = 2
 grace_period = "{grace}"
+drain_delay = "{drain_delay}"
 [device_listener]
 addr = "127.0.0.1:0"
 [admin_listener]
@@ -156,6 +160,7 @@ path = "{store}"
 {extra}
 "#,
             grace = opts.grace_period,
+            drain_delay = opts.drain_delay,
             up = opts.upstream,
             ping = opts.ping_interval,
             extra = opts.extra_toml,

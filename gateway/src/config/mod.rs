@@ -288,6 +288,7 @@ pub struct LogSettings {
 pub struct GatewayConfig {
     pub threads: usize,
     pub grace_period: Duration,
+    pub drain_delay: Duration,
     pub device_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub admin_token: Secret,
@@ -705,6 +706,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
     Ok(GatewayConfig {
         threads,
         grace_period: f.server.grace_period,
+        drain_delay: f.server.drain_delay.min(f.server.grace_period),
         device_addr,
         admin_addr,
         admin_token,

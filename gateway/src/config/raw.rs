@@ -159,6 +159,10 @@ pub struct ServerConfig {
     /// How long SIGTERM waits for streams to finish before closing them.
     #[serde(default = "d_grace", with = "humantime_serde")]
     pub grace_period: Duration,
+    /// After SIGTERM, keep serving this long with readiness failed so load balancers stop
+    /// sending before the listeners close (capped by `grace_period`).
+    #[serde(default = "d_drain_delay", with = "humantime_serde")]
+    pub drain_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -166,6 +170,7 @@ impl Default for ServerConfig {
         Self {
             threads: None,
             grace_period: d_grace(),
+            drain_delay: d_drain_delay(),
         }
     }
 }
@@ -455,6 +460,9 @@ fn d_persist() -> Duration {
 }
 fn d_sync_interval() -> Duration {
     Duration::from_secs(30)
+}
+fn d_drain_delay() -> Duration {
+    Duration::from_secs(5)
 }
 fn d_grace() -> Duration {
     Duration::from_secs(30)
