@@ -23,6 +23,7 @@ pub mod quota;
 pub mod quota_api;
 pub mod quota_sync;
 pub mod ratelimit;
+pub mod reload;
 pub mod sandbox_cmd;
 pub mod server;
 pub mod state;

@@ -152,7 +152,7 @@ impl RuleSync {
                         })
                         .and_then(|b| b["effective"]["item_info"]["total"].as_u64());
                     if let Some(qps) = total.and_then(|t| u32::try_from(t).ok()) {
-                        self.state.rate_limits.set_plan_qps(class, qps);
+                        self.state.rate_limits().set_plan_qps(class, qps);
                     }
                 }
                 Err(e) => {

@@ -112,23 +112,8 @@ impl DrainOnSignal {
     /// keys: add a new key, make it active, drop the old one after `tokens.max_ttl`). Every
     /// other change is reported as needing a restart. A bad file changes nothing.
     fn reload(&self) {
-        let Some(path) = self.state.config.source.clone() else {
-            tracing::warn!("SIGHUP ignored: this configuration was not read from a file.");
-            return;
-        };
-        match crate::config::load_file(&path, &crate::config::process_env) {
-            Ok(new) => {
-                self.state.set_keyring(new.tokens.keyring.clone());
-                self.state.metrics.reloads.inc();
-                tracing::info!(
-                    path = %path.display(),
-                    active_kid = new.tokens.keyring.active_kid(),
-                    "Reloaded: token signing keys applied; other changes need a restart."
-                );
-            }
-            Err(e) => {
-                tracing::error!(path = %path.display(), errors = %e, "Reload refused; keeping the running configuration.")
-            }
+        if let Err(e) = crate::reload::reload(&self.state) {
+            tracing::error!(errors = %e, "Reload refused; keeping the running configuration.");
         }
     }
 }

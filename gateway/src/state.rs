@@ -29,8 +29,10 @@ pub struct GatewayState {
     pub store: crate::store::Store,
     /// Rate limiters and the `jti` replay cache of the device token endpoint.
     pub oauth: crate::oauth::TokenEndpoint,
-    /// Per-device and fleet request rate limits.
-    pub rate_limits: crate::ratelimit::RateLimits,
+    /// Per-device and fleet request rate limits (replaced on reload).
+    rate_limits: std::sync::RwLock<Arc<crate::ratelimit::RateLimits>>,
+    /// The path allow-list (replaced on reload).
+    routes: std::sync::RwLock<Arc<policy::route::RouteTable>>,
     /// Quota rules, the usage ledger and their persistence.
     pub quotas: crate::quota::Quotas,
     /// What goes into `Authorization` upstream, per device (PAT or per-device OAuth token).
@@ -55,7 +57,10 @@ impl GatewayState {
         )?;
         let quotas = crate::quota::Quotas::load(&store, &config.quota)?;
         Ok(GatewayState {
-            rate_limits: crate::ratelimit::RateLimits::new(&config.rate_limits),
+            rate_limits: std::sync::RwLock::new(Arc::new(crate::ratelimit::RateLimits::new(
+                &config.rate_limits,
+            ))),
+            routes: std::sync::RwLock::new(Arc::new(config.routes.clone())),
             quotas,
             upstream_auth,
             keyring: std::sync::RwLock::new(Arc::new(config.tokens.keyring.clone())),
@@ -67,6 +72,28 @@ impl GatewayState {
             ready: AtomicBool::new(false),
             phase: watch::channel(Phase::Starting).0,
         })
+    }
+
+    pub fn rate_limits(&self) -> Arc<crate::ratelimit::RateLimits> {
+        self.rate_limits
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn set_rate_limits(&self, r: crate::ratelimit::RateLimits) {
+        *self.rate_limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(r);
+    }
+
+    pub fn routes(&self) -> Arc<policy::route::RouteTable> {
+        self.routes
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn set_routes(&self, r: policy::route::RouteTable) {
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(r);
     }
 
     /// The current signing keys (cheap: an `Arc` clone under a read lock).

@@ -389,3 +389,52 @@ async fn signing_keys_rotate_on_sighup() {
     );
     assert_eq!(call(&gw, &new).await, 200);
 }
+
+/// `POST /admin/v1/reload` (like SIGHUP) applies routes and rate limits live and reports
+/// settings that only a restart applies; a broken file is refused with every error listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_routes_and_limits_and_reports_restart_only_changes() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("reload-dev").await;
+    assert_eq!(call(&gw, &token).await, 200);
+    let original = std::fs::read_to_string(gw.config_path()).unwrap();
+    let edited = original.replace("read_timeout = \"10s\"", "read_timeout = \"11s\"")
+        + "\n[routes]\nallow = [\"/v3/chat\"]\n[rate_limits]\ndevice_rps = 1\ndevice_burst = 1\n";
+    std::fs::write(gw.config_path(), edited).unwrap();
+    let r = gw.admin(Method::POST, "/admin/v1/reload", None).await;
+    assert_eq!(r.status(), 200);
+    let report: Value = r.json().await.unwrap();
+    assert!(
+        report["applied"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("routes")),
+        "{report}"
+    );
+    assert!(
+        report["needs_restart"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("upstream timeouts")),
+        "{report}"
+    );
+    assert_eq!(
+        call(&gw, &token).await,
+        404,
+        "route removed from the allow-list, live"
+    );
+    std::fs::write(gw.config_path(), "[server]\nthreads = 0\n").unwrap();
+    let r = gw.admin(Method::POST, "/admin/v1/reload", None).await;
+    assert_eq!(r.status(), 400);
+    let err: Value = r.json().await.unwrap();
+    assert!(
+        err["msg"].as_str().unwrap().contains("server.threads"),
+        "{err}"
+    );
+    assert_eq!(
+        call(&gw, &token).await,
+        404,
+        "a broken file changes nothing"
+    );
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real-SDK contract tests: unmodified cozepy (Python) and @coze/api (Node) against the sandbox and
-# through the gateway (`fleetgate sandbox`). Also runs tests/deploy (structural checks of deploy/,
-# `fleetgate check-config` on the Kubernetes ConfigMap) in the same venv.
+# through the gateway (`fleetgate sandbox`). Also runs tests/deploy in the same venv: structural
+# checks of deploy/, `fleetgate check-config` on the Kubernetes ConfigMap, and the admin API
+# contract (docs/openapi.yaml kept in sync with the code and a live gateway, schemathesis fuzzing).
 #
 # Prerequisite: `cargo build --bins` (debug binaries `sandbox` and `fleetgate` under
 # ${CARGO_TARGET_DIR:-<repo>/target}/debug). Needs python3 and node/npm; network access only to
@@ -102,7 +103,7 @@ echo "== Python SDK (cozepy) =="
 echo "== Node SDK (@coze/api) =="
 (cd "$SDK/node" && node --test --test-concurrency=1 --test-reporter=spec) || status=1
 
-echo "== Deployment artifacts (deploy/) =="
+echo "== Deployment artifacts (deploy/) and admin API contract (docs/openapi.yaml) =="
 (
   cd "$REPO/tests/deploy" &&
     PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider .

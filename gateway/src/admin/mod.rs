@@ -244,6 +244,16 @@ impl AdminApp {
                 AdminError::unavailable("upstream quota API unavailable; nothing was changed")
             });
         }
+        if let ("POST", "/admin/v1/reload") = (req.method.as_str(), req.path.as_str()) {
+            return crate::reload::reload(&self.state)
+                .map(|report| {
+                    (
+                        StatusCode::OK,
+                        serde_json::to_value(report).unwrap_or_default(),
+                    )
+                })
+                .map_err(|e| AdminError::bad_request(e.to_string()));
+        }
         if let Some(r) = crate::quota_api::route(&self.state, &req) {
             return r;
         }

@@ -115,7 +115,7 @@ pub fn admit(
     content_length: Option<u64>,
     now_s: u64,
 ) -> Result<Admission, Denial> {
-    let route = state.config.routes.resolve(path)?;
+    let route = state.routes().resolve(path)?;
     let token = token.ok_or(Denial::new(
         DenyReason::MissingToken,
         "missing access token",

@@ -92,7 +92,7 @@ impl ProxyHttp for Gateway {
         };
         if let Err(denial) =
             self.state
-                .rate_limits
+                .rate_limits()
                 .admit(&admission.device, admission.route.class, now_ms())
         {
             ctx.admission = Some(admission);

@@ -171,7 +171,7 @@ impl WsRelay {
         let class = admission.route.class;
         if let Err(d) = self
             .state
-            .rate_limits
+            .rate_limits()
             .admit(&admission.device, class, now_ms())
         {
             return self.refuse(&mut device, &d, &logid).await;
