@@ -67,6 +67,12 @@ const MAX_PAGE: usize = 200;
 /// Routes under `/v1/commerce/benefit/limitations` on the admin listener.
 pub fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {
     let rest = req.path.strip_prefix("/v1/commerce/benefit/limitations")?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None; // `/v1/commerce/benefit/limitationsXYZ`: not ours (404)
+    }
+    if rest.matches('/').count() > 1 {
+        return Some(Err(AdminError::not_found("no such admin route")));
+    }
     Some(match (req.method.as_str(), rest) {
         ("POST", "") => {
             let body: CreateLimitation = match req.json() {

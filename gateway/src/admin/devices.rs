@@ -283,9 +283,14 @@ fn add_credential(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> Ad
         }
         NewCredential::Secret { kid } => {
             let kid = kid.unwrap_or_else(|| format!("sec-{:016x}", rand::random::<u64>()));
-            if kid.is_empty() || kid.len() > policy::credential::MAX_KID_LEN || kid.contains('/') {
+            let ok = !kid.is_empty()
+                && kid.len() <= policy::credential::MAX_KID_LEN
+                && kid
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !ok {
                 return Err(AdminError::bad_request(
-                    "kid must be 1-128 characters without `/`",
+                    "kid must be 1-128 characters of A-Z a-z 0-9 . _ -",
                 ));
             }
             let (secret, hash) =
@@ -387,9 +392,9 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
         return Err(AdminError::not_found("no such admin route"));
     };
     let mut parts = rest.split('/');
-    let raw_id = parts.next().unwrap_or_default();
+    let raw_id = super::percent_decode(parts.next().unwrap_or_default(), false);
     let id =
-        DeviceId::parse(raw_id).map_err(|e| AdminError::bad_request(format!("device_id: {e}")))?;
+        DeviceId::parse(&raw_id).map_err(|e| AdminError::bad_request(format!("device_id: {e}")))?;
     let not_found = || AdminError::not_found("device not found");
     match (req.method.as_str(), parts.next(), parts.next()) {
         ("GET", None, _) => {
@@ -412,6 +417,7 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
             Ok((StatusCode::OK, json!({"credentials": list})))
         }
         ("DELETE", Some("credentials"), Some(kid)) if parts.next().is_none() => {
+            let kid = &super::percent_decode(kid, false);
             delete_credential(state, &id, kid)
         }
         (_, None, _) | (_, Some("tokens" | "revoke" | "credentials"), None) => {

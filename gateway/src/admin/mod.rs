@@ -99,11 +99,17 @@ pub struct AdminRequest {
 
 impl AdminRequest {
     /// The body as JSON of type `T`, with a 400 naming the problem otherwise.
+    /// (An array is refused even where serde would read it as a struct's fields in order.)
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, AdminError> {
         if self.body.is_empty() {
             return Err(AdminError::bad_request("a JSON body is required"));
         }
-        serde_json::from_slice(&self.body)
+        let v: Value = serde_json::from_slice(&self.body)
+            .map_err(|e| AdminError::bad_request(format!("invalid JSON body: {e}")))?;
+        if !v.is_object() {
+            return Err(AdminError::bad_request("the body must be a JSON object"));
+        }
+        serde_json::from_value(v)
             .map_err(|e| AdminError::bad_request(format!("invalid JSON body: {e}")))
     }
     /// The body as JSON, or `T::default()` when empty.
@@ -134,9 +140,40 @@ fn parse_query(q: Option<&str>) -> BTreeMap<String, String> {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (k.to_owned(), v.replace("%20", " ").replace('+', " "))
+            (percent_decode(k, true), percent_decode(v, true))
         })
         .collect()
+}
+
+/// Decodes `%XX` escapes (and `+` as a space in query strings). Invalid escapes are kept as
+/// they are; invalid UTF-8 is replaced, so ids with it never match anything.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let hex = |x: u8| (x as char).to_digit(16);
+        match c {
+            b'%' => {
+                match (
+                    b.get(i + 1).copied().and_then(hex),
+                    b.get(i + 2).copied().and_then(hex),
+                ) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(c),
+                }
+            }
+            b'+' if plus_is_space => out.push(b' '),
+            _ => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn respond(status: StatusCode, body: &Value, logid: &str) -> Response<Vec<u8>> {
@@ -305,6 +342,15 @@ pub fn method_not_allowed() -> AdminError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("AA%3ABB%3acc", true), "AA:BB:cc");
+        assert_eq!(percent_decode("a+b%20c", true), "a b c");
+        assert_eq!(percent_decode("a+b", false), "a+b");
+        assert_eq!(percent_decode("100%", true), "100%");
+        assert_eq!(percent_decode("%zz%4", true), "%zz%4");
+    }
 
     #[test]
     fn constant_time_compare_is_correct() {
