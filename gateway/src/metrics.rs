@@ -24,6 +24,11 @@ pub struct Metrics {
     pub duration: HistogramVec,
     /// `fleetgate_upstream_first_byte_seconds{route,protocol}`
     pub first_byte: HistogramVec,
+    /// `fleetgate_gateway_overhead_seconds{route}`: admission to the upstream request
+    /// (auth, limits, quota hold, credential), REST and SSE.
+    pub overhead: HistogramVec,
+    /// `fleetgate_websocket_frames_total{direction}`
+    pub ws_frames: IntCounterVec,
     /// `fleetgate_websocket_sessions` (gauge)
     pub ws_sessions: IntGauge,
     /// `fleetgate_sse_streams` (gauge)
@@ -198,6 +203,18 @@ impl Metrics {
                 "fleetgate_upstream_first_byte_seconds",
                 "Time from admission to the upstream's response header.",
                 &["route", "protocol"],
+            )?,
+            overhead: histogram_vec(
+                r,
+                "fleetgate_gateway_overhead_seconds",
+                "Time the gateway spends before sending a request upstream (admission, limits, quota hold, upstream credential).",
+                &["route"],
+            )?,
+            ws_frames: counter_vec(
+                r,
+                "fleetgate_websocket_frames_total",
+                "WebSocket frames relayed, by direction (uplink = device to upstream).",
+                &["direction"],
             )?,
             ws_sessions: gauge(
                 r,

@@ -61,6 +61,10 @@ async fn sse_chat_tokens_are_metered() {
     assert_eq!(metered(&m, "llm_input_tokens"), input);
     assert_eq!(metered(&m, "llm_output_tokens"), output);
     assert_eq!(metered(&m, "requests"), 1);
+    assert!(
+        m.contains("fleetgate_gateway_overhead_seconds_count{route=\"chat\"} 1"),
+        "{m}"
+    );
 }
 
 /// A voice session: 1 s of 16 kHz PCM up is exactly 1,000 ms of input audio; output audio,
@@ -121,6 +125,19 @@ async fn voice_session_audio_and_time_are_metered() {
         "24 kHz 16-bit mono down"
     );
     assert!(metered(&m, "llm_output_tokens") > 0);
+    let frames = |dir: &str| {
+        let p = format!("fleetgate_websocket_frames_total{{direction=\"{dir}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&p))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        frames("uplink"),
+        1 + 50 + 1 + 1,
+        "chat.update, 50 appends, complete, close"
+    );
+    assert!(frames("downlink") > 5);
 }
 
 /// REST TTS: the request's characters and the returned audio's duration.

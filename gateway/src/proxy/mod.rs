@@ -168,6 +168,11 @@ impl ProxyHttp for Gateway {
                 tracing::warn!(request_id = %ctx.logid, device_id = %admission.device, error = %e, "No upstream credential.");
                 Error::explain(ErrorType::Custom("upstream_credentials"), "upstream credentials unavailable")
             })?;
+        self.state
+            .metrics
+            .overhead
+            .with_label_values(&[admission.route.class.as_str()])
+            .observe(ctx.started.elapsed().as_secs_f64());
         upstream::rewrite(req, &self.rest, &auth, admission)
     }
 

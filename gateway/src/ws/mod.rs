@@ -323,6 +323,14 @@ impl WsRelay {
         let voice_session_ms = if path == "/v1/chat" { session_ms } else { 0 };
         let usage = counters.meter.usage();
         crate::metrics::record_usage(m, &usage, voice_session_ms);
+        for (dir, label) in [
+            (policy::metering::Direction::Uplink, "uplink"),
+            (policy::metering::Direction::Downlink, "downlink"),
+        ] {
+            m.ws_frames
+                .with_label_values(&[label])
+                .inc_by(counters.meter.parser(dir).frames());
+        }
         let consumed = policy::quota::Consumption {
             usage,
             requests: 1,
