@@ -21,7 +21,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::{ALPN, Stream};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::proxy::Gateway;
 use crate::ws::WsRelay;
@@ -74,8 +74,18 @@ async fn read_head(stream: &mut Stream, shutdown: &ShutdownWatch) -> Head {
         }
         match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}
-            // Incomplete head at EOF or timeout: let pingora answer what it can.
-            _ => return Head::Unparsed(buf),
+            // The device went away mid-head: nothing to answer.
+            Ok(_) => return Head::Closed,
+            // A head that does not complete in time (slowloris): 408 and close, so a slow
+            // device cannot hold a connection open.
+            Err(_) => {
+                const TIMEOUT: &[u8] =
+                    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+                if stream.write_all(TIMEOUT).await.is_ok() {
+                    let _flushed = stream.flush().await;
+                }
+                return Head::Closed;
+            }
         }
     }
 }

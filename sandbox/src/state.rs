@@ -50,6 +50,14 @@ pub struct SwitchesBody {
     pub limitations_down: Option<bool>,
 }
 
+/// A WebSocket handshake as the sandbox received it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WsHandshake {
+    pub query: String,
+    pub authorization: Option<String>,
+    pub extensions: Option<String>,
+}
+
 /// Counters that tests assert on.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -73,6 +81,8 @@ pub struct SandboxState {
     used_jti: Mutex<HashSet<String>>,
     /// Last `X-Coze-DeviceInfo` header seen per API path class, for attribution asserts.
     pub last_device_info: Mutex<Option<String>>,
+    /// The last WebSocket handshake as it arrived (query, `Authorization`, extensions).
+    pub last_ws_handshake: Mutex<Option<WsHandshake>>,
     /// Domain stores, owned by their modules.
     pub conversations: Mutex<crate::conversations::Store>,
     pub chats: Mutex<crate::chat::Store>,
@@ -98,6 +108,7 @@ impl SandboxState {
             tokens: Mutex::new(HashMap::new()),
             used_jti: Mutex::new(HashSet::new()),
             last_device_info: Mutex::new(None),
+            last_ws_handshake: Mutex::new(None),
             conversations: Mutex::new(Default::default()),
             chats: Mutex::new(Default::default()),
             files: Mutex::new(Default::default()),

@@ -7,6 +7,7 @@ mod metering;
 mod oauth;
 mod quota;
 mod rest;
+mod security;
 mod sse;
 mod timeouts;
 mod tls;

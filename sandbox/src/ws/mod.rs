@@ -81,6 +81,18 @@ async fn prepare(
     check: impl FnOnce(&str) -> Result<(), ApiError>,
 ) -> Result<(WebSocketUpgrade, SessionInfo), Response> {
     let query = query.unwrap_or_default();
+    // What this handshake arrived with, for tests that check what a proxy forwarded.
+    *crate::state::lock(&st.last_ws_handshake) = Some(crate::state::WsHandshake {
+        query: query.clone(),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        extensions: headers
+            .get("sec-websocket-extensions")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    });
     let caller =
         authenticate(st, headers, Some(&query), now_unix()).map_err(|e| e.into_response())?;
     check(&query).map_err(|e| e.into_response())?;
