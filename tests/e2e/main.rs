@@ -3,6 +3,7 @@
 
 mod cli;
 mod devices;
+mod faults;
 mod metering;
 mod oauth;
 mod quota;

@@ -510,6 +510,14 @@ impl WsRelay {
                 }
                 r = up.read(&mut ubuf) => {
                     let n = match r { Ok(0) | Err(_) => {
+                        // The upstream went away without a close frame: tell the device
+                        // properly (1011) when the stream is between frames.
+                        if !downc.saw_close && !sent_close_down && downc.at_boundary() {
+                            let f = frames::close_frame(1011, "upstream connection lost");
+                            if device.write_all(&f).await.is_ok() {
+                                let _flushed = device.flush().await;
+                            }
+                        }
                         close(device).await;
                         return closing.map_or(EndedBy::Upstream, Closing::ended_by);
                     } Ok(n) => n };

@@ -1,0 +1,162 @@
+//! Fault injection with the sandbox knobs: the device gets a clear error or a proper close,
+//! the gateway keeps serving others, and quota holds are released or charged exactly once.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gateway_tests::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const FOREVER: u64 = 253_402_300_799;
+
+async fn gateway_with_token_rule(up: &SandboxHandle, device: &str) -> (GatewayProcess, String) {
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device(device).await;
+    let r = gw
+        .admin(
+            Method::POST,
+            "/v1/commerce/benefit/limitations",
+            Some(json!({"entity_type": "single_device", "entity_id": device,
+                "benefit_info": {"benefit_type": "llm_tokens", "started_at": 0, "ended_at": FOREVER,
+                                 "limit": 1_000_000, "trigger_unit": "never", "trigger_time": 1}})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    (gw, token)
+}
+
+async fn used(gw: &GatewayProcess, device: &str) -> u64 {
+    let v: Value = gw
+        .admin(Method::GET, &format!("/v1/commerce/benefit/limitations/usage?entity_type=single_device&entity_id={device}"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    v["data"]["items"][0]["used"].as_u64().unwrap()
+}
+
+async fn chat(gw: &GatewayProcess, token: &str, fault: &str) -> (u16, Result<String, String>) {
+    let r = gw
+        .http
+        .post(format!("{}/v3/chat", gw.device))
+        .bearer_auth(token)
+        .header("x-sandbox-fault", fault)
+        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
+            "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.map_err(|e| e.to_string()))
+}
+
+/// The upstream resets mid-SSE: the device's stream ends early, the hold is charged once
+/// (usage unknown), and the next request is served normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_reset_mid_sse() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let (gw, token) = gateway_with_token_rule(&up, "f-sse").await;
+    let (status, body) = chat(&gw, &token, "reset_after=2").await;
+    assert_eq!(status, 200);
+    if let Ok(b) = &body {
+        assert!(!b.contains("event:done"), "stream was cut: {b}");
+    }
+    let charged = eventually(Duration::from_secs(3), || async {
+        used(&gw, "f-sse").await == 1000
+    })
+    .await;
+    assert!(
+        charged,
+        "the hold (1000 tokens) charged once: {}",
+        used(&gw, "f-sse").await
+    );
+    let (status, body) = chat(&gw, &token, "").await;
+    assert_eq!(status, 200);
+    assert!(body.unwrap().contains("event:done"));
+}
+
+/// 5xx and 429 bursts from the upstream reach the device in the envelope and cost nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_are_passed_on_and_refunded() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let (gw, token) = gateway_with_token_rule(&up, "f-5xx").await;
+    for (fault, status, code) in [("status=503", 503, 5000), ("rate_limit", 429, 4013)] {
+        for _ in 0..5 {
+            let (s, body) = chat(&gw, &token, fault).await;
+            assert_eq!(s, status);
+            let v: Value = serde_json::from_str(&body.unwrap()).unwrap();
+            assert_eq!(v["code"], code);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        used(&gw, "f-5xx").await,
+        0,
+        "refused requests are not charged"
+    );
+    assert_eq!(chat(&gw, &token, "").await.0, 200);
+}
+
+/// The upstream drops a WebSocket without a close frame: the device gets close 1011 instead
+/// of a bare reset; other sessions are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_reset_mid_websocket_is_a_proper_close() {
+    let up = sandbox_upstream(SandboxConfig {
+        realtime_audio: false,
+        ..Default::default()
+    })
+    .await;
+    let (gw, token) = gateway_with_token_rule(&up, "f-ws").await;
+    let mut req = format!(
+        "{}/v1/chat?bot_id=b1&sandbox_fault=reset_after%3D1",
+        gw.ws_url()
+    )
+    .into_client_request()
+    .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send_text().await;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("ended in time")
+        {
+            Some(Ok(Message::Close(f))) => break f,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.expect("close frame").code, CloseCode::Error);
+    let r = gw
+        .http
+        .post(format!("{}/v1/conversation/create", gw.device))
+        .bearer_auth(&token)
+        .json(&json!({"bot_id": "b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+trait SendText {
+    async fn send_text(&mut self);
+}
+
+impl SendText
+    for tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>
+{
+    /// Sends a `chat.update` so the sandbox emits its second downlink frame (reset point).
+    async fn send_text(&mut self) {
+        use futures_util::SinkExt;
+        let _ = self
+            .send(Message::text(
+                json!({"id": "1", "event_type": "chat.update", "data": {}}).to_string(),
+            ))
+            .await;
+    }
+}
