@@ -27,5 +27,22 @@ cargo build --workspace --bins
 step "cargo nextest run"
 cargo nextest run --workspace --no-fail-fast
 
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+  step "fuzz targets (cargo fuzz, ${FUZZ_SECONDS}s each; FUZZ_SECONDS=0 skips)"
+  command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
+  (
+    cd fuzz
+    export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$PWD/target}"
+    for t in sse_meter ws_meter credentials quota_rules; do
+      cargo fuzz run "$t" -s none -- -max_total_time="$FUZZ_SECONDS" 2>&1 | grep -E "Done [0-9]+ runs|panicked|SUMMARY|ERROR" || true
+      if [ -n "$(ls -A "artifacts/$t" 2>/dev/null)" ]; then
+        echo "fuzz target $t found a crash: fuzz/artifacts/$t" >&2
+        exit 1
+      fi
+    done
+  )
+fi
+
 step "official SDKs (cozepy, @coze/api)"
 FLEETGATE_BIN="$TARGET/debug/fleetgate" SANDBOX_BIN="$TARGET/debug/sandbox" bash tests/sdk/run.sh

@@ -857,6 +857,35 @@ mod tests {
 }
 
 #[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn env(_: &str) -> Option<String> {
+        Some("0123456789abcdef0123456789abcdef".to_owned())
+    }
+
+    proptest! {
+        /// The config loader never panics: arbitrary text, and arbitrary edits of the
+        /// shipped example, end in a config or in errors with key paths.
+        #[test]
+        fn loader_never_panics(text in ".{0,400}") {
+            let _ = load_str(&text, &env);
+        }
+
+        #[test]
+        fn edited_example_never_panics(pos in 0usize..6000, junk in "[ -~\n]{0,40}") {
+            let base = include_str!("../../../config.toml");
+            let cut = base.char_indices().map(|(i, _)| i).take_while(|i| *i <= pos).last().unwrap_or(0);
+            let text = format!("{}{}{}", &base[..cut], junk, &base[cut..]);
+            if let Err(errors) = load_str(&text, &env) {
+                prop_assert!(!errors.0.is_empty());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod example_file {
     use super::*;
 
