@@ -1,0 +1,443 @@
+//! The processes under test: the sandbox upstream, `fleetgate serve` and nginx, each a child
+//! process on loopback (killed on drop), plus `/proc` readers for their CPU time and RSS.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use base64::Engine as _;
+use policy::ids::DeviceId;
+use policy::token::{Claims, ISSUER, Keyring};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+pub const PAT: &str = "pat_sandbox";
+const SIGNING_KEY: [u8; 32] = [42; 32];
+const KID: &str = "b1";
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<TempDir> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!(
+            "fleetgate-load-{tag}-{}-{nanos:x}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Reads the first stdout line of a child (its readiness JSON), bounded in time.
+async fn ready_line(child: &mut Child, what: &str, log: &Path) -> Result<serde_json::Value> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("{what}: no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .map_err(|_| anyhow!("{what} not ready in 60 s; log {}", log.display()))??
+        .ok_or_else(|| {
+            anyhow!(
+                "{what} exited before it was ready: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        })?;
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    serde_json::from_str(&line).with_context(|| format!("{what} readiness line {line:?}"))
+}
+
+pub struct Sandbox {
+    pub child: Child,
+    pub pid: u32,
+    pub base_url: String,
+    pub addr: String,
+    _dir: TempDir,
+}
+
+impl Sandbox {
+    pub async fn start(bin_dir: &Path, sse_delay_ms: u64, chat_deltas: usize) -> Result<Sandbox> {
+        let dir = TempDir::new("sandbox")?;
+        let log = dir.0.join("sandbox.log");
+        let mut child = Command::new(bin_dir.join("sandbox"))
+            .args(["--bind", "127.0.0.1:0", "--sse-delay-ms"])
+            .arg(sse_delay_ms.to_string())
+            .arg("--chat-deltas")
+            .arg(chat_deltas.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log)?))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}/sandbox", bin_dir.display()))?;
+        let pid = child.id().ok_or_else(|| anyhow!("sandbox has no pid"))?;
+        let ready = ready_line(&mut child, "sandbox", &log).await?;
+        let base_url = ready["base_url"]
+            .as_str()
+            .ok_or_else(|| anyhow!("sandbox readiness without base_url: {ready}"))?
+            .trim_end_matches('/')
+            .to_owned();
+        let addr = base_url.trim_start_matches("http://").to_owned();
+        Ok(Sandbox {
+            child,
+            pid,
+            base_url,
+            addr,
+            _dir: dir,
+        })
+    }
+}
+
+pub struct Gateway {
+    pub child: Child,
+    pub pid: u32,
+    pub device_addr: String,
+    pub admin: String,
+    pub http: reqwest::Client,
+    keyring: Keyring,
+    _dir: TempDir,
+}
+
+impl Gateway {
+    /// `fleetgate serve` on the full policy path: token verification, rate limit (enabled,
+    /// high), quota check and charge (one generous fleet-wide rule), PAT injection, metering.
+    pub async fn start(bin_dir: &Path, upstream: &str, threads: usize) -> Result<Gateway> {
+        let dir = TempDir::new("gateway")?;
+        let config = format!(
+            r#"
+[server]
+threads = {threads}
+grace_period = "1s"
+drain_delay = "0s"
+[device_listener]
+addr = "127.0.0.1:0"
+[admin_listener]
+addr = "127.0.0.1:0"
+token_env = "FG_BENCH_ADMIN"
+[upstream]
+base_url = "{upstream}"
+auth = "pat"
+pat_env = "FG_BENCH_PAT"
+connect_timeout = "2s"
+read_timeout = "30s"
+stream_idle_timeout = "120s"
+[tokens]
+signing_keys = [{{ kid = "{KID}", secret_env = "FG_BENCH_KEY" }}]
+[rate_limits]
+device_rps = 1000000
+[log]
+format = "json"
+level = "warn"
+access_log = false
+[store]
+path = "{store}"
+"#,
+            store = dir.0.join("store.redb").display(),
+        );
+        let cfg = dir.0.join("config.toml");
+        std::fs::write(&cfg, config)?;
+        let log = dir.0.join("gateway.log");
+        let key = base64::engine::general_purpose::STANDARD.encode(SIGNING_KEY);
+        let mut child = Command::new(bin_dir.join("fleetgate"))
+            .args(["serve", "--ready-json", "-c"])
+            .arg(&cfg)
+            .env("FG_BENCH_ADMIN", ADMIN_TOKEN)
+            .env("FG_BENCH_PAT", PAT)
+            .env("FG_BENCH_KEY", key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log)?))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}/fleetgate", bin_dir.display()))?;
+        let pid = child.id().ok_or_else(|| anyhow!("fleetgate has no pid"))?;
+        let ready = ready_line(&mut child, "fleetgate", &log).await?;
+        let device_addr = ready["device_addr"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no device_addr in {ready}"))?
+            .to_owned();
+        let admin = format!(
+            "http://{}",
+            ready["admin_addr"]
+                .as_str()
+                .ok_or_else(|| anyhow!("no admin_addr in {ready}"))?
+        );
+        let keyring =
+            Keyring::new([(KID, &SIGNING_KEY[..])], KID).map_err(|e| anyhow!("keyring: {e}"))?;
+        let gw = Gateway {
+            child,
+            pid,
+            device_addr,
+            admin,
+            http: reqwest::Client::builder().no_proxy().build()?,
+            keyring,
+            _dir: dir,
+        };
+        gw.fleet_rule().await?;
+        Ok(gw)
+    }
+
+    /// One `enterprise_all_devices` request quota, far above what a run can use, so every
+    /// request goes through the ledger's check and charge.
+    async fn fleet_rule(&self) -> Result<()> {
+        let body = serde_json::json!({
+            "entity_type": "enterprise_all_devices",
+            "benefit_info": {
+                "benefit_type": "requests", "started_at": 0, "ended_at": policy::quota::FOREVER,
+                "limit": 1_000_000_000_000u64, "trigger_unit": "never"
+            }
+        });
+        self.admin_post("/v1/commerce/benefit/limitations", &body)
+            .await
+            .context("creating the fleet quota rule")
+    }
+
+    /// A `single_device` request quota for `device` (the many-devices scenario).
+    pub async fn device_rule(&self, device: &str) -> Result<()> {
+        let body = serde_json::json!({
+            "entity_type": "single_device", "entity_id": device,
+            "benefit_info": {
+                "benefit_type": "requests", "started_at": 0, "ended_at": policy::quota::FOREVER,
+                "limit": 1_000_000_000u64, "trigger_unit": "never"
+            }
+        });
+        self.admin_post("/v1/commerce/benefit/limitations", &body)
+            .await
+    }
+
+    pub async fn admin_post(&self, path: &str, body: &serde_json::Value) -> Result<()> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body)
+            .send()
+            .await?;
+        let status = r.status();
+        if !status.is_success() {
+            bail!("{path}: {status}: {}", r.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// Registers `ids` (bulk, 10,000 per call) and mints a 24 h token for each locally with
+    /// the signing key from the config (new devices are at generation 0).
+    pub async fn register(&self, ids: &[String]) -> Result<Vec<String>> {
+        for chunk in ids.chunks(10_000) {
+            let devices: Vec<_> = chunk
+                .iter()
+                .map(|id| serde_json::json!({ "device_id": id }))
+                .collect();
+            self.admin_post(
+                "/admin/v1/devices",
+                &serde_json::json!({ "devices": devices }),
+            )
+            .await?;
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let claims = Claims {
+                    iss: ISSUER.to_owned(),
+                    sub: DeviceId::parse(id).map_err(|e| anyhow!("device id {id}: {e}"))?,
+                    iat: now.saturating_sub(5),
+                    exp: now + 86_000,
+                    generation: 0,
+                    cred: None,
+                    jti: format!("{i:032x}"),
+                };
+                Ok(self.keyring.mint(&claims))
+            })
+            .collect()
+    }
+}
+
+pub struct Nginx {
+    pub child: Child,
+    pub pid: u32,
+    pub addr: String,
+    _dir: TempDir,
+}
+
+impl Nginx {
+    /// `nginx` on PATH (or /usr/sbin/nginx), if installed.
+    pub fn binary() -> Option<PathBuf> {
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .chain([PathBuf::from("/usr/sbin")])
+            .map(|d| d.join("nginx"))
+            .find(|p| p.is_file())
+    }
+
+    /// A plain reverse proxy in the foreground: `worker_processes` workers, keepalive pool to
+    /// the sandbox, the PAT set on every request, WebSocket upgrades passed, no buffering.
+    pub async fn start(bin: &Path, upstream_addr: &str, workers: usize) -> Result<Nginx> {
+        let dir = TempDir::new("nginx")?;
+        let port = free_port()?;
+        let d = dir.0.display();
+        let conf = format!(
+            r#"
+daemon off;
+master_process on;
+worker_processes {workers};
+worker_rlimit_nofile 19000;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 19000; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  upstream sandbox {{ server {upstream_addr}; keepalive 256; keepalive_requests 1000000; }}
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    keepalive_requests 1000000;
+    location / {{
+      proxy_pass http://sandbox;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
+      proxy_set_header Authorization "Bearer {PAT}";
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_read_timeout 3600s;
+      proxy_send_timeout 3600s;
+    }}
+  }}
+}}
+"#
+        );
+        let cfg = dir.0.join("nginx.conf");
+        std::fs::write(&cfg, conf)?;
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(&dir.0)
+            .arg("-c")
+            .arg(&cfg)
+            .arg("-e")
+            .arg(dir.0.join("error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(
+                dir.0.join("stderr.log"),
+            )?))
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning nginx")?;
+        let pid = child.id().ok_or_else(|| anyhow!("nginx has no pid"))?;
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "nginx did not listen on {addr}: {}",
+                    std::fs::read_to_string(dir.0.join("error.log")).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Nginx {
+            child,
+            pid,
+            addr,
+            _dir: dir,
+        })
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `pid` and its direct children (nginx workers).
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if stat_fields(p).and_then(|f| f.get(1).and_then(|s| s.parse::<u32>().ok()))
+                == Some(pid)
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Fields of `/proc/<pid>/stat` after the command name: index 0 = state, 1 = ppid, 11 =
+/// utime, 12 = stime.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.get(s.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// CPU seconds (user + system) of a process tree, assuming the usual 100 ticks per second.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(stat_fields)
+        .map(|f| {
+            let t = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            (t(11) + t(12)) as f64 / 100.0
+        })
+        .sum()
+}
+
+/// Resident set size of a process tree in bytes (`VmRSS`).
+pub fn rss_bytes(pid: u32) -> u64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .sum()
+}
+
+/// Raises this process's soft fd limit to its hard limit (children inherit it); returns the
+/// new soft limit. Uses `prlimit(1)` because the workspace forbids `unsafe`.
+pub fn raise_fd_limit() -> u64 {
+    let read = || -> Option<(u64, u64)> {
+        let s = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let l = s.lines().find(|l| l.starts_with("Max open files"))?;
+        let mut it = l.split_whitespace().skip(3);
+        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    };
+    let Some((soft, hard)) = read() else {
+        return 1024;
+    };
+    if soft < hard {
+        let _ = std::process::Command::new("prlimit")
+            .arg("--pid")
+            .arg(std::process::id().to_string())
+            .arg(format!("--nofile={hard}:{hard}"))
+            .status();
+    }
+    read().map_or(soft, |(s, _)| s)
+}
