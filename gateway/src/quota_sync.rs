@@ -31,20 +31,29 @@ pub struct RuleSync {
     http: reqwest::Client,
 }
 
+/// `scheme://authority` of the upstream REST API and an HTTP client for it (the relay's TLS
+/// roots, the configured connect and read timeouts).
+fn upstream_client(
+    state: &crate::state::GatewayState,
+) -> Result<(String, reqwest::Client), String> {
+    let up = &state.config.upstream;
+    let base = format!(
+        "{}://{}",
+        if up.rest.tls { "https" } else { "http" },
+        up.rest.authority()
+    );
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls((*crate::ws::tls_client_config()).clone())
+        .connect_timeout(up.connect_timeout)
+        .timeout(up.connect_timeout + up.read_timeout)
+        .build()
+        .map_err(|e| format!("upstream quota API client: {e}"))?;
+    Ok((base, http))
+}
+
 impl RuleSync {
     pub fn new(state: SharedState, cfg: QuotaSync) -> Result<RuleSync, String> {
-        let up = &state.config.upstream;
-        let base = format!(
-            "{}://{}",
-            if up.rest.tls { "https" } else { "http" },
-            up.rest.authority()
-        );
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls((*crate::ws::tls_client_config()).clone())
-            .connect_timeout(up.connect_timeout)
-            .timeout(up.connect_timeout + up.read_timeout)
-            .build()
-            .map_err(|e| format!("quota sync client: {e}"))?;
+        let (base, http) = upstream_client(&state)?;
         Ok(RuleSync {
             state,
             cfg,
@@ -210,18 +219,8 @@ pub async fn forward(
     path_and_query: &str,
     body: bytes::Bytes,
 ) -> Result<(u16, Value), String> {
-    let up = &state.config.upstream;
-    let url = format!(
-        "{}://{}{path_and_query}",
-        if up.rest.tls { "https" } else { "http" },
-        up.rest.authority()
-    );
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls((*crate::ws::tls_client_config()).clone())
-        .connect_timeout(up.connect_timeout)
-        .timeout(up.connect_timeout + up.read_timeout)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let (base, http) = upstream_client(state)?;
+    let url = format!("{base}{path_and_query}");
     let method =
         reqwest::Method::from_bytes(method.as_str().as_bytes()).map_err(|e| e.to_string())?;
     let r = http
