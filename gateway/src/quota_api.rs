@@ -98,7 +98,9 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {
                 .map(|rule| (StatusCode::OK, envelope(json!({ "benefit_info": rule }))))
                 .map_err(change_error)
         }
-        _ => Err(crate::admin::method_not_allowed()),
+        (_, "") => Err(crate::admin::method_not_allowed("GET, POST")),
+        (_, "/usage") => Err(crate::admin::method_not_allowed("GET")),
+        _ => Err(crate::admin::method_not_allowed("PUT")),
     })
 }
 

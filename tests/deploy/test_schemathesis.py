@@ -10,10 +10,8 @@ explore other seeds). The run fails on any of CHECKS:
   `response_schema_conformance`: every answer is documented in the spec as it is sent;
 - `ignored_auth`: authenticated operations refuse requests without the admin token;
 - `negative_data_rejection`: schema-violating requests (wrong types, arrays for objects,
-  bad ids) are refused with a 4xx.
-
-Not run: `unsupported_method` (405 answers carry no `Allow` header yet; turn it on with
-SCHEMATHESIS_EXTRA_CHECKS=unsupported_method once they do).
+  bad ids) are refused with a 4xx;
+- `unsupported_method`: other methods on a documented path get 405 with an `Allow` header.
 `positive_data_acceptance` is not used: the spec cannot express cross-field and stateful
 rules (rule overlaps, disabled devices, ...) that legitimately turn valid-shaped input into 400.
 
@@ -40,6 +38,7 @@ CHECKS = [
     "response_schema_conformance",
     "ignored_auth",
     "negative_data_rejection",
+    "unsupported_method",
 ]
 SEED = os.environ.get("SCHEMATHESIS_SEED", "20251121")
 TIMEOUT_S = 150

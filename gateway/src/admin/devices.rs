@@ -385,7 +385,7 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
         return match req.method.as_str() {
             "POST" => register(state, req),
             "GET" => list(state, req),
-            _ => Err(method_not_allowed()),
+            _ => Err(method_not_allowed("GET, POST")),
         };
     }
     let Some(rest) = path.strip_prefix("/admin/v1/devices/") else {
@@ -420,8 +420,11 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
             let kid = &super::percent_decode(kid, false);
             delete_credential(state, &id, kid)
         }
-        (_, None, _) | (_, Some("tokens" | "revoke" | "credentials"), None) => {
-            Err(method_not_allowed())
+        (_, None, _) => Err(method_not_allowed("GET, PATCH, DELETE")),
+        (_, Some("tokens" | "revoke"), None) => Err(method_not_allowed("POST")),
+        (_, Some("credentials"), None) => Err(method_not_allowed("GET, POST")),
+        (_, Some("credentials"), Some(_)) if parts.next().is_none() => {
+            Err(method_not_allowed("DELETE"))
         }
         _ => Err(AdminError::not_found("no such admin route")),
     }

@@ -31,6 +31,8 @@ pub struct AdminError {
     pub status: StatusCode,
     pub code: u32,
     pub msg: String,
+    /// The `Allow` header of a 405 answer.
+    pub allow: Option<&'static str>,
 }
 
 impl AdminError {
@@ -39,6 +41,7 @@ impl AdminError {
             status: StatusCode::BAD_REQUEST,
             code: 4000,
             msg: msg.into(),
+            allow: None,
         }
     }
     pub fn not_found(msg: impl Into<String>) -> AdminError {
@@ -46,6 +49,7 @@ impl AdminError {
             status: StatusCode::NOT_FOUND,
             code: 4200,
             msg: msg.into(),
+            allow: None,
         }
     }
     /// 409 / 4000: the resource already exists.
@@ -54,6 +58,7 @@ impl AdminError {
             status: StatusCode::CONFLICT,
             code: 4000,
             msg: msg.into(),
+            allow: None,
         }
     }
     /// 503 / 5000: a dependency (the store) failed; nothing was changed.
@@ -62,6 +67,7 @@ impl AdminError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: 5000,
             msg: msg.into(),
+            allow: None,
         }
     }
     fn unauthorized() -> AdminError {
@@ -69,13 +75,15 @@ impl AdminError {
             status: StatusCode::UNAUTHORIZED,
             code: 4100,
             msg: "admin token missing or invalid".into(),
+            allow: None,
         }
     }
-    fn method_not_allowed() -> AdminError {
+    fn method_not_allowed(allow: &'static str) -> AdminError {
         AdminError {
             status: StatusCode::METHOD_NOT_ALLOWED,
             code: 4000,
-            msg: "method not allowed".into(),
+            msg: format!("method not allowed; use {allow}"),
+            allow: Some(allow),
         }
     }
     fn too_large() -> AdminError {
@@ -83,6 +91,7 @@ impl AdminError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             code: 4000,
             msg: "request body too large".into(),
+            allow: None,
         }
     }
 }
@@ -176,15 +185,22 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn respond(status: StatusCode, body: &Value, logid: &str) -> Response<Vec<u8>> {
+fn respond(
+    status: StatusCode,
+    body: &Value,
+    logid: &str,
+    allow: Option<&str>,
+) -> Response<Vec<u8>> {
     let bytes = body.to_string().into_bytes();
-    Response::builder()
+    let mut b = Response::builder()
         .status(status)
         .header("content-type", "application/json")
         .header("content-length", bytes.len())
-        .header("x-tt-logid", logid)
-        .body(bytes)
-        .unwrap_or_else(|_| Response::new(Vec::new()))
+        .header("x-tt-logid", logid);
+    if let Some(allow) = allow {
+        b = b.header("allow", allow);
+    }
+    b.body(bytes).unwrap_or_else(|_| Response::new(Vec::new()))
 }
 
 impl AdminApp {
@@ -242,6 +258,7 @@ impl AdminApp {
                     json!({"ready": ready, "phase": phase, "quota_sync": sync}),
                 ));
             }
+            (_, "/healthz" | "/readyz" | "/metrics") => return Err(method_not_allowed("GET")),
             _ => {}
         }
         if !authorized {
@@ -281,6 +298,9 @@ impl AdminApp {
                 AdminError::unavailable("upstream quota API unavailable; nothing was changed")
             });
         }
+        if req.path == "/admin/v1/reload" && req.method != Method::POST {
+            return Err(method_not_allowed("POST"));
+        }
         if let ("POST", "/admin/v1/reload") = (req.method.as_str(), req.path.as_str()) {
             return crate::reload::reload(&self.state)
                 .map(|report| {
@@ -318,11 +338,12 @@ impl ServeHttp for AdminApp {
                 .body(body)
                 .unwrap_or_else(|_| Response::new(Vec::new()));
         }
-        let (status, body) = match self.route(session).await {
-            Ok((status, v)) => (status, v),
+        let (status, body, allow) = match self.route(session).await {
+            Ok((status, v)) => (status, v, None),
             Err(e) => (
                 e.status,
                 json!({"code": e.code, "msg": e.msg, "detail": {"logid": logid}}),
+                e.allow,
             ),
         };
         self.state
@@ -330,13 +351,14 @@ impl ServeHttp for AdminApp {
             .admin_requests
             .with_label_values(&[crate::metrics::status_class(status.as_u16())])
             .inc();
-        respond(status, &body, &logid)
+        respond(status, &body, &logid, allow)
     }
 }
 
 /// Used by routes for unsupported methods on known paths.
-pub fn method_not_allowed() -> AdminError {
-    AdminError::method_not_allowed()
+/// 405 with the `Allow` header for a known path used with another method.
+pub fn method_not_allowed(allow: &'static str) -> AdminError {
+    AdminError::method_not_allowed(allow)
 }
 
 #[cfg(test)]
