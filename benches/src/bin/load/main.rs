@@ -8,6 +8,7 @@
 mod procs;
 mod report;
 mod rest;
+mod soak;
 mod sse;
 mod ws;
 
@@ -32,6 +33,9 @@ enum Scenario {
     WsVoice,
     /// Many distinct devices (tokens, rules), requests spread across them.
     Devices,
+    /// Gateway only: steady mixed REST + SSE + WebSocket load for `--minutes`, asserting flat
+    /// RSS after warm-up, fds back to baseline and zero errors (exit code 1 otherwise).
+    Soak,
 }
 
 #[derive(Parser, Debug)]
@@ -78,6 +82,25 @@ struct Args {
     /// Devices scenario: devices that also get a `single_device` rule (one admin call each).
     #[arg(long)]
     device_rules: Option<usize>,
+    /// Soak: duration in minutes (default 10; 1 with --quick).
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Soak: REST requests per second (0: no REST; likewise 0 disables the other kinds).
+    #[arg(long, default_value_t = 300.0)]
+    soak_rps: f64,
+    /// Soak: concurrent SSE streams (back to back).
+    #[arg(long, default_value_t = 5)]
+    soak_streams: usize,
+    /// Soak: concurrent voice-like WebSocket sessions (back to back).
+    #[arg(long, default_value_t = 10)]
+    soak_ws: usize,
+    /// Soak: idle WebSocket sessions held for the whole run.
+    #[arg(long, default_value_t = 200)]
+    soak_idle: usize,
+    /// Soak: after the end check, wait this many seconds (upstream pool idle timeout is 60 s)
+    /// and report the fds once more (0 skips).
+    #[arg(long, default_value_t = 65.0)]
+    soak_drain_secs: f64,
 }
 
 /// One thing to drive: where to connect, what Authorization to send, whose CPU/RSS counts.
@@ -192,6 +215,9 @@ async fn run(args: Args, fds: u64) -> Result<()> {
             ));
         }
     }
+    if args.scenario == Scenario::Soak {
+        return run_soak(&args, &bin_dir).await;
+    }
     let q = args.quick;
     let repeats = args.repeats.unwrap_or(if q { 1 } else { 3 }).max(1);
     let secs = args.secs.unwrap_or(if q { 1.0 } else { 5.0 });
@@ -221,11 +247,9 @@ async fn run(args: Args, fds: u64) -> Result<()> {
         Scenario::Devices => {
             scenario_devices(&args, &bin_dir, &tmp.0, repeats, secs, &mut rep).await?
         }
+        Scenario::Soak => unreachable!("handled above"),
     }
-    let out_dir = args
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results"));
+    let out_dir = out_dir(&args);
     std::fs::create_dir_all(&out_dir)?;
     let name = format!("{:?}", args.scenario).to_lowercase();
     let md = rep.markdown();
@@ -236,6 +260,59 @@ async fn run(args: Args, fds: u64) -> Result<()> {
     std::fs::write(out_dir.join(format!("load-{name}.md")), &md)?;
     println!("{md}");
     println!("report: {}/load-{name}.{{json,md}}", out_dir.display());
+    Ok(())
+}
+
+fn out_dir(args: &Args) -> PathBuf {
+    args.out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results"))
+}
+
+/// The soak scenario: its own report (`load-soak.{json,md}`) and a non-zero exit on failure.
+async fn run_soak(args: &Args, bin_dir: &Path) -> Result<()> {
+    let minutes = args.minutes.unwrap_or(if args.quick { 1.0 } else { 10.0 });
+    if !(minutes > 0.0 && minutes <= 120.0) {
+        return Err(anyhow!("--minutes must be in (0, 120]"));
+    }
+    let cfg = soak::SoakConfig {
+        secs: minutes * 60.0,
+        rest_rps: args.soak_rps,
+        sse_streams: args.soak_streams,
+        ws_churn: args.soak_ws,
+        ws_idle: args.soak_idle,
+        sample_every: Duration::from_secs(10),
+        drain_wait: Duration::from_secs_f64(args.soak_drain_secs.max(0.0)),
+    };
+    let out = soak::run(
+        bin_dir,
+        args.threads,
+        &cfg,
+        std::env::args().collect::<Vec<_>>().join(" "),
+        report::machine(),
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+    )
+    .await?;
+    let dir = out_dir(args);
+    std::fs::create_dir_all(&dir)?;
+    let md = out.markdown();
+    std::fs::write(
+        dir.join("load-soak.json"),
+        serde_json::to_string_pretty(&out)?,
+    )?;
+    std::fs::write(dir.join("load-soak.md"), &md)?;
+    println!("{md}");
+    println!("report: {}/load-soak.{{json,md}}", dir.display());
+    if !out.pass {
+        let failed: Vec<String> = out
+            .checks
+            .iter()
+            .filter(|c| !c.pass)
+            .map(|c| format!("{}: {}", c.name, c.detail))
+            .collect();
+        return Err(anyhow!("soak FAILED:\n  {}", failed.join("\n  ")));
+    }
+    eprintln!("soak passed");
     Ok(())
 }
 
