@@ -47,6 +47,8 @@ pub struct Metrics {
     pub quota_sync_last_success: IntGauge,
     /// `fleetgate_quota_rules{source}`
     pub quota_rules: prometheus::IntGaugeVec,
+    /// `fleetgate_quota_ledger_entries{kind}`
+    pub quota_ledger_entries: prometheus::IntGaugeVec,
     /// `fleetgate_store_errors_total{table}`
     pub store_errors: IntCounterVec,
     /// `fleetgate_metered_units_total{meter}`
@@ -264,6 +266,17 @@ impl Metrics {
                         "Quota rules in effect, by source (local, upstream).",
                     ),
                     &["source"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            quota_ledger_entries: {
+                let g = prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "fleetgate_quota_ledger_entries",
+                        "Quota ledger memory, by kind: open (holds of requests in flight), settled (finished request ids remembered for idempotent settlement; bounded by count and age).",
+                    ),
+                    &["kind"],
                 )?;
                 r.register(Box::new(g.clone()))?;
                 g

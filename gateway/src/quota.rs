@@ -254,6 +254,12 @@ impl Quotas {
         lock(&self.ledger).sweep(now_s).len()
     }
 
+    /// Open holds and remembered settled request ids (both bounded; see `LedgerPolicy`).
+    pub fn ledger_entries(&self) -> (usize, usize) {
+        let l = lock(&self.ledger);
+        (l.open_reservations(), l.remembered_ids())
+    }
+
     /// `POST /v1/commerce/benefit/limitations`.
     pub fn create(&self, store: &Store, req: CreateLimitation) -> Result<Rule, RuleChangeError> {
         let id = format!(
@@ -374,6 +380,12 @@ impl pingora::services::background::BackgroundService for Persister {
                 if swept > 0 {
                     tracing::warn!(swept, "Charged quota holds whose requests never settled.");
                 }
+                let (open, remembered) = q.ledger_entries();
+                let entries = &self.state.metrics.quota_ledger_entries;
+                entries.with_label_values(&["open"]).set(open as i64);
+                entries
+                    .with_label_values(&["settled"])
+                    .set(remembered as i64);
             }
             if let Err(e) = q.persist(&self.state.store) {
                 self.state

@@ -65,6 +65,15 @@ async fn sse_chat_tokens_are_metered() {
         m.contains("fleetgate_gateway_overhead_seconds_count{route=\"chat\"} 1"),
         "{m}"
     );
+    // The settled request id is remembered (idempotency) and its hold released.
+    let settled = "fleetgate_quota_ledger_entries{kind=\"settled\"} 1";
+    let open = "fleetgate_quota_ledger_entries{kind=\"open\"} 0";
+    let ok = eventually(Duration::from_secs(5), || async {
+        let m = gw.metrics().await;
+        m.contains(settled) && m.contains(open)
+    })
+    .await;
+    assert!(ok, "ledger gauges never settled:\n{}", gw.metrics().await);
 }
 
 /// A voice session: 1 s of 16 kHz PCM up is exactly 1,000 ms of input audio; output audio,
