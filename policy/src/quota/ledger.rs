@@ -259,16 +259,17 @@ pub struct QuotaLedger {
     dirty: HashSet<DeviceId>,
     open: HashMap<String, Open>,
     /// Finished ids by [`fingerprint`], with the order they finished in (for eviction).
-    finished: HashMap<u128, Finish>,
-    finished_order: VecDeque<(u128, u64)>,
+    finished: HashMap<[u64; 2], Finish>,
+    finished_order: VecDeque<([u64; 2], u64)>,
 }
 
 /// How a finished request id is remembered: a 128-bit fingerprint (two SipHash passes with
-/// distinct prefixes) instead of its text. One entry costs ~50 bytes instead of ~160 (the id
-/// twice on the heap), which matters at the default bound of 100 000 ids. Two distinct ids
-/// share a fingerprint with probability ~n²/2¹²⁹: negligible, and the gateway's ids are its
-/// own random log ids, never chosen by a client.
-fn fingerprint(request_id: &str) -> u128 {
+/// distinct prefixes; `[u64; 2]`, not `u128`, to keep 8-byte alignment) instead of its text.
+/// At the default bound of 100 000 ids that is ~6.5 MB (map + queue at power-of-two
+/// capacities) instead of ~18 MB with the id stored twice on the heap. Two distinct ids share
+/// a fingerprint with probability ~n²/2¹²⁹: negligible, and the gateway's ids are its own
+/// random log ids, never chosen by a client.
+fn fingerprint(request_id: &str) -> [u64; 2] {
     use std::hash::{Hash, Hasher};
     let half = |salt: u8| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -276,7 +277,7 @@ fn fingerprint(request_id: &str) -> u128 {
         request_id.hash(&mut h);
         h.finish()
     };
-    (u128::from(half(0)) << 64) | u128::from(half(1))
+    [half(0), half(1)]
 }
 
 type Counters = HashMap<DeviceId, Vec<Slot>>;
