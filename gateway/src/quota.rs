@@ -242,8 +242,10 @@ impl Quotas {
             })
             .collect();
         if let Err(e) = store.put_all(USAGE, &rows) {
-            // Put them back so the next round retries.
-            lock(&self.ledger).import(rows.into_iter().map(|(_, r)| r));
+            // Mark them dirty again so the next round retries with the current values
+            // (charges made since the drain are kept, not overwritten).
+            let records: Vec<CounterRecord> = rows.into_iter().map(|(_, r)| r).collect();
+            lock(&self.ledger).requeue(&records);
             return Err(e);
         }
         Ok(rows.len())

@@ -76,21 +76,118 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
 }
 
-fn io(op: &'static str) -> impl Fn(&dyn std::fmt::Display) -> StoreError {
-    move |e| StoreError::Io {
-        op,
-        reason: e.to_string(),
-    }
+/// The open database, replaced after an I/O error.
+struct Slot {
+    db: Option<redb::Database>,
+    /// Bumped on every reopen, so concurrent failures reopen once.
+    generation: u64,
 }
 
+type Opener = Box<dyn Fn() -> Result<redb::Database, String> + Send + Sync>;
+
+/// The embedded store.
+///
+/// After an I/O error (disk full, a failing or read-only device) redb refuses every later
+/// transaction with `PreviousIo` until the database is closed and opened again, which also
+/// repairs it back to its last committed state. The store does that itself: the failing call
+/// reports its error, the file is reopened, and the next call works once the disk does; if
+/// reopening fails too, calls fail with a clear error and each retries the reopen.
 pub struct Store {
-    db: redb::Database,
+    /// Opens the database again; `None` for `:memory:` (nothing to reopen, no I/O to fail).
+    reopen: Option<Opener>,
+    slot: std::sync::RwLock<Slot>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Store")
     }
+}
+
+/// Opens (creating if needed) the store file and its tables.
+fn open_file(path: &str) -> Result<redb::Database, String> {
+    if let Some(dir) = Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let db = redb::Database::create(path).map_err(|e| e.to_string())?;
+    create_tables(&db).map_err(|e| e.to_string())?;
+    Ok(db)
+}
+
+/// Makes sure the tables exist so reads of a fresh store succeed.
+fn create_tables(db: &redb::Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    for table in [DEVICES, RULES, USAGE, SYNCED_RULES] {
+        txn.open_table(table)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+type Rows = Vec<(String, Vec<u8>)>;
+
+fn decode<T: serde::de::DeserializeOwned>(rows: Rows) -> Result<Vec<T>, StoreError> {
+    rows.into_iter()
+        .map(|(key, bytes)| {
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                key,
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn encode<T: Serialize>(rows: &[(String, T)]) -> Result<Rows, StoreError> {
+    rows.iter()
+        .map(|(k, v)| {
+            let bytes = serde_json::to_vec(v).map_err(|e| StoreError::Io {
+                op: "encode",
+                reason: e.to_string(),
+            })?;
+            Ok((k.clone(), bytes))
+        })
+        .collect()
+}
+
+fn read_rows(db: &redb::Database, table: Table) -> Result<Rows, redb::Error> {
+    let txn = db.begin_read()?;
+    let t = txn.open_table(table)?;
+    let mut out = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        out.push((k.value().to_owned(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
+/// One durable write transaction: optionally empty `table`, then insert `rows` into it.
+fn write_rows(
+    db: &redb::Database,
+    table: Table,
+    rows: &Rows,
+    replace: bool,
+) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    if replace {
+        txn.delete_table(table)?;
+    }
+    {
+        let mut t = txn.open_table(table)?;
+        for (k, v) in rows {
+            t.insert(k.as_str(), v.as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
+fn read_lock(l: &std::sync::RwLock<Slot>) -> std::sync::RwLockReadGuard<'_, Slot> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Store {
@@ -100,125 +197,137 @@ impl Store {
             path: path.to_owned(),
             reason,
         };
-        let db = if path == ":memory:" {
-            redb::Builder::new()
+        if path == ":memory:" {
+            let db = redb::Builder::new()
                 .create_with_backend(redb::backends::InMemoryBackend::new())
-                .map_err(|e| open_err(e.to_string()))?
-        } else {
-            if let Some(dir) = Path::new(path)
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-            {
-                std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-            }
-            redb::Database::create(path).map_err(|e| open_err(e.to_string()))?
-        };
-        // Make sure the tables exist so reads of a fresh store succeed.
-        let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-        for table in [DEVICES, RULES, USAGE, SYNCED_RULES] {
-            txn.open_table(table).map_err(|e| open_err(e.to_string()))?;
+                .map_err(|e| open_err(e.to_string()))?;
+            create_tables(&db).map_err(|e| open_err(e.to_string()))?;
+            return Ok(Store::with(db, None));
         }
-        txn.commit().map_err(|e| open_err(e.to_string()))?;
-        Ok(Store { db })
+        let db = open_file(path).map_err(open_err)?;
+        let owned = path.to_owned();
+        Ok(Store::with(db, Some(Box::new(move || open_file(&owned)))))
+    }
+
+    fn with(db: redb::Database, reopen: Option<Opener>) -> Store {
+        Store {
+            reopen,
+            slot: std::sync::RwLock::new(Slot {
+                db: Some(db),
+                generation: 0,
+            }),
+        }
+    }
+
+    /// Runs `f` on the open database; after an I/O error, reopens it for the next call.
+    fn run<R>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&redb::Database) -> Result<R, redb::Error>,
+    ) -> Result<R, StoreError> {
+        let mut slot = read_lock(&self.slot);
+        if slot.db.is_none() {
+            let seen = slot.generation;
+            drop(slot);
+            self.recover(seen);
+            slot = read_lock(&self.slot);
+        }
+        let Some(db) = &slot.db else {
+            return Err(StoreError::Io {
+                op,
+                reason: "the store file could not be reopened after an I/O error".to_owned(),
+            });
+        };
+        match f(db) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let seen = slot.generation;
+                drop(slot);
+                if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+                    self.recover(seen);
+                }
+                Err(StoreError::Io {
+                    op,
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Closes and reopens the database (unless another caller already did since `seen`).
+    fn recover(&self, seen: u64) {
+        let Some(reopen) = &self.reopen else {
+            return;
+        };
+        let mut slot = self
+            .slot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.generation != seen {
+            return;
+        }
+        slot.generation += 1;
+        // Close first: the file is locked while it is open.
+        slot.db = None;
+        match reopen() {
+            Ok(db) => {
+                tracing::warn!("Store reopened after an I/O error.");
+                slot.db = Some(db);
+            }
+            Err(reason) => {
+                tracing::error!(%reason, "Reopening the store failed; the next call retries.");
+            }
+        }
     }
 
     /// Every stored device.
     pub fn load_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| io("read")(&e))?;
-        let table = txn.open_table(DEVICES).map_err(|e| io("read")(&e))?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(|e| io("read")(&e))? {
-            let (k, v) = row.map_err(|e| io("read")(&e))?;
-            let rec: DeviceRecord =
-                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                    key: k.value().to_owned(),
-                    reason: e.to_string(),
-                })?;
-            out.push(rec);
-        }
-        Ok(out)
+        self.load_all(DEVICES)
     }
 
     /// Writes (inserts or replaces) records in one durable transaction.
     pub fn put_devices(&self, records: &[DeviceRecord]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| io("write")(&e))?;
-        {
-            let mut table = txn.open_table(DEVICES).map_err(|e| io("write")(&e))?;
-            for r in records {
-                let bytes = serde_json::to_vec(r).map_err(|e| io("encode")(&e))?;
-                table
-                    .insert(r.device_id.as_str(), bytes.as_slice())
-                    .map_err(|e| io("write")(&e))?;
-            }
-        }
-        txn.commit().map_err(|e| io("commit")(&e))
+        let rows: Vec<(String, &DeviceRecord)> =
+            records.iter().map(|r| (r.device_id.clone(), r)).collect();
+        self.put_all(DEVICES, &rows)
     }
 
     /// Every record of a JSON table, decoded.
     pub fn load_all<T: serde::de::DeserializeOwned>(
         &self,
-        table: TableDefinition<'_, &str, &[u8]>,
+        table: Table,
     ) -> Result<Vec<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| io("read")(&e))?;
-        let t = txn.open_table(table).map_err(|e| io("read")(&e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| io("read")(&e))? {
-            let (k, v) = row.map_err(|e| io("read")(&e))?;
-            out.push(
-                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                    key: k.value().to_owned(),
-                    reason: e.to_string(),
-                })?,
-            );
-        }
-        Ok(out)
+        decode(self.run("read", |db| read_rows(db, table))?)
     }
 
     /// Writes `(key, value)` pairs of a JSON table in one durable transaction.
     pub fn put_all<T: Serialize>(
         &self,
-        table: TableDefinition<'_, &str, &[u8]>,
+        table: Table,
         rows: &[(String, T)],
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| io("write")(&e))?;
-        {
-            let mut t = txn.open_table(table).map_err(|e| io("write")(&e))?;
-            for (k, v) in rows {
-                let bytes = serde_json::to_vec(v).map_err(|e| io("encode")(&e))?;
-                t.insert(k.as_str(), bytes.as_slice())
-                    .map_err(|e| io("write")(&e))?;
-            }
-        }
-        txn.commit().map_err(|e| io("commit")(&e))
+        let rows = encode(rows)?;
+        self.run("write", |db| write_rows(db, table, &rows, false))
     }
 
     /// Replaces a JSON table's whole content in one durable transaction.
     pub fn replace_all<T: Serialize>(
         &self,
-        table: TableDefinition<'_, &str, &[u8]>,
+        table: Table,
         rows: &[(String, T)],
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| io("write")(&e))?;
-        txn.delete_table(table).map_err(|e| io("write")(&e))?;
-        {
-            let mut t = txn.open_table(table).map_err(|e| io("write")(&e))?;
-            for (k, v) in rows {
-                let bytes = serde_json::to_vec(v).map_err(|e| io("encode")(&e))?;
-                t.insert(k.as_str(), bytes.as_slice())
-                    .map_err(|e| io("write")(&e))?;
-            }
-        }
-        txn.commit().map_err(|e| io("commit")(&e))
+        let rows = encode(rows)?;
+        self.run("write", |db| write_rows(db, table, &rows, true))
     }
 
     /// Deletes a device record (absent is fine).
     pub fn delete_device(&self, device_id: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| io("write")(&e))?;
-        {
-            let mut table = txn.open_table(DEVICES).map_err(|e| io("write")(&e))?;
-            table.remove(device_id).map_err(|e| io("write")(&e))?;
-        }
-        txn.commit().map_err(|e| io("commit")(&e))
+        self.run("write", |db| {
+            let txn = db.begin_write()?;
+            txn.open_table(DEVICES)?.remove(device_id)?;
+            txn.commit()?;
+            Ok(())
+        })
     }
 }
 
@@ -267,5 +376,84 @@ mod tests {
         let s = Store::open(":memory:").unwrap();
         s.put_devices(&[rec("x", 0)]).unwrap();
         assert_eq!(s.load_devices().unwrap().len(), 1);
+    }
+
+    /// A backend whose writes fail while `fail` is set, like a full or failing disk.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: std::sync::Arc<redb::backends::InMemoryBackend>,
+        fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Flaky {
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for Flaky {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    /// redb refuses every transaction after an I/O error until reopened: the store reopens
+    /// itself, so writes work again as soon as the disk does, and nothing committed is lost.
+    #[test]
+    fn writes_recover_after_an_io_error() {
+        let mem = std::sync::Arc::new(redb::backends::InMemoryBackend::new());
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opener = {
+            let (mem, fail) = (mem.clone(), fail.clone());
+            move || {
+                let backend = Flaky {
+                    inner: mem.clone(),
+                    fail: fail.clone(),
+                };
+                let db = redb::Builder::new()
+                    .create_with_backend(backend)
+                    .map_err(|e| e.to_string())?;
+                create_tables(&db).map_err(|e| e.to_string())?;
+                Ok(db)
+            }
+        };
+        let s = Store::with(opener().unwrap(), Some(Box::new(opener.clone())));
+        s.put_devices(&[rec("a", 0)]).unwrap();
+
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = s.put_devices(&[rec("b", 0)]).unwrap_err();
+        assert!(matches!(e, StoreError::Io { .. }), "{e}");
+        // Still failing: the reopen (or the write after it) fails too, with a clear error.
+        assert!(s.put_devices(&[rec("c", 0)]).is_err());
+        assert!(s.delete_device("a").is_err());
+
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        s.put_devices(&[rec("d", 0)]).unwrap();
+        let mut ids: Vec<String> = s
+            .load_devices()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.device_id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "d"]);
     }
 }

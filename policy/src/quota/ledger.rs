@@ -758,6 +758,27 @@ impl QuotaLedger {
         out
     }
 
+    /// Marks counters dirty again after their write failed, so the next [`drain_dirty`]
+    /// returns them with their *current* values (which include anything charged since the
+    /// failed drain: nothing is overwritten with the older snapshot).
+    ///
+    /// [`drain_dirty`]: Self::drain_dirty
+    pub fn requeue(&mut self, records: &[CounterRecord]) {
+        for r in records {
+            if let Some(slots) = self.counters.get_mut(&r.device) {
+                for s in slots
+                    .iter_mut()
+                    .filter(|s| s.benefit == r.benefit_type && s.kind == r.kind)
+                {
+                    s.dirty = true;
+                    if !self.dirty.contains(&r.device) {
+                        self.dirty.insert(r.device.clone());
+                    }
+                }
+            }
+        }
+    }
+
     /// Load persisted counters (at start, before admitting). Each record overwrites the
     /// counter's `window_start` and `used`; reservations are untouched. Imported counters are
     /// not dirty.

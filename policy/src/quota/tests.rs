@@ -895,6 +895,31 @@ fn resource_point_limits_are_in_points() {
 
 // ---------------------------------------------------------------- persistence
 
+/// A failed write puts the counters back without rolling back what was charged since.
+#[test]
+fn requeue_after_a_failed_write_keeps_newer_charges() {
+    let rs = set(vec![ent(
+        "tok",
+        BenefitType::LlmTokens,
+        1000,
+        TriggerUnit::Never,
+    )]);
+    let mut l = ledger();
+    l.charge("a", &dev("d1"), &tokens(5, 0), &rs, T0);
+    let failed = l.drain_dirty();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].used, 5);
+    // Charged between the drain and the failed write.
+    l.charge("b", &dev("d1"), &tokens(3, 0), &rs, T0 + 1);
+    let _ = l.drain_dirty(); // the persister may drain again before the failure is handled
+    l.requeue(&failed);
+    let retry = l.drain_dirty();
+    assert_eq!(retry.len(), 1, "requeued");
+    assert_eq!(retry[0].used, 8, "current value, not the failed snapshot");
+    assert!(l.drain_dirty().is_empty());
+    assert_eq!(l.usage(&rs, &dev("d1"), T0 + 2)[0].used, 8);
+}
+
 #[test]
 fn export_import_and_drain_dirty() {
     let rs = set(vec![
