@@ -51,11 +51,16 @@ fn envelope(data: Value) -> Value {
     json!({"code": 0, "msg": "", "data": data})
 }
 
-fn change_error(e: RuleChangeError) -> AdminError {
+fn change_error(state: &GatewayState, e: RuleChangeError) -> AdminError {
     match e {
         RuleChangeError::Invalid(errors) => AdminError::bad_request(errors.to_string()),
         RuleChangeError::NotFound(id) => AdminError::not_found(format!("benefit {id} not found")),
         RuleChangeError::Store(e) => {
+            state
+                .metrics
+                .store_errors
+                .with_label_values(&["rules"])
+                .inc();
             tracing::error!(error = %e, "Rule store write failed.");
             AdminError::unavailable("rule store unavailable; nothing was changed")
         }
@@ -83,7 +88,7 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {
                 .quotas
                 .create(&state.store, body)
                 .map(|rule| (StatusCode::OK, envelope(json!({ "benefit_info": rule }))))
-                .map_err(change_error)
+                .map_err(|e| change_error(state, e))
         }
         ("GET", "") => list(state, req),
         ("GET", "/usage") => usage(state, req),
@@ -96,7 +101,7 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {
                 .quotas
                 .update(&state.store, &id[1..], &body)
                 .map(|rule| (StatusCode::OK, envelope(json!({ "benefit_info": rule }))))
-                .map_err(change_error)
+                .map_err(|e| change_error(state, e))
         }
         (_, "") => Err(crate::admin::method_not_allowed("GET, POST")),
         (_, "/usage") => Err(crate::admin::method_not_allowed("GET")),

@@ -160,3 +160,96 @@ impl SendText
             .await;
     }
 }
+
+/// The embedded store's disk fills up. Admin writes answer 503 and change nothing; devices
+/// keep being served and metered; once space is back the store writes again (redb is reopened
+/// after its I/O error), and every acknowledged change and all usage is on disk across a
+/// `kill -9`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_store_keeps_serving_and_loses_no_usage() {
+    let Some(disk) = SmallDisk::mount(4096) else {
+        return;
+    };
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.store_path = Some(disk.dir.0.join("store.redb"));
+    let mut gw = GatewayProcess::start(&opts).await;
+    let token = gw.register_device("full-1").await;
+    let r = gw
+        .admin(
+            Method::POST,
+            "/v1/commerce/benefit/limitations",
+            Some(
+                json!({"entity_type": "single_device", "entity_id": "full-1",
+                "benefit_info": {"benefit_type": "llm_tokens", "started_at": 0, "ended_at": FOREVER,
+                                 "limit": 1_000_000, "trigger_unit": "never", "trigger_time": 1}}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(chat(&gw, &token, "").await.0, 200);
+
+    let filler = disk.fill();
+    // A bulk registration needs fresh pages: refused with 503, and nothing changes.
+    let bulk: Vec<Value> = (0..2000)
+        .map(|i| json!({"device_id": format!("full-bulk-{i:04}"), "labels": {"site": "x".repeat(200)}}))
+        .collect();
+    let r = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/devices",
+            Some(json!({"devices": bulk})),
+        )
+        .await;
+    assert_eq!(r.status(), 503, "{}", r.text().await.unwrap());
+    assert_eq!(
+        gw.admin(Method::GET, "/admin/v1/devices/full-bulk-0000", None)
+            .await
+            .status(),
+        404,
+        "a refused write changed nothing"
+    );
+    assert!(
+        gw.metrics()
+            .await
+            .contains("fleetgate_store_errors_total{table=\"devices\"} 1"),
+        "the failed write is counted"
+    );
+    // Devices are still served and metered while the disk is full.
+    for _ in 0..3 {
+        let (status, body) = chat(&gw, &token, "").await;
+        assert_eq!(status, 200);
+        assert!(body.unwrap().contains("conversation.chat.completed"));
+    }
+    let used_while_full = used(&gw, "full-1").await;
+    assert!(used_while_full > 0);
+
+    std::fs::remove_file(filler).unwrap();
+    let r = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/devices",
+            Some(json!({"devices": bulk})),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "writes work again once space is back");
+    assert!(gw.log().contains("Store reopened after an I/O error."));
+    tokio::time::sleep(Duration::from_millis(500)).await; // > the usage persist interval
+
+    gw.signal("KILL");
+    gw.child.wait().await.unwrap();
+    let gw = GatewayProcess::start(&opts).await;
+    assert_eq!(
+        used(&gw, "full-1").await,
+        used_while_full,
+        "usage metered while the disk was full survived kill -9"
+    );
+    assert_eq!(
+        gw.admin(Method::GET, "/admin/v1/devices/full-bulk-1999", None)
+            .await
+            .status(),
+        200
+    );
+    let token = gw.device_token("full-1").await;
+    assert_eq!(chat(&gw, &token, "").await.0, 200);
+}

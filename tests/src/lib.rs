@@ -92,6 +92,71 @@ pub struct GatewayProcess {
     pub http: reqwest::Client,
 }
 
+/// A small tmpfs mounted for the test (disk-full faults); unmounted on drop.
+///
+/// Needs `mount` rights (root or CAP_SYS_ADMIN). Elsewhere [`SmallDisk::mount`] returns
+/// `None` and the caller skips loudly, except under `CI`, where a missing fault is an error.
+pub struct SmallDisk {
+    pub dir: TempDir,
+}
+
+impl SmallDisk {
+    pub fn mount(size_kib: u64) -> Option<SmallDisk> {
+        let dir = TempDir::new();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_kib}k"),
+                "fleetgate-test",
+            ])
+            .arg(&dir.0)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallDisk { dir }),
+            other => {
+                let why = match other {
+                    Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                    Err(e) => e.to_string(),
+                };
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "cannot mount a tmpfs for the disk-full test under CI: {why}"
+                );
+                eprintln!("SKIPPED (not in CI): cannot mount a tmpfs: {why}");
+                None
+            }
+        }
+    }
+
+    /// Fills the disk with a file; returns its path (remove it to free the space).
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.dir.0.join("filler");
+        let mut f = std::fs::File::create(&path).expect("filler");
+        let chunk = vec![0xA5u8; 16 * 1024];
+        loop {
+            if let Err(e) = f.write_all(&chunk).and_then(|()| f.flush()) {
+                assert_eq!(e.raw_os_error(), Some(28), "expected ENOSPC, got {e}");
+                break;
+            }
+        }
+        // The last partial chunk may have taken the final pages; top up byte by byte.
+        while f.write_all(&[0]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir.0)
+            .status();
+    }
+}
+
 /// A directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -71,10 +71,18 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
 /// between the check, the write and the in-memory change, so "persist, then apply" cannot
 /// interleave with another admin call.
 fn persist(state: &GatewayState, records: &[crate::store::DeviceRecord]) -> Result<(), AdminError> {
-    state.store.put_devices(records).map_err(store_error)
+    state
+        .store
+        .put_devices(records)
+        .map_err(|e| store_error(state, e))
 }
 
-fn store_error(e: crate::store::StoreError) -> AdminError {
+fn store_error(state: &GatewayState, e: crate::store::StoreError) -> AdminError {
+    state
+        .metrics
+        .store_errors
+        .with_label_values(&["devices"])
+        .inc();
     tracing::error!(error = %e, "Device store write failed.");
     AdminError::unavailable("device store unavailable; nothing was changed")
 }
@@ -373,7 +381,7 @@ fn delete(state: &GatewayState, id: &DeviceId) -> AdminResult {
     state
         .store
         .delete_device(id.as_str())
-        .map_err(store_error)?;
+        .map_err(|e| store_error(state, e))?;
     state.devices.remove(id);
     state.metrics.devices.set(state.devices.len() as i64);
     Ok((StatusCode::OK, json!({"deleted": true})))
