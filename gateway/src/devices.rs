@@ -272,6 +272,55 @@ impl DeviceRegistry {
         Ok(())
     }
 
+    /// Makes the registry hold `r` (cluster mode: a device as Redis has it now). An existing
+    /// device is updated in place; open sessions are told to re-check when its tokens may
+    /// have lost validity (generation, enabled or credentials changed). Invalid ids are
+    /// ignored (with a warning).
+    pub fn upsert(&self, r: crate::store::DeviceRecord) {
+        let Ok(id) = DeviceId::parse(&r.device_id) else {
+            tracing::warn!(device_id = %r.device_id, "Ignoring a shared device with an invalid id.");
+            return;
+        };
+        let Some(d) = self.get(&id) else {
+            let _ = self.restore(r);
+            return;
+        };
+        *d.labels.write().unwrap_or_else(|p| p.into_inner()) = r.labels;
+        let gen_changed = d.generation.swap(r.generation, Ordering::AcqRel) != r.generation;
+        let was_enabled = d.enabled.swap(r.enabled, Ordering::AcqRel);
+        let creds_changed = d.credentials().records() != r.credentials.as_slice();
+        if creds_changed {
+            let (set, bad) = CredentialSet::new(r.credentials);
+            for b in bad {
+                tracing::warn!(device_id = %id, credential = %b, "Skipping a shared credential that does not parse.");
+            }
+            *d.credentials.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        }
+        if gen_changed || (was_enabled && !r.enabled) || creds_changed {
+            self.bump_epoch();
+        }
+    }
+
+    /// Makes the registry hold exactly `records` (cluster mode full reload): upserts each and
+    /// removes devices that are no longer there.
+    pub fn replace_all(&self, records: Vec<crate::store::DeviceRecord>) {
+        let keep: std::collections::HashSet<String> =
+            records.iter().map(|r| r.device_id.clone()).collect();
+        for r in records {
+            self.upsert(r);
+        }
+        let mut removed = false;
+        for shard in &self.shards {
+            let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
+            let before = shard.len();
+            shard.retain(|id, _| keep.contains(id.as_str()));
+            removed |= shard.len() != before;
+        }
+        if removed {
+            self.bump_epoch();
+        }
+    }
+
     /// A receiver that changes whenever some device's tokens may have been revoked.
     pub fn watch_revocations(&self) -> tokio::sync::watch::Receiver<u64> {
         self.epoch.subscribe()

@@ -8,10 +8,12 @@
 //! - [`admin`]: the admin API on its own listener; [`metrics`]: Prometheus, no globals.
 //! - [`config`]: file shape → validated config, all errors at once.
 //! - [`server`]: pingora `Server` assembly, port reservation, SIGTERM drain.
+//! - [`cluster`]: cluster mode: devices, rules, quota leases and `jti`s shared in Redis.
 //! - [`sandbox_cmd`]: `fleetgate sandbox`, the gateway wired to the built-in upstream.
 
 pub mod accept;
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod devices;
 pub mod listener;

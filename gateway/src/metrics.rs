@@ -51,6 +51,10 @@ pub struct Metrics {
     pub quota_ledger_entries: prometheus::IntGaugeVec,
     /// `fleetgate_store_errors_total{table}`
     pub store_errors: IntCounterVec,
+    /// `fleetgate_cluster_errors_total{op}`
+    pub cluster_errors: IntCounterVec,
+    /// `fleetgate_cluster_redis_up`
+    pub cluster_redis_up: IntGauge,
     /// `fleetgate_metered_units_total{meter}`
     pub metered: IntCounterVec,
     /// `fleetgate_usage_missing_total{protocol}`: answers that should have reported usage
@@ -286,6 +290,17 @@ impl Metrics {
                 "fleetgate_store_errors_total",
                 "Embedded store write failures, by table (devices, rules, usage).",
                 &["table"],
+            )?,
+            cluster_errors: counter_vec(
+                r,
+                "fleetgate_cluster_errors_total",
+                "Cluster mode: failed Redis operations, by operation (admin, feed, jti, lease, report).",
+                &["op"],
+            )?,
+            cluster_redis_up: gauge(
+                r,
+                "fleetgate_cluster_redis_up",
+                "Cluster mode: 1 while the last Redis command succeeded, 0 while Redis is unreachable.",
             )?,
             metered: counter_vec(
                 r,

@@ -267,6 +267,31 @@ async fn jwt_bearer(
         .unwrap_or_else(|p| p.into_inner())
         .check_and_insert(&a.device_id, &a.jti, a.exp, now_s)
         .map_err(|r| OAuthError::from_code(r.oauth_code(), r.to_string()))?;
+    if let Some(cluster) = &state.cluster {
+        // Single use across the cluster. Fail closed: without Redis a replay on another node
+        // could not be seen (devices with valid access tokens are unaffected).
+        match cluster.claim_jti(a.device_id.as_str(), &a.jti, a.exp).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(OAuthError::invalid_client(
+                    "invalid client: the assertion's jti was already used",
+                ));
+            }
+            Err(e) => {
+                state
+                    .metrics
+                    .cluster_errors
+                    .with_label_values(&["jti"])
+                    .inc();
+                tracing::error!(error = %e, "Cannot record the assertion id in Redis.");
+                return Err(OAuthError::new(
+                    503,
+                    "internal_error",
+                    "token service temporarily unavailable; retry",
+                ));
+            }
+        }
+    }
     mint(
         state,
         &a.device_id,

@@ -79,6 +79,8 @@ pub enum RuleChangeError {
     NotFound(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -262,20 +264,18 @@ impl Quotas {
         (l.open_reservations(), l.remembered_ids())
     }
 
-    /// `POST /v1/commerce/benefit/limitations`.
-    pub fn create(&self, store: &Store, req: CreateLimitation) -> Result<Rule, RuleChangeError> {
+    /// `POST /v1/commerce/benefit/limitations`: the rule to install (with a fresh id).
+    pub fn new_rule(&self, req: CreateLimitation) -> Result<Rule, RuleChangeError> {
         let id = format!(
             "{}",
             7_400_000_000_000_000_000u64 + rand::random::<u64>() % 1_000_000_000_000_000_000
         );
-        let rule = req.into_rule(id).map_err(RuleChangeError::Invalid)?;
-        self.install(store, rule)
+        req.into_rule(id).map_err(RuleChangeError::Invalid)
     }
 
-    /// `PUT /v1/commerce/benefit/limitations/{benefit_id}`.
-    pub fn update(
+    /// `PUT /v1/commerce/benefit/limitations/{benefit_id}`: the rule to install.
+    pub fn updated_rule(
         &self,
-        store: &Store,
         benefit_id: &str,
         req: &UpdateLimitation,
     ) -> Result<Rule, RuleChangeError> {
@@ -283,8 +283,7 @@ impl Quotas {
         let old = current
             .get(benefit_id)
             .ok_or_else(|| RuleChangeError::NotFound(benefit_id.to_owned()))?;
-        let rule = old.updated(req).map_err(RuleChangeError::Invalid)?;
-        self.install(store, rule)
+        old.updated(req).map_err(RuleChangeError::Invalid)
     }
 
     /// Replaces the rules that came from the upstream by `synced`, atomically: validated with
@@ -320,8 +319,41 @@ impl Quotas {
         Ok(n)
     }
 
+    /// Cluster mode: the local (non-synced) rules become `local`, as Redis has them.
+    pub fn replace_local_rules(&self, local: Vec<Rule>) -> Result<(), String> {
+        let current = self.rules();
+        let synced = self
+            .synced_ids
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let mut all: Vec<Rule> = current
+            .iter()
+            .filter(|r| synced.contains(&r.benefit_id))
+            .cloned()
+            .collect();
+        all.extend(local);
+        let next = RuleSet::new(all).map_err(|e| e.to_string())?;
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(())
+    }
+
+    /// Checks that `rule` fits the current set (cluster mode validates before writing Redis).
+    pub fn validate_with(&self, rule: &Rule) -> Result<(), RuleChangeError> {
+        let mut all: Vec<Rule> = self
+            .rules()
+            .iter()
+            .filter(|r| r.benefit_id != rule.benefit_id)
+            .cloned()
+            .collect();
+        all.push(rule.clone());
+        RuleSet::new(all)
+            .map(|_| ())
+            .map_err(RuleChangeError::Invalid)
+    }
+
     /// Validates against the current set, persists, then swaps in the new set.
-    fn install(&self, store: &Store, rule: Rule) -> Result<Rule, RuleChangeError> {
+    pub fn install(&self, store: &Store, rule: Rule) -> Result<Rule, RuleChangeError> {
         let current = self.rules();
         let mut all: Vec<Rule> = current
             .iter()

@@ -4,7 +4,7 @@
 
 use http::StatusCode;
 use pingora::prelude::*;
-use policy::quota::{CreateLimitation, EntityType, RuleStatus, UpdateLimitation, UsageItem};
+use policy::quota::{CreateLimitation, EntityType, Rule, RuleStatus, UpdateLimitation, UsageItem};
 use serde_json::{Value, json};
 
 use crate::admin::{AdminError, AdminRequest, AdminResult};
@@ -55,6 +55,15 @@ fn change_error(state: &GatewayState, e: RuleChangeError) -> AdminError {
     match e {
         RuleChangeError::Invalid(errors) => AdminError::bad_request(errors.to_string()),
         RuleChangeError::NotFound(id) => AdminError::not_found(format!("benefit {id} not found")),
+        RuleChangeError::Cluster(e) => {
+            state
+                .metrics
+                .cluster_errors
+                .with_label_values(&["admin"])
+                .inc();
+            tracing::error!(error = %e, "Rule write to Redis failed.");
+            AdminError::unavailable("rule store unavailable; nothing was changed")
+        }
         RuleChangeError::Store(e) => {
             state
                 .metrics
@@ -70,7 +79,25 @@ fn change_error(state: &GatewayState, e: RuleChangeError) -> AdminError {
 const MAX_PAGE: usize = 200;
 
 /// Routes under `/v1/commerce/benefit/limitations` on the admin listener.
-pub fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {
+/// Installs a rule: in the embedded store, or (cluster mode) in Redis, which tells every node.
+async fn commit(state: &GatewayState, rule: Rule) -> Result<Rule, RuleChangeError> {
+    let Some(cluster) = &state.cluster else {
+        return state.quotas.install(&state.store, rule);
+    };
+    state.quotas.validate_with(&rule)?;
+    cluster.put_rule(&rule).await?;
+    // Visible here at once; the change feed brings it to the other nodes (and here again).
+    let mut local: Vec<Rule> = cluster.load_rules().await?;
+    local.retain(|r| r.benefit_id != rule.benefit_id);
+    local.push(rule.clone());
+    state
+        .quotas
+        .replace_local_rules(local)
+        .map_err(|e| RuleChangeError::Cluster(crate::cluster::ClusterError::Corrupt(e)))?;
+    Ok(rule)
+}
+
+pub async fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {
     let rest = req.path.strip_prefix("/v1/commerce/benefit/limitations")?;
     if !(rest.is_empty() || rest.starts_with('/')) {
         return None; // `/v1/commerce/benefit/limitationsXYZ`: not ours (404)
@@ -84,9 +111,12 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {
                 Ok(b) => b,
                 Err(e) => return Some(Err(e)),
             };
-            state
-                .quotas
-                .create(&state.store, body)
+            let rule = match state.quotas.new_rule(body) {
+                Ok(r) => r,
+                Err(e) => return Some(Err(change_error(state, e))),
+            };
+            commit(state, rule)
+                .await
                 .map(|rule| (StatusCode::OK, envelope(json!({ "benefit_info": rule }))))
                 .map_err(|e| change_error(state, e))
         }
@@ -97,9 +127,12 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {
                 Ok(b) => b,
                 Err(e) => return Some(Err(e)),
             };
-            state
-                .quotas
-                .update(&state.store, &id[1..], &body)
+            let rule = match state.quotas.updated_rule(&id[1..], &body) {
+                Ok(r) => r,
+                Err(e) => return Some(Err(change_error(state, e))),
+            };
+            commit(state, rule)
+                .await
                 .map(|rule| (StatusCode::OK, envelope(json!({ "benefit_info": rule }))))
                 .map_err(|e| change_error(state, e))
         }

@@ -161,9 +161,38 @@ pub fn run(
     let metrics = Metrics::register(prometheus::Registry::new())?;
     let threads = config.threads;
     let store = crate::store::Store::open(&config.store_path)?;
-    let records = store.load_devices()?;
-    let state: SharedState =
-        Arc::new(GatewayState::new(config, metrics, store).map_err(|e| anyhow::anyhow!("{e}"))?);
+    // Cluster mode: the Redis connection lives on its own small runtime (pingora's service
+    // runtimes come and go; this one lasts as long as the process, `run` never returns early).
+    let redis_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("fleetgate-redis")
+        .enable_all()
+        .build()?;
+    let (cluster, records, shared_rules) = match &config.redis {
+        None => (None, store.load_devices()?, None),
+        Some(settings) => redis_rt.block_on(async {
+            let c = crate::cluster::Cluster::connect(settings)
+                .await
+                .context("connecting to Redis (store.redis.url)")?;
+            let devices = c.load_all_devices().await?;
+            let rules = c.load_rules().await?;
+            tracing::info!(node_id = %c.node_id, "Cluster mode: connected to Redis.");
+            anyhow::Ok((Some(c), devices, Some(rules)))
+        })?,
+    };
+    let mut state =
+        GatewayState::new(config, metrics, store).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(c) = &cluster {
+        c.set_up_gauge(state.metrics.cluster_redis_up.clone());
+    }
+    state.cluster = cluster;
+    if let Some(rules) = shared_rules {
+        state
+            .quotas
+            .replace_local_rules(rules)
+            .map_err(|e| anyhow::anyhow!("quota rules in Redis are inconsistent: {e}"))?;
+    }
+    let state: SharedState = Arc::new(state);
     let loaded = records.len();
     for r in records {
         let id = r.device_id.clone();
@@ -217,6 +246,18 @@ pub fn run(
     persister.threads = Some(1);
     server.add_service(persister);
 
+    if let Some(cluster) = state.cluster.clone() {
+        let mut feed = background_service(
+            "fleetgate cluster change feed",
+            crate::cluster::feed::Feed {
+                state: state.clone(),
+                cluster,
+            },
+        );
+        feed.threads = Some(1);
+        server.add_service(feed);
+    }
+
     if let Some(sync) = state.config.quota.sync.clone() {
         let svc = crate::quota_sync::RuleSync::new(state.clone(), sync)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -251,5 +292,6 @@ pub fn run(
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainOnSignal { state }),
     });
+    redis_rt.shutdown_background();
     Ok(())
 }

@@ -27,6 +27,8 @@ pub struct GatewayState {
     pub devices: DeviceRegistry,
     /// Durable copy of the registry, written by the admin API before the in-memory change.
     pub store: crate::store::Store,
+    /// Cluster mode: the shared Redis (devices, rules, usage and `jti`s live there instead).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Rate limiters and the `jti` replay cache of the device token endpoint.
     pub oauth: crate::oauth::TokenEndpoint,
     /// Per-device and fleet request rate limits (replaced on reload).
@@ -67,6 +69,7 @@ impl GatewayState {
             config,
             devices: DeviceRegistry::default(),
             store,
+            cluster: None,
             oauth: crate::oauth::TokenEndpoint::new(),
             metrics,
             ready: AtomicBool::new(false),

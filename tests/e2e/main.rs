@@ -2,6 +2,7 @@
 //! real `fleetgate` binary (`cargo build --bins` first).
 
 mod cli;
+mod cluster;
 mod devices;
 mod faults;
 mod metering;

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 const TOKEN_PATH: &str = "/api/permission/oauth2/token";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
-fn key(name: &str) -> Vec<u8> {
+pub(crate) fn key(name: &str) -> Vec<u8> {
     std::fs::read(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../policy/tests/keys")
@@ -19,7 +19,7 @@ fn key(name: &str) -> Vec<u8> {
     .unwrap()
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -27,7 +27,7 @@ fn now() -> u64 {
 }
 
 /// A compact JWT signed RS256 with the test key `rsa2048_private.pk8.der`.
-fn rs256(header: Value, claims: Value, private: &str) -> String {
+pub(crate) fn rs256(header: Value, claims: Value, private: &str) -> String {
     let signing_input = format!(
         "{}.{}",
         B64.encode(header.to_string()),
@@ -45,7 +45,7 @@ fn rs256(header: Value, claims: Value, private: &str) -> String {
     format!("{signing_input}.{}", B64.encode(sig))
 }
 
-fn es256(header: Value, claims: Value) -> String {
+pub(crate) fn es256(header: Value, claims: Value) -> String {
     let signing_input = format!(
         "{}.{}",
         B64.encode(header.to_string()),
@@ -62,7 +62,7 @@ fn es256(header: Value, claims: Value) -> String {
     format!("{signing_input}.{}", B64.encode(sig.as_ref()))
 }
 
-fn claims(device: &str, aud: &str) -> Value {
+pub(crate) fn claims(device: &str, aud: &str) -> Value {
     let t = now();
     json!({"iss": device, "aud": aud, "iat": t, "exp": t + 3600, "jti": format!("{:x}", rand_u128())})
 }
@@ -79,7 +79,7 @@ fn rand_u128() -> u128 {
     (u128::from(h.finish()) << 64) | u128::from(h.finish().rotate_left(17))
 }
 
-async fn exchange(gw: &GatewayProcess, jwt: &str) -> (u16, Value) {
+pub(crate) async fn exchange(gw: &GatewayProcess, jwt: &str) -> (u16, Value) {
     let r = gw
         .http
         .post(format!("{}{TOKEN_PATH}", gw.device))
@@ -92,7 +92,7 @@ async fn exchange(gw: &GatewayProcess, jwt: &str) -> (u16, Value) {
     (status, r.json().await.unwrap())
 }
 
-async fn use_token(gw: &GatewayProcess, token: &str) -> u16 {
+pub(crate) async fn use_token(gw: &GatewayProcess, token: &str) -> u16 {
     gw.http
         .post(format!("{}/v1/conversation/create", gw.device))
         .bearer_auth(token)
@@ -104,7 +104,13 @@ async fn use_token(gw: &GatewayProcess, token: &str) -> u16 {
         .as_u16()
 }
 
-async fn add_key(gw: &GatewayProcess, device: &str, kid: &str, alg: &str, pem_file: &str) {
+pub(crate) async fn add_key(
+    gw: &GatewayProcess,
+    device: &str,
+    kid: &str,
+    alg: &str,
+    pem_file: &str,
+) {
     let pem = String::from_utf8(key(pem_file)).unwrap();
     let r = gw
         .admin(

@@ -62,6 +62,8 @@ pub struct GatewayOptions {
     pub store_path: Option<PathBuf>,
     /// `upstream.auth`: `"pat"` or `"jwt"` (then add an `[upstream.jwt]` table in `extra_toml`).
     pub upstream_auth: &'static str,
+    /// Cluster mode: the body of the `[store.redis]` table (at least `url = "…"`).
+    pub redis: Option<String>,
 }
 
 impl GatewayOptions {
@@ -77,6 +79,7 @@ impl GatewayOptions {
             stream_idle_timeout: "10s",
             store_path: None,
             upstream_auth: "pat",
+            redis: None,
         }
     }
 }
@@ -90,6 +93,135 @@ pub struct GatewayProcess {
     pub log_path: PathBuf,
     _dir: TempDir,
     pub http: reqwest::Client,
+}
+
+/// A `redis-server` process for cluster-mode tests, on a free loopback port, persisting with
+/// AOF (`appendfsync always`) into its own directory, so a restart keeps the data. Killed on
+/// drop.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    dir: TempDir,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// With extra `redis-server` arguments (e.g. `["--requirepass", "pw"]`).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let mut r = RedisServer {
+            child: None,
+            port: 0,
+            dir: TempDir::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for _ in 0..10 {
+            // A free port now; redis binds it a moment later (retried if someone took it).
+            r.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if r.spawn() {
+                return r;
+            }
+        }
+        panic!("redis-server did not start (is the Debian package `redis-server` installed?)");
+    }
+
+    fn spawn(&mut self) -> bool {
+        let log = std::fs::File::create(self.dir.0.join("redis.log")).expect("redis log");
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--protected-mode", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir.0)
+            .args(&self.extra)
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (apt install redis-server)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                self.child = None;
+                return false; // e.g. the port was taken
+            }
+            if self.ping() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Whether the server answers (any reply to PING, including NOAUTH, counts).
+    pub fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        if s.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        matches!(s.read(&mut buf), Ok(n) if n > 0 && !buf[..n].starts_with(b"-LOADING"))
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `kill -9` (no shutdown save: what is on disk is the AOF).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        for _ in 0..50 {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server did not restart on port {}", self.port);
+    }
+
+    /// Runs `redis-cli` against this server; returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// A small tmpfs mounted for the test (disk-full faults); unmounted on drop.
@@ -222,8 +354,13 @@ format = "json"
 level = "info"
 [store]
 path = "{store}"
+{redis}
 {extra}
 "#,
+            redis = match &opts.redis {
+                Some(table) => format!("kind = \"redis\"\n[store.redis]\n{table}"),
+                None => String::new(),
+            },
             grace = opts.grace_period,
             drain_delay = opts.drain_delay,
             up = opts.upstream,

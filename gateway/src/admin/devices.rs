@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{AdminError, AdminRequest, AdminResult, method_not_allowed};
+use crate::cluster::devices::{Change, Outcome};
 use crate::state::{GatewayState, now_s};
 use crate::store::CredentialRecord;
 
@@ -87,6 +88,134 @@ fn store_error(state: &GatewayState, e: crate::store::StoreError) -> AdminError 
     AdminError::unavailable("device store unavailable; nothing was changed")
 }
 
+/// Creates the devices in the store (embedded or Redis), then in the registry. Returns how
+/// many were new.
+async fn create(
+    state: &GatewayState,
+    fresh: Vec<(DeviceId, BTreeMap<String, String>)>,
+    now: u64,
+) -> Result<u64, AdminError> {
+    let created: Vec<(DeviceId, BTreeMap<String, String>)> = match &state.cluster {
+        None => {
+            let records: Vec<_> = fresh.iter().map(|(id, l)| new_record(id, l, now)).collect();
+            persist(state, &records)?;
+            fresh
+        }
+        Some(c) => {
+            let rows: Vec<(String, BTreeMap<String, String>)> = fresh
+                .iter()
+                .map(|(id, l)| (id.to_string(), l.clone()))
+                .collect();
+            let ids: std::collections::HashSet<String> = c
+                .create_devices(&rows, now)
+                .await
+                .map_err(|e| cluster_error(state, e))?
+                .into_iter()
+                .collect();
+            fresh
+                .into_iter()
+                .filter(|(id, _)| ids.contains(id.as_str()))
+                .collect()
+        }
+    };
+    let n = created.len() as u64;
+    for (id, labels) in created {
+        state.devices.register(id, labels, now);
+    }
+    state.metrics.devices.set(state.devices.len() as i64);
+    Ok(n)
+}
+
+fn cluster_error(state: &GatewayState, e: crate::cluster::ClusterError) -> AdminError {
+    state
+        .metrics
+        .cluster_errors
+        .with_label_values(&["admin"])
+        .inc();
+    tracing::error!(error = %e, "Device write to Redis failed.");
+    AdminError::unavailable("device store unavailable; nothing was changed")
+}
+
+/// Applies one change to one device: in the embedded store (persist, then apply) or in Redis
+/// (one atomic script; the node then applies the result, other nodes via the change feed).
+async fn change(state: &GatewayState, id: &DeviceId, change: Change<'_>) -> Result<(), AdminError> {
+    let not_found = || AdminError::not_found("device not found");
+    let outcome = match &state.cluster {
+        Some(c) => c
+            .change_device(id.as_str(), change)
+            .await
+            .map_err(|e| cluster_error(state, e))?,
+        None => {
+            let d = state.devices.get(id).ok_or_else(not_found)?;
+            if let Change::Delete = change {
+                state
+                    .store
+                    .delete_device(id.as_str())
+                    .map_err(|e| store_error(state, e))?;
+                Outcome::Done(None)
+            } else {
+                let mut rec = d.record();
+                match change {
+                    Change::SetLabels(l) => rec.labels = l.clone(),
+                    Change::SetEnabled(e) => {
+                        if rec.enabled && !e {
+                            // Disabling revokes, so re-enabling does not bring old tokens back.
+                            rec.generation += 1;
+                        }
+                        rec.enabled = e;
+                    }
+                    Change::Revoke => rec.generation += 1,
+                    Change::AddCredential { record, max } => {
+                        if rec.credentials.iter().any(|c| c.kid() == record.kid()) {
+                            return Err(conflict(record.kid()));
+                        }
+                        if rec.credentials.len() >= max {
+                            return Err(too_many());
+                        }
+                        rec.credentials.push(record.clone());
+                    }
+                    Change::RemoveCredential(kid) => {
+                        if !rec.credentials.iter().any(|c| c.kid() == kid) {
+                            return Err(AdminError::not_found("credential not found"));
+                        }
+                        rec.credentials.retain(|c| c.kid() != kid);
+                    }
+                    Change::Delete => {}
+                }
+                persist(state, std::slice::from_ref(&rec))?;
+                Outcome::Done(Some(rec))
+            }
+        }
+    };
+    match outcome {
+        Outcome::Done(Some(rec)) => state.devices.upsert(rec),
+        Outcome::Done(None) => {
+            state.devices.remove(id);
+            state.metrics.devices.set(state.devices.len() as i64);
+        }
+        Outcome::NotFound => {
+            // Gone in the shared store: forget it here too.
+            state.devices.remove(id);
+            return Err(not_found());
+        }
+        Outcome::CredentialExists => return Err(AdminError::conflict("credential already exists")),
+        Outcome::TooManyCredentials => return Err(too_many()),
+        Outcome::CredentialNotFound => return Err(AdminError::not_found("credential not found")),
+    }
+    Ok(())
+}
+
+fn conflict(kid: &str) -> AdminError {
+    AdminError::conflict(format!("credential `{kid}` already exists"))
+}
+
+fn too_many() -> AdminError {
+    AdminError::bad_request(format!(
+        "a device holds at most {} credentials",
+        crate::devices::MAX_CREDENTIALS
+    ))
+}
+
 fn new_record(
     id: &DeviceId,
     labels: &BTreeMap<String, String>,
@@ -102,7 +231,7 @@ fn new_record(
     }
 }
 
-fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
+async fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     let body: RegisterBody = req.json()?;
     let now = now_s();
     match body {
@@ -116,13 +245,21 @@ fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
                     json!({"device": existing.view(), "created": false}),
                 ));
             }
-            persist(state, &[new_record(&id, &d.labels, now)])?;
-            let (dev, _) = state.devices.register(id, d.labels, now);
-            state.metrics.devices.set(state.devices.len() as i64);
-            Ok((
-                StatusCode::CREATED,
-                json!({"device": dev.view(), "created": true}),
-            ))
+            let created = create(state, vec![(id.clone(), d.labels)], now).await?;
+            let dev = state.devices.get(&id).ok_or_else(|| {
+                AdminError::unavailable("the device store changed concurrently; retry")
+            })?;
+            Ok(if created == 1 {
+                (
+                    StatusCode::CREATED,
+                    json!({"device": dev.view(), "created": true}),
+                )
+            } else {
+                (
+                    StatusCode::OK,
+                    json!({"device": dev.view(), "created": false}),
+                )
+            })
         }
         RegisterBody::Many { devices } => {
             if devices.is_empty() || devices.len() > MAX_BULK {
@@ -150,13 +287,7 @@ fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
                 .into_iter()
                 .filter(|(id, _)| state.devices.get(id).is_none() && seen.insert(id.clone()))
                 .collect();
-            let records: Vec<_> = fresh.iter().map(|(id, l)| new_record(id, l, now)).collect();
-            persist(state, &records)?;
-            let created = fresh.len() as u64;
-            for (id, labels) in fresh {
-                state.devices.register(id, labels, now);
-            }
-            state.metrics.devices.set(state.devices.len() as i64);
+            let created = create(state, fresh, now).await?;
             Ok((
                 StatusCode::OK,
                 json!({"created": created, "already_existed": entries - created}),
@@ -210,33 +341,24 @@ fn list(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     ))
 }
 
-fn patch(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult {
+async fn patch(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult {
     let body: PatchBody = req.json()?;
     if let Some(labels) = &body.labels {
         check_labels(labels).map_err(AdminError::bad_request)?;
+    }
+    if state.devices.get(id).is_none() {
+        return Err(AdminError::not_found("device not found"));
+    }
+    if let Some(labels) = &body.labels {
+        change(state, id, Change::SetLabels(labels)).await?;
+    }
+    if let Some(enabled) = body.enabled {
+        change(state, id, Change::SetEnabled(enabled)).await?;
     }
     let d = state
         .devices
         .get(id)
         .ok_or_else(|| AdminError::not_found("device not found"))?;
-    let mut rec = d.record();
-    if let Some(labels) = &body.labels {
-        rec.labels = labels.clone();
-    }
-    if let Some(enabled) = body.enabled {
-        if rec.enabled && !enabled {
-            // Disabling revokes (see DeviceRegistry::set_enabled).
-            rec.generation += 1;
-        }
-        rec.enabled = enabled;
-    }
-    persist(state, &[rec])?;
-    if let Some(labels) = body.labels {
-        state.devices.set_labels(id, labels);
-    }
-    if let Some(enabled) = body.enabled {
-        state.devices.set_enabled(id, enabled);
-    }
     Ok((StatusCode::OK, json!({"device": d.view()})))
 }
 
@@ -255,18 +377,14 @@ enum NewCredential {
 
 /// `POST /admin/v1/devices/{id}/credentials`: a public key (algorithm pinned) or a generated
 /// secret, shown in the answer exactly once and stored only as a salted hash.
-fn add_credential(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult {
+async fn add_credential(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult {
     let body: NewCredential = req.json()?;
     let d = state
         .devices
         .get(id)
         .ok_or_else(|| AdminError::not_found("device not found"))?;
-    let current = d.credentials();
-    if current.records().len() >= crate::devices::MAX_CREDENTIALS {
-        return Err(AdminError::bad_request(format!(
-            "a device holds at most {} credentials",
-            crate::devices::MAX_CREDENTIALS
-        )));
+    if d.credentials().records().len() >= crate::devices::MAX_CREDENTIALS {
+        return Err(too_many());
     }
     let now = now_s();
     let (record, secret) = match body {
@@ -313,19 +431,22 @@ fn add_credential(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> Ad
             )
         }
     };
-    if current.contains(record.kid()) {
-        return Err(AdminError::conflict(format!(
-            "credential `{}` already exists",
-            record.kid()
-        )));
-    }
-    let mut records = current.records().to_vec();
-    records.push(record.clone());
-    let mut device_rec = d.record();
-    device_rec.credentials = records.clone();
-    persist(state, &[device_rec])?;
-    let (set, _) = crate::devices::CredentialSet::new(records);
-    state.devices.set_credentials(id, set);
+    change(
+        state,
+        id,
+        Change::AddCredential {
+            record: &record,
+            max: crate::devices::MAX_CREDENTIALS,
+        },
+    )
+    .await
+    .map_err(|e| {
+        if e.status == StatusCode::CONFLICT {
+            conflict(record.kid())
+        } else {
+            e
+        }
+    })?;
     let mut answer = json!({"credential": crate::devices::CredentialView::from(&record)});
     if let Some(secret) = secret {
         // Shown this once; only the hash is stored.
@@ -336,62 +457,29 @@ fn add_credential(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> Ad
 }
 
 /// `DELETE /admin/v1/devices/{id}/credentials/{kid}`: tokens obtained through it stop working.
-fn delete_credential(state: &GatewayState, id: &DeviceId, kid: &str) -> AdminResult {
-    let d = state
-        .devices
-        .get(id)
-        .ok_or_else(|| AdminError::not_found("device not found"))?;
-    let current = d.credentials();
-    if !current.contains(kid) {
-        return Err(AdminError::not_found("credential not found"));
-    }
-    let records: Vec<_> = current
-        .records()
-        .iter()
-        .filter(|r| r.kid() != kid)
-        .cloned()
-        .collect();
-    let mut device_rec = d.record();
-    device_rec.credentials = records.clone();
-    persist(state, &[device_rec])?;
-    let (set, _) = crate::devices::CredentialSet::new(records);
-    state.devices.set_credentials(id, set);
+async fn delete_credential(state: &GatewayState, id: &DeviceId, kid: &str) -> AdminResult {
+    change(state, id, Change::RemoveCredential(kid)).await?;
     Ok((StatusCode::OK, json!({"deleted": true})))
 }
 
-fn revoke(state: &GatewayState, id: &DeviceId) -> AdminResult {
-    let d = state
-        .devices
-        .get(id)
-        .ok_or_else(|| AdminError::not_found("device not found"))?;
-    let mut rec = d.record();
-    rec.generation += 1;
-    persist(state, &[rec])?;
-    state.devices.revoke(id);
+async fn revoke(state: &GatewayState, id: &DeviceId) -> AdminResult {
+    change(state, id, Change::Revoke).await?;
     Ok((
         StatusCode::OK,
         json!({"revoked": true, "revoked_at": now_s()}),
     ))
 }
 
-fn delete(state: &GatewayState, id: &DeviceId) -> AdminResult {
-    if state.devices.get(id).is_none() {
-        return Err(AdminError::not_found("device not found"));
-    }
-    state
-        .store
-        .delete_device(id.as_str())
-        .map_err(|e| store_error(state, e))?;
-    state.devices.remove(id);
-    state.metrics.devices.set(state.devices.len() as i64);
+async fn delete(state: &GatewayState, id: &DeviceId) -> AdminResult {
+    change(state, id, Change::Delete).await?;
     Ok((StatusCode::OK, json!({"deleted": true})))
 }
 
-pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
+pub async fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     let path = req.path.as_str();
     if path == "/admin/v1/devices" {
         return match req.method.as_str() {
-            "POST" => register(state, req),
+            "POST" => register(state, req).await,
             "GET" => list(state, req),
             _ => Err(method_not_allowed("GET, POST")),
         };
@@ -409,11 +497,11 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
             let d = state.devices.get(&id).ok_or_else(not_found)?;
             Ok((StatusCode::OK, json!({"device": d.view()})))
         }
-        ("PATCH", None, _) => patch(state, &id, req),
-        ("DELETE", None, _) => delete(state, &id),
-        ("POST", Some("revoke"), None) => revoke(state, &id),
+        ("PATCH", None, _) => patch(state, &id, req).await,
+        ("DELETE", None, _) => delete(state, &id).await,
+        ("POST", Some("revoke"), None) => revoke(state, &id).await,
         ("POST", Some("tokens"), None) => mint(state, &id, req),
-        ("POST", Some("credentials"), None) => add_credential(state, &id, req),
+        ("POST", Some("credentials"), None) => add_credential(state, &id, req).await,
         ("GET", Some("credentials"), None) => {
             let d = state.devices.get(&id).ok_or_else(not_found)?;
             let list: Vec<_> = d
@@ -426,7 +514,7 @@ pub fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
         }
         ("DELETE", Some("credentials"), Some(kid)) if parts.next().is_none() => {
             let kid = &super::percent_decode(kid, false);
-            delete_credential(state, &id, kid)
+            delete_credential(state, &id, kid).await
         }
         (_, None, _) => Err(method_not_allowed("GET, PATCH, DELETE")),
         (_, Some("tokens" | "revoke"), None) => Err(method_not_allowed("POST")),

@@ -253,10 +253,16 @@ impl AdminApp {
                     .lock()
                     .map(|s| s.clone())
                     .unwrap_or_default();
-                return Ok((
-                    status,
-                    json!({"ready": ready, "phase": phase, "quota_sync": sync}),
-                ));
+                let mut body = json!({"ready": ready, "phase": phase, "quota_sync": sync});
+                if let Some(c) = &self.state.cluster {
+                    // Still ready while Redis is down: the node serves what it can (see
+                    // docs/design/001); the detail tells operators.
+                    body["cluster"] = json!({
+                        "redis": if c.is_up() { "up" } else { "down" },
+                        "node_id": c.node_id,
+                    });
+                }
+                return Ok((status, body));
             }
             (_, "/healthz" | "/readyz" | "/metrics") => return Err(method_not_allowed("GET")),
             _ => {}
@@ -311,10 +317,10 @@ impl AdminApp {
                 })
                 .map_err(|e| AdminError::bad_request(e.to_string()));
         }
-        if let Some(r) = crate::quota_api::route(&self.state, &req) {
+        if let Some(r) = crate::quota_api::route(&self.state, &req).await {
             return r;
         }
-        devices::route(&self.state, &req)
+        devices::route(&self.state, &req).await
     }
 }
 

@@ -283,6 +283,21 @@ pub struct LogSettings {
     pub access_log: bool,
 }
 
+/// Cluster mode (`store.kind = "redis"`).
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    /// Where to connect (a password from `password_env` already applied; its `Debug`
+    /// redacts the password).
+    pub connection: redis::ConnectionInfo,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub full_check_interval: Duration,
+    pub lease_size: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
+    pub lease_idle: Duration,
+    pub lease_ttl: Duration,
+    pub degraded_allowance: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
+}
+
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -299,6 +314,8 @@ pub struct GatewayConfig {
     pub log: LogSettings,
     /// Embedded store file, or `:memory:`.
     pub store_path: String,
+    /// `Some` in cluster mode: devices, rules and usage live in this Redis.
+    pub redis: Option<RedisSettings>,
     pub quota: QuotaSettings,
     pub rate_limits: RateLimitSettings,
     /// The file this configuration was read from (for reloads); `None` when built in code.
@@ -467,6 +484,72 @@ fn secret_from_env(c: &mut Collector, env: EnvLookup<'_>, path: &str, var: &str)
             None
         }
     }
+}
+
+fn redis_settings(
+    c: &mut Collector,
+    env: EnvLookup<'_>,
+    r: &raw::RedisConfig,
+) -> Option<RedisSettings> {
+    let Some(url) = r.url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
+        c.err("store.redis.url", "required when `store.kind = \"redis\"`");
+        return None;
+    };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        c.err(
+            "store.redis.url",
+            "must start with redis:// or rediss:// (TLS); Sentinel and Redis Cluster are not supported yet",
+        );
+        return None;
+    }
+    // The message names the problem, never the URL (it may hold a password).
+    let Ok(mut info) = redis::IntoConnectionInfo::into_connection_info(url) else {
+        c.err(
+            "store.redis.url",
+            "is not a valid redis:// or rediss:// URL",
+        );
+        return None;
+    };
+    if let Some(var) = &r.password_env
+        && let Some(p) = secret_from_env(c, env, "store.redis.password_env", var)
+    {
+        let settings = info.redis_settings().clone().set_password(p.expose());
+        info = info.set_redis_settings(settings);
+    }
+    if r.key_prefix.is_empty() || r.key_prefix.contains(char::is_whitespace) {
+        c.err(
+            "store.redis.key_prefix",
+            "must be non-empty, without whitespace",
+        );
+    }
+    if r.timeout < Duration::from_millis(10) || r.timeout > Duration::from_secs(30) {
+        c.err("store.redis.timeout", "must be between 10ms and 30s");
+    }
+    if r.full_check_interval < Duration::from_millis(100) {
+        c.err("store.redis.full_check_interval", "must be at least 100ms");
+    }
+    if let Some((b, _)) = r.lease_size.iter().find(|(_, n)| **n == 0) {
+        c.err(
+            &format!("store.redis.lease_size.{}", b.as_str()),
+            "must be at least 1",
+        );
+    }
+    if r.lease_ttl < r.lease_idle + Duration::from_secs(1) {
+        c.err(
+            "store.redis.lease_ttl",
+            "must exceed `lease_idle` by at least 1s (a live node reports before its leases are reclaimed)",
+        );
+    }
+    Some(RedisSettings {
+        connection: info,
+        key_prefix: r.key_prefix.clone(),
+        timeout: r.timeout,
+        full_check_interval: r.full_check_interval,
+        lease_size: r.lease_size.clone(),
+        lease_idle: r.lease_idle,
+        lease_ttl: r.lease_ttl,
+        degraded_allowance: r.degraded_allowance.clone(),
+    })
 }
 
 fn keyring(c: &mut Collector, env: EnvLookup<'_>, t: &raw::TokensConfig) -> Option<Keyring> {
@@ -676,6 +759,10 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
     if f.store.path.trim().is_empty() {
         c.err("store.path", "must name a file (or `:memory:`)");
     }
+    let redis = match f.store.kind {
+        raw::StoreKind::Embedded => None,
+        raw::StoreKind::Redis => redis_settings(&mut c, env, &f.store.redis),
+    };
     if f.server.grace_period > Duration::from_secs(3600) {
         c.err("server.grace_period", "must be at most 1h");
     }
@@ -745,6 +832,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             access_log: f.log.access_log,
         },
         store_path: f.store.path,
+        redis,
         source: None,
         rate_limits: RateLimitSettings {
             device_rps: f.rate_limits.device_rps,
@@ -792,6 +880,49 @@ mod tests {
         [tokens]
         signing_keys = [{ kid = "k1", secret_env = "KEY" }]
     "#;
+
+    #[test]
+    fn redis_store_is_validated_with_key_paths() {
+        let with = |store: &str| format!("{MINIMAL}\n[store]\n{store}");
+        let e = load_str(&with("kind = \"redis\""), &env).unwrap_err();
+        assert_eq!(e.0[0].path, "store.redis.url", "{e}");
+        let e = load_str(
+            &with("kind = \"redis\"\n[store.redis]\nurl = \"redis+sentinel://h/m\""),
+            &env,
+        )
+        .unwrap_err();
+        assert!(e.0[0].message.contains("Sentinel"), "{e}");
+        let e = load_str(
+            &with(
+                "kind = \"redis\"\n[store.redis]\nurl = \"redis://h:1\"\npassword_env = \"NOPE\"\nlease_size = { requests = 0 }\nlease_idle = \"10s\"",
+            ),
+            &env,
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|x| x.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "store.redis.password_env",
+                "store.redis.lease_size.requests",
+                "store.redis.lease_ttl"
+            ],
+            "{e}"
+        );
+        let c = load_str(
+            &with("kind = \"redis\"\n[store.redis]\nurl = \"redis://u:secret-pw@h:6380/2\""),
+            &env,
+        )
+        .unwrap();
+        let r = c.redis.as_ref().unwrap();
+        assert_eq!(r.connection.redis_settings().db(), 2);
+        assert_eq!(r.connection.redis_settings().password(), Some("secret-pw"));
+        assert!(
+            !format!("{c:?}").contains("secret-pw"),
+            "the password is redacted"
+        );
+        assert!(load_str(MINIMAL, &env).unwrap().redis.is_none());
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

@@ -138,17 +138,101 @@ pub struct PricesConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
+    /// `"embedded"` (one node, the redb file at `path`) or `"redis"` (a cluster sharing the
+    /// Redis at `[store.redis]`).
+    #[serde(default)]
+    pub kind: StoreKind,
     /// The embedded store file (devices survive restarts); `:memory:` keeps nothing.
     #[serde(default = "d_store_path")]
     pub path: String,
+    #[serde(default)]
+    pub redis: RedisConfig,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            kind: StoreKind::default(),
             path: d_store_path(),
+            redis: RedisConfig::default(),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    #[default]
+    Embedded,
+    Redis,
+}
+
+/// Cluster mode: the Redis every node shares.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user[:password]@]host:port[/db]`, or `rediss://` for TLS (system CA store).
+    pub url: Option<String>,
+    /// Environment variable holding the password (instead of putting it in the URL).
+    pub password_env: Option<String>,
+    /// Prefix of every key and channel (several fleets can share one Redis).
+    #[serde(default = "d_key_prefix")]
+    pub key_prefix: String,
+    /// Per-command timeout; a slower Redis counts as unreachable.
+    #[serde(default = "d_redis_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How often a node compares its change counter with Redis's (the safety net behind
+    /// pub/sub).
+    #[serde(default = "d_full_check", with = "humantime_serde")]
+    pub full_check_interval: Duration,
+    /// Quota units a node takes per lease, by benefit type (base units: requests, tokens,
+    /// ms, chars, micro-points). Unlisted types lease 1 unit (exact, one round trip per hold).
+    #[serde(default)]
+    pub lease_size: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
+    /// An unused lease goes back to Redis after this long without activity.
+    #[serde(default = "d_lease_idle", with = "humantime_serde")]
+    pub lease_idle: Duration,
+    /// A node that has not reported for this long is presumed dead: its unspent leases are
+    /// reclaimed (what it spent stays charged).
+    #[serde(default = "d_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// While Redis is unreachable, each listed benefit type runs *degraded*: a node may spend
+    /// the leases it holds plus this many base units per device; unlisted types fail closed
+    /// (503 / 5000).
+    #[serde(default)]
+    pub degraded_allowance: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            password_env: None,
+            key_prefix: d_key_prefix(),
+            timeout: d_redis_timeout(),
+            full_check_interval: d_full_check(),
+            lease_size: Default::default(),
+            lease_idle: d_lease_idle(),
+            lease_ttl: d_lease_ttl(),
+            degraded_allowance: Default::default(),
+        }
+    }
+}
+
+fn d_key_prefix() -> String {
+    "fleetgate".into()
+}
+fn d_redis_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+fn d_full_check() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_lease_idle() -> Duration {
+    Duration::from_secs(2)
+}
+fn d_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::amount::{Consumption, PriceTable};
 use super::rule::{
-    BaseUnit, BenefitType, EntityType, Rule, RuleKind, RuleSet, TriggerUnit, WindowSpec,
+    BaseUnit, BenefitType, EntityType, Rule, RuleKind, RuleSet, TriggerUnit, Window, WindowSpec,
 };
 use crate::decision::{Denial, DenyReason};
 use crate::ids::DeviceId;
@@ -181,8 +181,8 @@ pub struct UsageItem {
     pub resets_at: Option<u64>,
 }
 
-/// A persisted counter: `(device, benefit_type, kind) → {window_start, used}`. Reservations are
-/// not persisted (see the module docs, "Failure modes").
+/// A persisted counter: `(device, benefit_type, kind) → {window_start, used, granted}`.
+/// Reservations are not persisted (see the module docs, "Failure modes").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterRecord {
     pub device: DeviceId,
@@ -190,6 +190,11 @@ pub struct CounterRecord {
     pub kind: RuleKind,
     pub window_start: u64,
     pub used: u64,
+    /// Units of the shared quota this node holds for `window_start` (leased mode, see
+    /// [`QuotaLedger::grant`]); 0 otherwise. Absolute, like `used`. Records written before this
+    /// field existed load with 0.
+    #[serde(default)]
+    pub granted: u64,
 }
 
 /// A read-only view of one counter.
@@ -203,6 +208,34 @@ pub struct CounterView {
     pub reserved: u64,
 }
 
+/// What a node in leased mode should ask the shared store for: one applicable rule whose local
+/// demand has reached the lease this node holds for the current window (see
+/// [`QuotaLedger::wants`]). All amounts are in the benefit's base unit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseWant {
+    /// The rule's benefit type (with `kind`, the counter key under the device).
+    pub benefit_type: BenefitType,
+    /// Cumulative or periodic: which of the device's two counters for `benefit_type`.
+    pub kind: RuleKind,
+    /// Start of the rule's window at `now_s`: the window the grant is for (pass it back to
+    /// [`QuotaLedger::grant`]).
+    pub window_start: u64,
+    /// End of that window (exclusive): the shared store can expire its grant bookkeeping then.
+    pub window_end: u64,
+    /// The rule's limit in base units: what the shared store may grant in total, across all
+    /// nodes, for this device and window.
+    pub limit: u64,
+    /// What this node charged in the window so far.
+    pub used: u64,
+    /// The lease this node already holds for the window (0 if none, or only for an older
+    /// window).
+    pub granted: u64,
+    /// How many more units to ask for: `used + reserved − granted + lease_size` (at least 1),
+    /// so that after the grant the lease exceeds the current demand by `lease_size`. The store
+    /// may grant less (or nothing) when the fleet is near the limit.
+    pub want: u64,
+}
+
 #[derive(Clone, Debug)]
 struct Slot {
     benefit: BenefitType,
@@ -210,6 +243,10 @@ struct Slot {
     window_start: u64,
     used: u64,
     reserved: u64,
+    /// Units granted to this node for `window_start` (leased mode).
+    granted: u64,
+    /// Last `now_s` a reserve, progress, settle, charge or grant touched the slot (max seen).
+    last_active_s: u64,
     dirty: bool,
 }
 
@@ -222,13 +259,43 @@ impl Slot {
         }
     }
 
-    fn charge(&mut self, window_start: u64, amount: u64) {
+    /// The lease for the window starting at `window_start`: nothing unless it was granted for
+    /// that very window.
+    fn granted_in(&self, window_start: u64) -> u64 {
+        if self.window_start == window_start {
+            self.granted
+        } else {
+            0
+        }
+    }
+
+    /// Move the counter to another window: its `used` and `granted` start from 0 there.
+    fn move_to(&mut self, window_start: u64) {
         if self.window_start != window_start {
             self.window_start = window_start;
             self.used = 0;
+            self.granted = 0;
         }
+    }
+
+    fn touch(&mut self, now_s: u64) {
+        self.last_active_s = self.last_active_s.max(now_s);
+    }
+
+    fn charge(&mut self, window_start: u64, amount: u64) {
+        self.move_to(window_start);
         self.used = self.used.saturating_add(amount);
         self.dirty = true;
+    }
+}
+
+/// The admission bound for `rule` in window `w`: the rule's limit, or in leased mode the lease
+/// this node holds for `w`.
+fn bound(leased: bool, rule: &Rule, slot: Option<&Slot>, w: Window) -> u64 {
+    if leased {
+        slot.map_or(0, |s| s.granted_in(w.start))
+    } else {
+        rule.limit_base()
     }
 }
 
@@ -258,6 +325,8 @@ pub struct QuotaLedger {
     counters: HashMap<DeviceId, Vec<Slot>>,
     dirty: HashSet<DeviceId>,
     open: HashMap<String, Open>,
+    /// Admit against granted leases instead of rule limits (see [`QuotaLedger::set_leased`]).
+    leased: bool,
     /// Finished ids by [`fingerprint`], with the order they finished in (for eviction).
     finished: HashMap<[u64; 2], Finish>,
     finished_order: VecDeque<([u64; 2], u64)>,
@@ -307,6 +376,8 @@ fn find_mut<'a>(
                 window_start: 0,
                 used: 0,
                 reserved: 0,
+                granted: 0,
+                last_active_s: 0,
                 dirty: false,
             });
             slots.len() - 1
@@ -315,8 +386,8 @@ fn find_mut<'a>(
     slots.get_mut(i)
 }
 
-/// Change a key's held amount by `release` down and `hold` up, and charge `amount` to the
-/// window starting at `window_start` (when `Some`).
+/// Change a key's held amount by `release` down and `hold` up, charge `amount` to the window
+/// starting at `window_start` (when `Some`), and record activity at `touch` (when `Some`).
 #[allow(clippy::too_many_arguments)] // private plumbing; every call site names its arguments
 fn apply(
     c: &mut Counters,
@@ -327,9 +398,13 @@ fn apply(
     release: u64,
     hold: u64,
     charge: Option<(u64, u64)>,
+    touch: Option<u64>,
 ) {
     if let Some(slot) = find_mut(c, d, b, k) {
         slot.reserved = slot.reserved.saturating_sub(release).saturating_add(hold);
+        if let Some(now_s) = touch {
+            slot.touch(now_s);
+        }
         if let Some((window_start, amount)) = charge {
             slot.charge(window_start, amount);
             if !dirty.contains(d) {
@@ -346,6 +421,7 @@ impl QuotaLedger {
             counters: HashMap::new(),
             dirty: HashSet::new(),
             open: HashMap::new(),
+            leased: false,
             finished: HashMap::new(),
             finished_order: VecDeque::new(),
         }
@@ -360,8 +436,27 @@ impl QuotaLedger {
         self.policy = policy;
     }
 
+    /// Switch leased mode (cluster deployments; default off). When on, admission
+    /// ([`check`](Self::check), [`check_detailed`](Self::check_detailed),
+    /// [`reserve`](Self::reserve), [`progress`](Self::progress)) compares `used + reserved`
+    /// against the lease this node was [granted](Self::grant) for the slot's current window
+    /// instead of the rule's limit: with no lease for that window, every request of a limited
+    /// benefit is denied until the gateway has asked the shared store (see
+    /// [`wants`](Self::wants)). Denials are still built from the rule (`benefit_id`,
+    /// `Retry-After`). Switching changes only future admissions; counters, leases and holds are
+    /// kept. See the module docs, "Leased mode (cluster)".
+    pub fn set_leased(&mut self, leased: bool) {
+        self.leased = leased;
+    }
+
+    /// Whether leased mode is on (see [`QuotaLedger::set_leased`]).
+    pub fn leased(&self) -> bool {
+        self.leased
+    }
+
     /// Admission without side effects: `Ok` unless an applicable rule has `used + reserved ≥
-    /// limit`. See [`QuotaLedger::check_detailed`] for which denial wins.
+    /// limit` (in leased mode: `≥` this node's lease for the current window). See
+    /// [`QuotaLedger::check_detailed`] for which denial wins.
     pub fn check(&self, rules: &RuleSet, device: &DeviceId, now_s: u64) -> Result<(), Denial> {
         self.check_detailed(rules, device, now_s)
             .map_err(|e| e.to_denial())
@@ -380,9 +475,9 @@ impl QuotaLedger {
             let Some(w) = rule.window(now_s) else {
                 continue;
             };
-            let (used, reserved) = find(&self.counters, device, rule.benefit_type, rule.kind())
-                .map_or((0, 0), |s| (s.used_in(w.start), s.reserved));
-            if used.saturating_add(reserved) < rule.limit_base() {
+            let slot = find(&self.counters, device, rule.benefit_type, rule.kind());
+            let (used, reserved) = slot.map_or((0, 0), |s| (s.used_in(w.start), s.reserved));
+            if used.saturating_add(reserved) < bound(self.leased, rule, slot, w) {
                 continue;
             }
             let e = exhausted(rule, now_s, w.end);
@@ -433,6 +528,7 @@ impl QuotaLedger {
                 0,
                 held,
                 None,
+                Some(now_s),
             );
             holds.push(Hold {
                 benefit: rule.benefit_type,
@@ -463,6 +559,15 @@ impl QuotaLedger {
     /// grows to `max(estimate, so_far)` per benefit, the expiry moves to `now_s + ttl`, and the
     /// session is told to stop once, for some rule applicable now, `used + others' holds +
     /// so_far ≥ limit` (its own estimate does not count against it).
+    ///
+    /// In leased mode the bound is this node's lease for the current window instead of the
+    /// limit. On [`Progress::Exhausted`] the gateway may top up: [`wants`](Self::wants) →
+    /// shared store → [`grant`](Self::grant), then call `progress` again with the same
+    /// `so_far`. No extra argument is needed for that: the session's hold is already grown to
+    /// at least `so_far` here, so `used + others' holds + so_far ≤ used + reserved`, the
+    /// demand `wants` reports, and a grant of its `want` makes the next call `Continue` (unless
+    /// a rule became applicable after the reservation: the session holds nothing against it, so
+    /// `so_far` is not part of the demand `wants` sees for it).
     pub fn progress(
         &mut self,
         request_id: &str,
@@ -479,19 +584,19 @@ impl QuotaLedger {
         let basis = open.estimate.max(&open.observed);
         for hold in &mut open.holds {
             let want = basis.amount(hold.benefit, &prices);
-            if want > hold.held {
-                apply(
-                    &mut self.counters,
-                    &mut self.dirty,
-                    &open.device,
-                    hold.benefit,
-                    hold.kind,
-                    0,
-                    want - hold.held,
-                    None,
-                );
-                hold.held = want;
-            }
+            let grow = want.saturating_sub(hold.held);
+            apply(
+                &mut self.counters,
+                &mut self.dirty,
+                &open.device,
+                hold.benefit,
+                hold.kind,
+                0,
+                grow,
+                None,
+                Some(now_s),
+            );
+            hold.held = hold.held.saturating_add(grow);
         }
         let mut worst: Option<Exhausted> = None;
         for rule in rules.applicable(&open.device, now_s) {
@@ -504,12 +609,12 @@ impl QuotaLedger {
                 .iter()
                 .find(|h| h.benefit == b && h.kind == k)
                 .map_or(0, |h| h.held);
-            let (used, reserved) = find(&self.counters, &open.device, b, k)
-                .map_or((0, 0), |s| (s.used_in(w.start), s.reserved));
+            let slot = find(&self.counters, &open.device, b, k);
+            let (used, reserved) = slot.map_or((0, 0), |s| (s.used_in(w.start), s.reserved));
             let total = used
                 .saturating_add(reserved.saturating_sub(own_hold))
                 .saturating_add(open.observed.amount(b, &prices));
-            if total >= rule.limit_base() {
+            if total >= bound(self.leased, rule, slot, w) {
                 let e = exhausted(rule, now_s, w.end);
                 worst = Some(match worst {
                     None => e,
@@ -545,6 +650,7 @@ impl QuotaLedger {
                 hold.held,
                 0,
                 Some((w.start, actual.amount(hold.benefit, &prices))),
+                Some(now_s),
             );
         }
         self.remember(request_id, Finish::Settled, now_s);
@@ -582,6 +688,7 @@ impl QuotaLedger {
                 0,
                 0,
                 Some((w.start, actual.amount(rule.benefit_type, &prices))),
+                Some(now_s),
             );
         }
         self.remember(request_id, Finish::Charged, now_s);
@@ -613,6 +720,7 @@ impl QuotaLedger {
                 hold.held,
                 0,
                 None,
+                None,
             );
         }
     }
@@ -643,6 +751,7 @@ impl QuotaLedger {
                     hold.held,
                     0,
                     Some((w.start, hold.held)),
+                    None,
                 );
             }
             self.remember(&id, Finish::Swept, now_s);
@@ -742,9 +851,11 @@ impl QuotaLedger {
             .collect()
     }
 
-    /// Counters changed since the last drain (charges and window resets; reservations alone
+    /// Counters changed since the last drain (charges and window resets, and leases given back
+    /// by [`release_idle`](Self::release_idle); reservations and [grants](Self::grant) alone
     /// do not persist). If writing them fails, keep them and retry: records are absolute
-    /// values, so writing a record twice or late-but-in-order is harmless.
+    /// values (`used` and `granted`), so writing a record twice or late-but-in-order is
+    /// harmless.
     pub fn drain_dirty(&mut self) -> Vec<CounterRecord> {
         let mut out = Vec::new();
         for d in self.dirty.drain() {
@@ -780,15 +891,119 @@ impl QuotaLedger {
     }
 
     /// Load persisted counters (at start, before admitting). Each record overwrites the
-    /// counter's `window_start` and `used`; reservations are untouched. Imported counters are
-    /// not dirty.
+    /// counter's `window_start`, `used` and `granted`; reservations are untouched. Imported
+    /// counters are not dirty, and their last activity is not changed (0 for new counters, so
+    /// an imported unused lease is given back by the first [`release_idle`](Self::release_idle)
+    /// unless the device is active first).
     pub fn import(&mut self, records: impl IntoIterator<Item = CounterRecord>) {
         for r in records {
             if let Some(slot) = find_mut(&mut self.counters, &r.device, r.benefit_type, r.kind) {
                 slot.window_start = r.window_start;
                 slot.used = r.used;
+                slot.granted = r.granted;
             }
         }
+    }
+
+    /// Leased mode: what to ask the shared store for before admitting `device` at `now_s`.
+    /// For each rule applicable at `now_s` (skipping rules with no window then), with `demand =
+    /// used + reserved` and `lease` = what this node was granted for the rule's current window
+    /// (0 if none): when `demand ≥ lease` (admission would be denied), one [`LeaseWant`] asking
+    /// for `demand − lease + lease_size` (`lease_size` at least 1), i.e. enough to cover what
+    /// is held now plus `lease_size` of headroom. Empty when every lease still has room.
+    ///
+    /// Typical use: after a denial ([`check`](Self::check), [`reserve`](Self::reserve)) or
+    /// [`Progress::Exhausted`], ask the store for each want, [`grant`](Self::grant) what it
+    /// gives, and retry; deny the device only if it is still exhausted. `reserved` already
+    /// contains every open session's hold grown to its reported `so_far`, so a session stopped
+    /// by [`progress`](Self::progress) needs no extra argument here (see there). Pure: works
+    /// in either mode, changes nothing.
+    pub fn wants(
+        &self,
+        rules: &RuleSet,
+        device: &DeviceId,
+        now_s: u64,
+        lease_size: u64,
+    ) -> Vec<LeaseWant> {
+        let mut out = Vec::new();
+        for rule in rules.applicable(device, now_s) {
+            let Some(w) = rule.window(now_s) else {
+                continue;
+            };
+            let slot = find(&self.counters, device, rule.benefit_type, rule.kind());
+            let (used, reserved, lease) = slot.map_or((0, 0, 0), |s| {
+                (s.used_in(w.start), s.reserved, s.granted_in(w.start))
+            });
+            let demand = used.saturating_add(reserved);
+            if demand < lease {
+                continue;
+            }
+            out.push(LeaseWant {
+                benefit_type: rule.benefit_type,
+                kind: rule.kind(),
+                window_start: w.start,
+                window_end: w.end,
+                limit: rule.limit_base(),
+                used,
+                granted: lease,
+                want: (demand - lease).saturating_add(lease_size.max(1)),
+            });
+        }
+        out
+    }
+
+    /// Leased mode: the shared store granted this node `units` more of the counter `(device,
+    /// benefit, kind)` for the window starting at `window_start` (from a [`LeaseWant`]). They
+    /// add to the node's lease for that window. If the counter is still in an older window it
+    /// first moves to `window_start` (`used` and `granted` start from 0 there; holds are kept);
+    /// a grant for a window older than the counter's is stale and ignored. Records activity at
+    /// `now_s` (see [`release_idle`](Self::release_idle)). Does not mark the counter dirty: the
+    /// store already knows its own grant.
+    pub fn grant(
+        &mut self,
+        device: &DeviceId,
+        benefit: BenefitType,
+        kind: RuleKind,
+        window_start: u64,
+        units: u64,
+        now_s: u64,
+    ) {
+        if let Some(slot) = find_mut(&mut self.counters, device, benefit, kind) {
+            if slot.window_start > window_start {
+                return;
+            }
+            slot.move_to(window_start);
+            slot.granted = slot.granted.saturating_add(units);
+            slot.touch(now_s);
+        }
+    }
+
+    /// Leased mode: give back the unused part of idle leases. Every counter with no open hold
+    /// (`reserved == 0`), more granted than used, and no activity (reserve, progress, settle,
+    /// charge, grant) for `idle_s` seconds (`now_s ≥ last activity + idle_s`) gets `granted =
+    /// used` and is marked dirty, so the next [`drain_dirty`](Self::drain_dirty) reports the
+    /// smaller lease for the gateway to return to the shared store. Returns how many counters
+    /// were released. Call it periodically (e.g. with `sweep`); cost is O(counters).
+    pub fn release_idle(&mut self, now_s: u64, idle_s: u64) -> usize {
+        let mut released = 0;
+        for (d, slots) in &mut self.counters {
+            let mut any = false;
+            for s in slots.iter_mut() {
+                if s.reserved == 0
+                    && s.granted > s.used
+                    && now_s >= s.last_active_s.saturating_add(idle_s)
+                {
+                    s.granted = s.used;
+                    s.dirty = true;
+                    any = true;
+                    released += 1;
+                }
+            }
+            if any && !self.dirty.contains(d) {
+                self.dirty.insert(d.clone());
+            }
+        }
+        released
     }
 }
 
@@ -799,6 +1014,7 @@ fn record(d: &DeviceId, s: &Slot) -> CounterRecord {
         kind: s.kind,
         window_start: s.window_start,
         used: s.used,
+        granted: s.granted,
     }
 }
 

@@ -108,15 +108,48 @@
 //! every further request is denied. With `progress` at ~1 s intervals a voice session
 //! overshoots by at most one interval of audio.
 //!
+//! # Leased mode (cluster)
+//!
+//! Several gateway nodes can share one fleet-wide counter per (device, benefit type, kind and
+//! window) in a shared store (Redis). Each node keeps its own [`QuotaLedger`], switched on
+//! with [`QuotaLedger::set_leased`], and admits only against the slice of the rule's limit
+//! the store granted to it for the counter's current window, its **lease**: admission is
+//! `used + reserved < lease` instead of `< limit` (no lease for the current window = 0, so a
+//! node starts out denying). Denials are still built from the rule. The store guarantees the
+//! leases of all nodes never add up to more than the limit, so the ledger does not need it.
+//!
+//! 1. On a denial ([`QuotaLedger::check`] / [`QuotaLedger::reserve`] fail, or
+//!    [`Progress::Exhausted`]) the gateway calls [`QuotaLedger::wants`]: one [`LeaseWant`] per
+//!    rule whose demand (`used + reserved`, which includes long sessions' holds grown to
+//!    their progress) has reached the lease, asking for the shortfall plus `lease_size` of
+//!    headroom.
+//! 2. It asks the shared store for each want (outside any ledger lock) and records what the
+//!    store gave with [`QuotaLedger::grant`] (possibly less, or nothing: then the denial
+//!    stands), then retries the admission or the `progress` call. A grant for a newer window
+//!    moves the counter there (`used`, `granted` from 0); a stale grant for an older window
+//!    is ignored.
+//! 3. [`QuotaLedger::release_idle`] (periodically) gives back the unused part of leases that
+//!    saw no activity for a while and have no open hold: `granted = used`, marked dirty.
+//! 4. [`QuotaLedger::drain_dirty`] reports charges, window moves and releases as
+//!    [`CounterRecord`]s carrying the node's **absolute** `used` and `granted` for the
+//!    window; the gateway writes them to the store as this node's share, so re-sending a
+//!    record (retry, [`QuotaLedger::requeue`]) is idempotent. Grants themselves are not
+//!    dirty: the store made them.
+//!
+//! A window rolls over per counter as before: a lease is only ever for one window, and the
+//! next window starts with no lease. [`QuotaLedger::usage`] still shows this node's local
+//! values against the rule's limit.
+//!
 //! # Persistence and failure modes
 //!
-//! The gateway stores `(device, benefit_type, kind) → {window_start, used}`
-//! ([`CounterRecord`]): [`QuotaLedger::export`] for a full snapshot,
-//! [`QuotaLedger::drain_dirty`] for the counters charged since the last drain (records are
-//! absolute values: rewriting one is harmless), [`QuotaLedger::import`] at start. Open
-//! reservations and the idempotency memory are **not** persisted: a crash loses the charges of
-//! in-flight requests (undercharge bounded by what was in flight) and a restart forgets which
-//! ids were settled (only matters for retries spanning the restart).
+//! The gateway stores `(device, benefit_type, kind) → {window_start, used, granted}`
+//! ([`CounterRecord`]; `granted` is 0 outside leased mode and loads as 0 from older records):
+//! [`QuotaLedger::export`] for a full snapshot, [`QuotaLedger::drain_dirty`] for the counters
+//! charged since the last drain (records are absolute values: rewriting one is harmless),
+//! [`QuotaLedger::import`] at start. Open reservations and the idempotency memory are **not**
+//! persisted: a crash loses the charges of in-flight requests (undercharge bounded by what was
+//! in flight) and a restart forgets which ids were settled (only matters for retries spanning
+//! the restart).
 //!
 //! # What this module does not do
 //!
@@ -131,7 +164,7 @@ pub mod rule;
 
 pub use amount::{Consumption, PriceTable};
 pub use ledger::{
-    CounterRecord, CounterView, Exhausted, Finish, LedgerPolicy, Progress, QuotaLedger,
+    CounterRecord, CounterView, Exhausted, Finish, LeaseWant, LedgerPolicy, Progress, QuotaLedger,
     RefundOutcome, Reservation, ReserveError, SettleOutcome, Swept, UsageItem,
 };
 pub use rule::{

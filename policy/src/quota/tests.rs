@@ -944,7 +944,8 @@ fn export_import_and_drain_dirty() {
             benefit_type: BenefitType::LlmTokens,
             kind: RuleKind::Cumulative,
             window_start: T0,
-            used: 7
+            used: 7,
+            granted: 0
         }
     );
     assert!(l.drain_dirty().is_empty());
@@ -968,6 +969,332 @@ fn export_import_and_drain_dirty() {
             .map(|i| i.used),
         Some(2)
     );
+}
+
+// ---------------------------------------------------------------- leased mode (cluster)
+
+fn record_of(l: &QuotaLedger, d: &DeviceId, b: BenefitType, k: RuleKind) -> Option<CounterRecord> {
+    l.export()
+        .into_iter()
+        .find(|r| &r.device == d && r.benefit_type == b && r.kind == k)
+}
+
+#[test]
+fn leased_mode_admits_only_against_the_lease() {
+    let rs = set(vec![ent(
+        "req",
+        BenefitType::Requests,
+        100,
+        TriggerUnit::Day,
+    )]);
+    let d = dev("d");
+    let mut l = ledger();
+    assert!(!l.leased());
+    l.set_leased(true);
+    assert!(l.leased());
+
+    // No lease yet: denied although the rule allows 100; the denial is the rule's.
+    match l.reserve("r0", &d, &requests(1), &rs, T0 + 10) {
+        Err(ReserveError::Denied(denial)) => {
+            assert_eq!(denial.reason, DenyReason::QuotaExhausted);
+            assert_eq!(denial.retry_after_s, Some(DAY - 10));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        l.check_detailed(&rs, &d, T0 + 10).unwrap_err().benefit_id,
+        "req"
+    );
+    assert_eq!(
+        l.wants(&rs, &d, T0 + 10, 5),
+        vec![LeaseWant {
+            benefit_type: BenefitType::Requests,
+            kind: RuleKind::Periodic,
+            window_start: T0,
+            window_end: T0 + DAY,
+            limit: 100,
+            used: 0,
+            granted: 0,
+            want: 5,
+        }]
+    );
+    assert_eq!(l.wants(&rs, &d, T0 + 10, 0)[0].want, 1, "at least 1");
+
+    l.grant(
+        &d,
+        BenefitType::Requests,
+        RuleKind::Periodic,
+        T0,
+        3,
+        T0 + 11,
+    );
+    assert!(l.wants(&rs, &d, T0 + 11, 5).is_empty(), "lease has room");
+    for i in 1..=3 {
+        let _r = l
+            .reserve(&format!("r{i}"), &d, &requests(1), &rs, T0 + 12)
+            .unwrap();
+    }
+    assert!(matches!(
+        l.reserve("r4", &d, &requests(1), &rs, T0 + 12),
+        Err(ReserveError::Denied(_))
+    ));
+    // Holds count as demand.
+    let w = l.wants(&rs, &d, T0 + 12, 5);
+    assert_eq!((w[0].used, w[0].granted, w[0].want), (0, 3, 5));
+
+    for i in 1..=3 {
+        assert_eq!(
+            l.settle(&format!("r{i}"), &requests(1), T0 + 13),
+            SettleOutcome::Settled
+        );
+    }
+    assert!(l.check(&rs, &d, T0 + 13).is_err());
+    let w = l.wants(&rs, &d, T0 + 13, 5);
+    assert_eq!((w[0].used, w[0].granted, w[0].want), (3, 3, 5));
+    // Charges are dirty and carry the lease; a grant alone is not dirty.
+    let dirty = l.drain_dirty();
+    assert_eq!(dirty.len(), 1);
+    assert_eq!((dirty[0].used, dirty[0].granted), (3, 3));
+    l.grant(
+        &d,
+        BenefitType::Requests,
+        RuleKind::Periodic,
+        T0,
+        5,
+        T0 + 14,
+    );
+    assert!(l.drain_dirty().is_empty());
+    assert!(l.check(&rs, &d, T0 + 14).is_ok());
+    // usage() is unchanged: local values against the rule's limit.
+    let u = &l.usage(&rs, &d, T0 + 14)[0];
+    assert_eq!((u.limit, u.used, u.reserved, u.remaining), (100, 3, 0, 97));
+}
+
+#[test]
+fn grants_do_not_change_non_leased_admission() {
+    let rs = set(vec![ent("req", BenefitType::Requests, 2, TriggerUnit::Day)]);
+    let d = dev("d");
+    let mut l = ledger();
+    // A lease smaller than the limit does not restrict...
+    l.grant(&d, BenefitType::Requests, RuleKind::Periodic, T0, 1, T0);
+    let _a = l.reserve("a", &d, &requests(1), &rs, T0 + 1).unwrap();
+    let _b = l.reserve("b", &d, &requests(1), &rs, T0 + 1).unwrap();
+    // ...and a larger one does not extend: the limit governs.
+    l.grant(
+        &d,
+        BenefitType::Requests,
+        RuleKind::Periodic,
+        T0,
+        100,
+        T0 + 1,
+    );
+    assert!(matches!(
+        l.reserve("c", &d, &requests(1), &rs, T0 + 1),
+        Err(ReserveError::Denied(_))
+    ));
+    // A device without any grant is admitted as usual.
+    assert!(l.check(&rs, &dev("other"), T0 + 1).is_ok());
+    // Switching leased mode on: the lease (101) governs now.
+    l.set_leased(true);
+    assert!(l.check(&rs, &d, T0 + 1).is_ok());
+    assert!(l.check(&rs, &dev("other"), T0 + 1).is_err());
+}
+
+#[test]
+fn lease_rolls_over_with_the_window() {
+    let rs = set(vec![single(
+        "req",
+        "d",
+        BenefitType::Requests,
+        100,
+        TriggerUnit::Day,
+    )]);
+    let d = dev("d");
+    let (b, k) = (BenefitType::Requests, RuleKind::Periodic);
+    let mut l = ledger();
+    l.set_leased(true);
+    // Window A = [T0, T0 + DAY).
+    l.grant(&d, b, k, T0, 10, T0 + 1);
+    assert_eq!(
+        l.charge("a", &d, &requests(1), &rs, T0 + 2),
+        SettleOutcome::Settled
+    );
+    assert!(l.check(&rs, &d, T0 + 3).is_ok());
+
+    // Window B: A's lease does not carry over.
+    let wb = T0 + DAY;
+    assert!(l.check(&rs, &d, wb + 5).is_err());
+    assert_eq!(
+        l.wants(&rs, &d, wb + 5, 4),
+        vec![LeaseWant {
+            benefit_type: b,
+            kind: k,
+            window_start: wb,
+            window_end: wb + DAY,
+            limit: 100,
+            used: 0,
+            granted: 0,
+            want: 4,
+        }]
+    );
+    // The grant for B moves the counter: used and granted start from 0.
+    l.grant(&d, b, k, wb, 4, wb + 6);
+    let r = record_of(&l, &d, b, k).unwrap();
+    assert_eq!((r.window_start, r.used, r.granted), (wb, 0, 4));
+    assert!(l.check(&rs, &d, wb + 6).is_ok());
+    // A late grant for A is stale: ignored.
+    l.grant(&d, b, k, T0, 50, wb + 7);
+    let r = record_of(&l, &d, b, k).unwrap();
+    assert_eq!((r.window_start, r.used, r.granted), (wb, 0, 4));
+    for i in 0..4 {
+        l.charge(&format!("b{i}"), &d, &requests(1), &rs, wb + 8);
+    }
+    assert!(l.check(&rs, &d, wb + 8).is_err());
+
+    // A charge into window C moves the counter too: B's lease is gone.
+    let wc = wb + DAY;
+    l.charge("c", &d, &requests(1), &rs, wc + 1);
+    let r = record_of(&l, &d, b, k).unwrap();
+    assert_eq!((r.window_start, r.used, r.granted), (wc, 1, 0));
+    assert!(l.check(&rs, &d, wc + 1).is_err());
+}
+
+#[test]
+fn release_idle_gives_back_unused_lease() {
+    let rs = set(vec![ent(
+        "tok",
+        BenefitType::LlmTokens,
+        1000,
+        TriggerUnit::Never,
+    )]);
+    let d = dev("d");
+    let (b, k) = (BenefitType::LlmTokens, RuleKind::Cumulative);
+    let mut l = ledger();
+    l.set_leased(true);
+    l.grant(&d, b, k, T0, 100, T0);
+    let _r = l.reserve("a", &d, &tokens(30, 0), &rs, T0 + 1).unwrap();
+    // An open reservation keeps the lease however long it is idle.
+    assert_eq!(l.release_idle(T0 + 10_000, 60), 0);
+    assert_eq!(
+        l.settle("a", &tokens(20, 0), T0 + 10),
+        SettleOutcome::Settled
+    );
+    let _ = l.drain_dirty();
+    assert_eq!(l.release_idle(T0 + 69, 60), 0, "active at T0 + 10");
+    // Activity refreshes the idle clock.
+    l.charge("b", &d, &tokens(5, 0), &rs, T0 + 50);
+    let _ = l.drain_dirty();
+    assert_eq!(l.release_idle(T0 + 70, 60), 0, "active at T0 + 50");
+    assert_eq!(l.release_idle(T0 + 110, 60), 1);
+    assert_eq!(
+        l.drain_dirty(),
+        vec![CounterRecord {
+            device: d.clone(),
+            benefit_type: b,
+            kind: k,
+            window_start: T0,
+            used: 25,
+            granted: 25,
+        }]
+    );
+    // Nothing left to give back; the node now holds no room.
+    assert_eq!(l.release_idle(T0 + 10_000, 60), 0);
+    assert!(l.drain_dirty().is_empty());
+    assert!(l.check(&rs, &d, T0 + 111).is_err());
+    // A grant is activity too.
+    l.grant(&d, b, k, T0, 10, T0 + 200);
+    assert_eq!(l.release_idle(T0 + 259, 60), 0);
+    assert_eq!(l.release_idle(T0 + 260, 60), 1);
+    assert_eq!(l.drain_dirty()[0].granted, 25);
+}
+
+#[test]
+fn leased_progress_tops_up_and_continues() {
+    let rs = set(vec![single(
+        "voice",
+        "d",
+        BenefitType::VoiceUnifiedDurationSystem,
+        60, // seconds: far above the lease
+        TriggerUnit::Hour,
+    )]);
+    let d = dev("d");
+    let (b, k) = (BenefitType::VoiceUnifiedDurationSystem, RuleKind::Periodic);
+    let at = |ms| Consumption {
+        voice_session_ms: ms,
+        ..Consumption::default()
+    };
+    let mut l = ledger();
+    l.set_leased(true);
+    l.grant(&d, b, k, T0, 10_000, T0);
+    let _s = l.reserve("s", &d, &at(5_000), &rs, T0 + 1).unwrap();
+    assert_eq!(
+        l.progress("s", &at(9_999), &rs, T0 + 11),
+        Progress::Continue
+    );
+    // The session's own consumption reaches the lease.
+    match l.progress("s", &at(10_000), &rs, T0 + 12) {
+        Progress::Exhausted(denial) => assert_eq!(denial.retry_after_s, Some(3600 - 12)),
+        other => panic!("{other:?}"),
+    }
+    // The grown hold is in `reserved`: wants covers it plus the lease size.
+    let w = l.wants(&rs, &d, T0 + 12, 5_000);
+    assert_eq!(w.len(), 1);
+    assert_eq!((w[0].used, w[0].granted, w[0].want), (0, 10_000, 5_000));
+    l.grant(
+        &d,
+        w[0].benefit_type,
+        w[0].kind,
+        w[0].window_start,
+        w[0].want,
+        T0 + 12,
+    );
+    assert_eq!(
+        l.progress("s", &at(10_000), &rs, T0 + 12),
+        Progress::Continue
+    );
+    assert_eq!(
+        l.progress("s", &at(14_999), &rs, T0 + 13),
+        Progress::Continue
+    );
+    assert!(matches!(
+        l.progress("s", &at(15_000), &rs, T0 + 14),
+        Progress::Exhausted(_)
+    ));
+}
+
+#[test]
+fn counter_record_without_granted_deserializes() {
+    let old = r#"{"device":"d1","benefit_type":"llm_tokens","kind":"cumulative",
+        "window_start":1741737600,"used":7}"#;
+    let r: CounterRecord = serde_json::from_str(old).unwrap();
+    assert_eq!(
+        r,
+        CounterRecord {
+            device: dev("d1"),
+            benefit_type: BenefitType::LlmTokens,
+            kind: RuleKind::Cumulative,
+            window_start: T0,
+            used: 7,
+            granted: 0,
+        }
+    );
+    // The new shape carries it, and import restores it.
+    let with = CounterRecord { granted: 9, ..r };
+    assert_eq!(serde_json::to_value(&with).unwrap()["granted"], 9);
+    let mut l = ledger();
+    l.import(vec![with.clone()]);
+    assert_eq!(l.export(), vec![with]);
+    let rs = set(vec![ent(
+        "tok",
+        BenefitType::LlmTokens,
+        1000,
+        TriggerUnit::Never,
+    )]);
+    l.set_leased(true);
+    let _a = l.reserve("a", &dev("d1"), &tokens(1, 0), &rs, T0).unwrap();
+    assert!(l.check(&rs, &dev("d1"), T0).is_ok(), "7 used + 1 held < 9");
+    let _b = l.reserve("b", &dev("d1"), &tokens(1, 0), &rs, T0).unwrap();
+    assert!(l.check(&rs, &dev("d1"), T0).is_err(), "7 + 2 ≥ 9");
 }
 
 // ---------------------------------------------------------------- scale

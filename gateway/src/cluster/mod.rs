@@ -1,0 +1,236 @@
+//! Cluster mode (`store.kind = "redis"`): several nodes share one Redis.
+//!
+//! Redis is the source of truth for devices (with their credentials and revocations), quota
+//! rules, usage counters and the `jti` replay set. Each node keeps what the hot path reads in
+//! memory (the device registry, the rule set, its quota leases), so a request pays no Redis
+//! round trip it does not need:
+//!
+//! - **Changes** (admin writes on any node) are Lua scripts that change the data, bump the
+//!   change counter `{prefix}:ver` and publish `"<ver> <what>"` on `{prefix}:changes`, all
+//!   atomically; every node applies the message by re-reading what changed ([`feed`]). A gap
+//!   in the versions, a reconnect, or the periodic check (`full_check_interval`) finding the
+//!   counter ahead of what the node applied triggers a full reload: pub/sub is the fast path,
+//!   the check the safety net.
+//! - **Quota** ([`leases`]): nodes admit against leases of quota granted atomically by Redis.
+//! - **`jti`s** ([`Cluster::claim_jti`]): `SET NX` with the assertion's expiry.
+//!
+//! Data layout (all keys under `key_prefix`):
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `dev:{id}` | hash | `created_at`, `enabled` (0/1), `gen`, `labels` (JSON), `c:{kid}` (credential JSON, secrets only as hashes) |
+//! | `devs` | set | every device id |
+//! | `rules` | hash | benefit id → rule JSON (admin-created rules) |
+//! | `use:{id}` | hash | quota counters and leases per node (see [`leases`]) |
+//! | `jti:{id}:{jti}` | string | a used assertion id, expiring with the assertion |
+//! | `ver` | integer | change counter |
+//! | `changes` | channel | `"<ver> dev <id>"`, `"<ver> devs <id>\n<id>…"`, `"<ver> rules"` |
+//!
+//! Redis must persist (AOF, `appendfsync everysec` or `always`): it holds the usage.
+
+pub mod devices;
+pub mod feed;
+pub mod rules;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::config::RedisSettings;
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Redis did not answer in time or the connection is down.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered something this node cannot read (a bug or foreign data).
+    #[error("unexpected data in redis: {0}")]
+    Corrupt(String),
+}
+
+impl From<redis::RedisError> for ClusterError {
+    fn from(e: redis::RedisError) -> ClusterError {
+        // RedisError's Display never includes the connection URL or the password.
+        ClusterError::Unavailable(e.to_string())
+    }
+}
+
+/// The shared Redis, as one node sees it.
+pub struct Cluster {
+    client: redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+    /// This process's identity in lease bookkeeping (random per start: a restarted node is a
+    /// new node; what the old one spent stays charged).
+    pub node_id: String,
+    pub settings: RedisSettings,
+    up: AtomicBool,
+    /// Told whenever Redis answers again after failing (reporters flush, the feed reloads).
+    pub recovered: tokio::sync::Notify,
+    /// `fleetgate_cluster_redis_up`, once the metrics exist.
+    up_gauge: std::sync::OnceLock<prometheus::IntGauge>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.node_id)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Connects (failing if Redis does not answer within the timeout: a node does not start
+    /// without its source of truth).
+    pub async fn connect(settings: &RedisSettings) -> Result<Arc<Cluster>, ClusterError> {
+        let client = redis::Client::open(settings.connection.clone())?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = tokio::time::timeout(
+            settings.timeout * 4,
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| ClusterError::Unavailable("connect timed out".into()))??;
+        let cluster = Cluster {
+            client,
+            conn,
+            prefix: settings.key_prefix.clone(),
+            node_id: format!("{:016x}", rand::random::<u64>()),
+            settings: settings.clone(),
+            up: AtomicBool::new(true),
+            recovered: tokio::sync::Notify::new(),
+            up_gauge: std::sync::OnceLock::new(),
+        };
+        let _: String = cluster.run(redis::cmd("PING")).await?;
+        Ok(Arc::new(cluster))
+    }
+
+    /// `{prefix}:{rest}`.
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.prefix)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether the last command reached Redis.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Reports reachability on this gauge from now on.
+    pub fn set_up_gauge(&self, g: prometheus::IntGauge) {
+        g.set(i64::from(self.is_up()));
+        let _ = self.up_gauge.set(g);
+    }
+
+    fn mark(&self, ok: bool) {
+        let was = self.up.swap(ok, Ordering::AcqRel);
+        if let Some(g) = self.up_gauge.get() {
+            g.set(i64::from(ok));
+        }
+        if ok && !was {
+            tracing::warn!("Redis is reachable again.");
+            self.recovered.notify_waiters();
+        } else if !ok && was {
+            tracing::error!("Redis is unreachable; running in the configured degraded mode.");
+        }
+    }
+
+    /// Runs one command with the configured timeout.
+    pub async fn run<T: redis::FromRedisValue>(
+        &self,
+        cmd: impl std::borrow::Borrow<redis::Cmd>,
+    ) -> Result<T, ClusterError> {
+        let mut conn = self.conn.clone();
+        let r = tokio::time::timeout(
+            self.settings.timeout,
+            cmd.borrow().query_async::<T>(&mut conn),
+        )
+        .await;
+        self.finish(r)
+    }
+
+    /// Runs a script invocation with the configured timeout.
+    pub async fn script<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, ClusterError> {
+        let mut conn = self.conn.clone();
+        let r = tokio::time::timeout(self.settings.timeout, inv.invoke_async::<T>(&mut conn)).await;
+        self.finish(r)
+    }
+
+    fn finish<T>(
+        &self,
+        r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, ClusterError> {
+        match r {
+            Ok(Ok(v)) => {
+                self.mark(true);
+                Ok(v)
+            }
+            Ok(Err(e)) if is_connection_error(&e) => {
+                self.mark(false);
+                Err(e.into())
+            }
+            // A script or type error: Redis itself is fine.
+            Ok(Err(e)) => Err(ClusterError::Corrupt(e.to_string())),
+            Err(_) => {
+                self.mark(false);
+                Err(ClusterError::Unavailable("timed out".into()))
+            }
+        }
+    }
+
+    /// A dedicated pub/sub connection.
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, ClusterError> {
+        let r = tokio::time::timeout(self.settings.timeout * 4, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| ClusterError::Unavailable("pub/sub connect timed out".into()))?;
+        let ps = r?;
+        self.mark(true);
+        Ok(ps)
+    }
+
+    /// Records a device's assertion id as used until `exp` (unix seconds). `Ok(false)`: it was
+    /// used before, on some node.
+    pub async fn claim_jti(&self, device: &str, jti: &str, exp: u64) -> Result<bool, ClusterError> {
+        let key = self.key(&format!("jti:{device}:{jti}"));
+        let set: Option<String> = self
+            .run(
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("EXAT")
+                    .arg(exp.max(1)),
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+}
+
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown)
+        )
+}
