@@ -8,7 +8,7 @@
 //! - [`admin`]: the admin API on its own listener; [`metrics`]: Prometheus, no globals.
 //! - [`config`]: file shape → validated config, all errors at once.
 //! - [`server`]: pingora `Server` assembly, port reservation, SIGTERM drain.
-//! - [`cluster`]: cluster mode: devices, rules, quota leases and `jti`s shared in Redis.
+//! - [`cluster`]: cluster mode: devices, rules and `jti`s shared in Redis.
 //! - [`sandbox_cmd`]: `fleetgate sandbox`, the gateway wired to the built-in upstream.
 
 pub mod accept;

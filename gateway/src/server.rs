@@ -177,6 +177,10 @@ pub fn run(
             let devices = c.load_all_devices().await?;
             let rules = c.load_rules().await?;
             tracing::info!(node_id = %c.node_id, "Cluster mode: connected to Redis.");
+            tracing::warn!(
+                "Cluster mode: quota usage counters are still per node (shared leases are not \
+                 built yet); each node enforces the rules against its own usage."
+            );
             anyhow::Ok((Some(c), devices, Some(rules)))
         })?,
     };

@@ -11,7 +11,9 @@
 //!   in the versions, a reconnect, or the periodic check (`full_check_interval`) finding the
 //!   counter ahead of what the node applied triggers a full reload: pub/sub is the fast path,
 //!   the check the safety net.
-//! - **Quota** ([`leases`]): nodes admit against leases of quota granted atomically by Redis.
+//! - **Quota**: rules are shared; usage counters are still per node (each node enforces a
+//!   rule against what it admitted itself, persisted in its own embedded store). Shared
+//!   leases are designed in `docs/design/001-cluster-mode.md` and not built yet.
 //! - **`jti`s** ([`Cluster::claim_jti`]): `SET NX` with the assertion's expiry.
 //!
 //! Data layout (all keys under `key_prefix`):
@@ -21,7 +23,6 @@
 //! | `dev:{id}` | hash | `created_at`, `enabled` (0/1), `gen`, `labels` (JSON), `c:{kid}` (credential JSON, secrets only as hashes) |
 //! | `devs` | set | every device id |
 //! | `rules` | hash | benefit id → rule JSON (admin-created rules) |
-//! | `use:{id}` | hash | quota counters and leases per node (see [`leases`]) |
 //! | `jti:{id}:{jti}` | string | a used assertion id, expiring with the assertion |
 //! | `ver` | integer | change counter |
 //! | `changes` | channel | `"<ver> dev <id>"`, `"<ver> devs <id>\n<id>…"`, `"<ver> rules"` |

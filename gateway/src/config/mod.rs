@@ -292,10 +292,6 @@ pub struct RedisSettings {
     pub key_prefix: String,
     pub timeout: Duration,
     pub full_check_interval: Duration,
-    pub lease_size: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
-    pub lease_idle: Duration,
-    pub lease_ttl: Duration,
-    pub degraded_allowance: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
 }
 
 /// The validated configuration.
@@ -528,27 +524,11 @@ fn redis_settings(
     if r.full_check_interval < Duration::from_millis(100) {
         c.err("store.redis.full_check_interval", "must be at least 100ms");
     }
-    if let Some((b, _)) = r.lease_size.iter().find(|(_, n)| **n == 0) {
-        c.err(
-            &format!("store.redis.lease_size.{}", b.as_str()),
-            "must be at least 1",
-        );
-    }
-    if r.lease_ttl < r.lease_idle + Duration::from_secs(1) {
-        c.err(
-            "store.redis.lease_ttl",
-            "must exceed `lease_idle` by at least 1s (a live node reports before its leases are reclaimed)",
-        );
-    }
     Some(RedisSettings {
         connection: info,
         key_prefix: r.key_prefix.clone(),
         timeout: r.timeout,
         full_check_interval: r.full_check_interval,
-        lease_size: r.lease_size.clone(),
-        lease_idle: r.lease_idle,
-        lease_ttl: r.lease_ttl,
-        degraded_allowance: r.degraded_allowance.clone(),
     })
 }
 
@@ -894,7 +874,7 @@ mod tests {
         assert!(e.0[0].message.contains("Sentinel"), "{e}");
         let e = load_str(
             &with(
-                "kind = \"redis\"\n[store.redis]\nurl = \"redis://h:1\"\npassword_env = \"NOPE\"\nlease_size = { requests = 0 }\nlease_idle = \"10s\"",
+                "kind = \"redis\"\n[store.redis]\nurl = \"redis://h:1\"\npassword_env = \"NOPE\"\nkey_prefix = \"\"\nfull_check_interval = \"1ms\"",
             ),
             &env,
         )
@@ -904,8 +884,8 @@ mod tests {
             paths,
             [
                 "store.redis.password_env",
-                "store.redis.lease_size.requests",
-                "store.redis.lease_ttl"
+                "store.redis.key_prefix",
+                "store.redis.full_check_interval"
             ],
             "{e}"
         );
