@@ -82,6 +82,13 @@ def test_spec_security_model(openapi_spec):
 # --- 2. code → spec --------------------------------------------------------------------------
 
 
+def fn_start(src: str, name: str) -> int:
+    """Where `pub fn name(` or `pub async fn name(` starts."""
+    m = re.search(rf"pub (?:async )?fn {name}\(", src)
+    assert m, f"`pub fn {name}(` not found"
+    return m.start()
+
+
 def code_routes() -> set[tuple[str, str]]:
     routes: set[tuple[str, str]] = set()
 
@@ -93,7 +100,7 @@ def code_routes() -> set[tuple[str, str]]:
     routes.add((m.group(2), m.group(1)))
 
     devices = DEVICES_SRC.read_text()
-    route_fn = devices[devices.index("pub fn route(") :]
+    route_fn = devices[fn_start(devices, "route") :]
     m = re.search(r'if path == "(/admin/v1/devices)" \{(.*?)\n    \}', route_fn, re.S)
     assert m, "the collection route in admin/devices.rs was not recognised"
     base = m.group(1)
@@ -114,7 +121,7 @@ def code_routes() -> set[tuple[str, str]]:
         routes.add((method, path))
 
     quota = QUOTA_SRC.read_text()
-    route_fn = quota[quota.index("pub fn route(") : quota.index("\nfn parse")]
+    route_fn = quota[fn_start(quota, "route") : quota.index("\nfn parse")]
     m = re.search(r'strip_prefix\("(/v1/commerce/benefit/limitations)"\)', route_fn)
     assert m, "the quota route prefix in quota_api.rs was not recognised"
     prefix = m.group(1)
