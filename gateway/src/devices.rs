@@ -330,46 +330,6 @@ impl DeviceRegistry {
         self.epoch.send_modify(|e| *e += 1);
     }
 
-    /// Invalidates every token the device holds now. `None` if unknown.
-    pub fn revoke(&self, id: &DeviceId) -> Option<Arc<Device>> {
-        let d = self.get(id)?;
-        d.generation.fetch_add(1, Ordering::AcqRel);
-        self.bump_epoch();
-        Some(d)
-    }
-
-    /// Enables or disables a device. Disabling also revokes its outstanding tokens, so
-    /// re-enabling does not bring old tokens back.
-    pub fn set_enabled(&self, id: &DeviceId, enabled: bool) -> Option<Arc<Device>> {
-        let d = self.get(id)?;
-        let was = d.enabled.swap(enabled, Ordering::AcqRel);
-        if was && !enabled {
-            d.generation.fetch_add(1, Ordering::AcqRel);
-            self.bump_epoch();
-        }
-        Some(d)
-    }
-
-    /// Replaces a device's labels.
-    pub fn set_labels(
-        &self,
-        id: &DeviceId,
-        labels: BTreeMap<String, String>,
-    ) -> Option<Arc<Device>> {
-        let d = self.get(id)?;
-        *d.labels.write().unwrap_or_else(|p| p.into_inner()) = labels;
-        Some(d)
-    }
-
-    /// Replaces a device's credentials. Removing one revokes the tokens obtained through it,
-    /// so open sessions are told to re-check.
-    pub fn set_credentials(&self, id: &DeviceId, set: CredentialSet) -> Option<Arc<Device>> {
-        let d = self.get(id)?;
-        *d.credentials.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
-        self.bump_epoch();
-        Some(d)
-    }
-
     /// Deletes a device; its tokens stop working at once.
     pub fn remove(&self, id: &DeviceId) -> Option<Arc<Device>> {
         let removed = self

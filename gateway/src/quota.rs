@@ -338,8 +338,8 @@ impl Quotas {
         Ok(())
     }
 
-    /// Checks that `rule` fits the current set (cluster mode validates before writing Redis).
-    pub fn validate_with(&self, rule: &Rule) -> Result<(), RuleChangeError> {
+    /// The current set with `rule` added (or replacing the rule with its id), validated.
+    fn set_with(&self, rule: &Rule) -> Result<RuleSet, RuleChangeError> {
         let mut all: Vec<Rule> = self
             .rules()
             .iter()
@@ -347,21 +347,25 @@ impl Quotas {
             .cloned()
             .collect();
         all.push(rule.clone());
-        RuleSet::new(all)
-            .map(|_| ())
-            .map_err(RuleChangeError::Invalid)
+        RuleSet::new(all).map_err(RuleChangeError::Invalid)
+    }
+
+    /// Checks that `rule` fits the current set (cluster mode validates before writing Redis).
+    pub fn validate_with(&self, rule: &Rule) -> Result<(), RuleChangeError> {
+        self.set_with(rule).map(|_| ())
+    }
+
+    /// Cluster mode: swaps in the current set with `rule`, once Redis holds it. Rebuilt from
+    /// the set as it is now, so a change the feed applied meanwhile is kept.
+    pub fn apply_rule(&self, rule: &Rule) -> Result<(), RuleChangeError> {
+        let next = self.set_with(rule)?;
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(())
     }
 
     /// Validates against the current set, persists, then swaps in the new set.
     pub fn install(&self, store: &Store, rule: Rule) -> Result<Rule, RuleChangeError> {
-        let current = self.rules();
-        let mut all: Vec<Rule> = current
-            .iter()
-            .filter(|r| r.benefit_id != rule.benefit_id)
-            .cloned()
-            .collect();
-        all.push(rule.clone());
-        let next = RuleSet::new(all).map_err(RuleChangeError::Invalid)?;
+        let next = self.set_with(&rule)?;
         store.put_all(RULES, &[(rule.benefit_id.clone(), rule.clone())])?;
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         Ok(rule)

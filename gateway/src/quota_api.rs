@@ -87,13 +87,7 @@ async fn commit(state: &GatewayState, rule: Rule) -> Result<Rule, RuleChangeErro
     state.quotas.validate_with(&rule)?;
     cluster.put_rule(&rule).await?;
     // Visible here at once; the change feed brings it to the other nodes (and here again).
-    let mut local: Vec<Rule> = cluster.load_rules().await?;
-    local.retain(|r| r.benefit_id != rule.benefit_id);
-    local.push(rule.clone());
-    state
-        .quotas
-        .replace_local_rules(local)
-        .map_err(|e| RuleChangeError::Cluster(crate::cluster::ClusterError::Corrupt(e)))?;
+    state.quotas.apply_rule(&rule)?;
     Ok(rule)
 }
 

@@ -6,10 +6,7 @@ use gateway_tests::*;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::oauth::{add_key, claims, es256, use_token};
-
-const TOKEN_PATH: &str = "/api/permission/oauth2/token";
-const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+use crate::oauth::{JWT_BEARER, TOKEN_PATH, add_key, claims, es256, use_token};
 
 async fn nodes(
     up: &SandboxHandle,

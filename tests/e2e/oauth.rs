@@ -7,8 +7,8 @@ use gateway_tests::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-const TOKEN_PATH: &str = "/api/permission/oauth2/token";
-const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+pub(crate) const TOKEN_PATH: &str = "/api/permission/oauth2/token";
+pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 pub(crate) fn key(name: &str) -> Vec<u8> {
     std::fs::read(

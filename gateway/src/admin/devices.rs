@@ -68,9 +68,10 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
 
 /// Persists records; a failure is a 503 and nothing is applied in memory.
 ///
-/// Admin handlers run one at a time on the admin listener's single thread and do not await
-/// between the check, the write and the in-memory change, so "persist, then apply" cannot
-/// interleave with another admin call.
+/// Admin handlers share the admin listener's single thread, and the embedded path does not
+/// await between the check, the write and the in-memory change, so "persist, then apply"
+/// cannot interleave with another admin call. (In cluster mode each change is one atomic
+/// Redis script instead.)
 fn persist(state: &GatewayState, records: &[crate::store::DeviceRecord]) -> Result<(), AdminError> {
     state
         .store

@@ -59,12 +59,18 @@ impl Feed {
         Ok(())
     }
 
-    /// Loads everything; returns the version it is at least as new as.
-    async fn full_reload(&self) -> Result<u64, ClusterError> {
+    /// Redis's change counter (0 before the first change).
+    async fn current_ver(&self) -> Result<u64, ClusterError> {
         let ver: Option<u64> = self
             .cluster
             .run(redis::cmd("GET").arg(self.cluster.key("ver")))
             .await?;
+        Ok(ver.unwrap_or(0))
+    }
+
+    /// Loads everything; returns the version it is at least as new as.
+    async fn full_reload(&self) -> Result<u64, ClusterError> {
+        let ver = self.current_ver().await?;
         let records = self.cluster.load_all_devices().await?;
         let n = records.len();
         self.state.devices.replace_all(records);
@@ -74,7 +80,7 @@ impl Feed {
             .set(self.state.devices.len() as i64);
         self.reload_rules().await?;
         tracing::info!(devices = n, "Cluster state reloaded from Redis.");
-        Ok(ver.unwrap_or(0))
+        Ok(ver)
     }
 
     async fn reload_rules(&self) -> Result<(), ClusterError> {
@@ -140,8 +146,8 @@ impl Feed {
                     self.handle(&payload, applied).await?;
                 }
                 _ = check.tick() => {
-                    let ver: Option<u64> = self.cluster.run(redis::cmd("GET").arg(self.cluster.key("ver"))).await?;
-                    let behind = ver.unwrap_or(0) > *applied;
+                    let ver = self.current_ver().await?;
+                    let behind = ver > *applied;
                     if behind && behind_since_last_check {
                         tracing::warn!(applied = *applied, "Cluster changes not delivered; reloading.");
                         *applied = (*applied).max(self.full_reload().await?);
