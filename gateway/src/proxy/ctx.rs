@@ -34,10 +34,16 @@ pub struct RequestCtx {
     pub upstream_logid: Option<String>,
     pub request_bytes: u64,
     pub response_bytes: u64,
-    /// A quota hold was taken under `logid` and must be settled in `logging`.
+    /// A quota hold was taken under `logid` and must be settled (at the end of the upstream
+    /// body, or in `logging` if the body never ended).
     pub quota_held: bool,
     /// The meter chosen from the upstream's answer.
     pub meter: super::meter::RequestMeter,
+    /// The meter's result, once the upstream body has ended.
+    pub metered: Option<super::meter::Metered>,
+    /// Status of the upstream's answer (`response_filter`; 0 before it). The device's copy
+    /// of the header may not be written yet when the body ends.
+    pub response_status: u16,
     /// Keep a copy of the request body (bounded) for metering (`/v1/audio/speech` input).
     pub capture_request: bool,
     pub request_copy: Vec<u8>,
@@ -62,6 +68,8 @@ impl RequestCtx {
             sse_counted: false,
             local_route: None,
             meter: Default::default(),
+            metered: None,
+            response_status: 0,
             quota_held: false,
             capture_request: false,
             request_copy: Vec::new(),

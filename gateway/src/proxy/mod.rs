@@ -10,9 +10,9 @@
 //! | `upstream_peer` | [`upstream::peer`] | upstream address and per-route timeouts |
 //! | `upstream_request_filter` | [`upstream::rewrite`] | upstream credentials, `X-Coze-DeviceInfo`, `Host` |
 //! | `response_filter` | here | `X-Tt-Logid`, SSE detection from the upstream's content type |
-//! | `response_body_filter` | here | total-time limit, byte counts (chunks pass unchanged) |
+//! | `response_body_filter` | here, [`settle::end_of_body`] | total-time limit, byte counts (chunks pass unchanged); quota settled when the upstream body ends |
 //! | `fail_to_proxy` | [`respond`] | upstream failures → 502/504 in Coze's envelope |
-//! | `logging` | [`settle`] | metrics and the access log |
+//! | `logging` | [`settle::finish`] | metrics, the access log, and settling what did not end |
 //!
 //! WebSocket upgrades never reach this impl: `crate::listener` hands them to `crate::ws`.
 
@@ -183,6 +183,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.first_byte_at = Some(Instant::now());
+        ctx.response_status = resp.status.as_u16();
         match resp.headers.get("x-tt-logid").and_then(|v| v.to_str().ok()) {
             Some(up) => ctx.upstream_logid = Some(up.to_owned()),
             None => resp.insert_header("X-Tt-Logid", &ctx.logid)?,
@@ -212,7 +213,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if let Some(b) = body {
@@ -221,6 +222,9 @@ impl ProxyHttp for Gateway {
         }
         if ctx.started.elapsed() > self.state.config.upstream.total_timeout {
             return Error::e_explain(ErrorType::ReadTimedout, "total request time exceeded");
+        }
+        if end_of_stream && ctx.metered.is_none() {
+            settle::end_of_body(&self.state, ctx);
         }
         Ok(None)
     }

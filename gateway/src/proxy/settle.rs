@@ -1,11 +1,60 @@
-//! End of a proxied request: metrics and the access-log line. Runs in pingora's `logging`
-//! phase, which is called for every request, including failed ones.
+//! End of a proxied request: quota settlement, metrics and the access-log line.
+//!
+//! The quota is settled as soon as the upstream body ends ([`end_of_body`], before pingora
+//! writes the last bytes to the device), so a device that sends its next request the moment
+//! it has read this answer never meets this request's hold. Everything else runs in
+//! pingora's `logging` phase ([`finish`]), which is called for every request, including
+//! failed ones, and settles whatever was not settled yet.
 
 use pingora::prelude::*;
 
 use super::ctx::RequestCtx;
 use crate::metrics::status_class;
 use crate::state::GatewayState;
+
+/// The upstream body is complete: finish the meter and settle the quota now.
+pub fn end_of_body(state: &GatewayState, ctx: &mut RequestCtx) {
+    let metered = std::mem::take(&mut ctx.meter).finish();
+    settle_quota(state, ctx.response_status, None, ctx, &metered);
+    ctx.metered = Some(metered);
+}
+
+/// Settles the request's hold, once: refunded when the upstream refused, the hold (or more,
+/// if measured) when the answer was cut short or carried no usage, else what was metered.
+fn settle_quota(
+    state: &GatewayState,
+    status: u16,
+    e: Option<&Error>,
+    ctx: &mut RequestCtx,
+    metered: &super::meter::Metered,
+) {
+    if ctx.quota_held
+        && let Some(a) = &ctx.admission
+    {
+        let measured = policy::quota::Consumption {
+            usage: metered.usage,
+            requests: 1,
+            voice_session_ms: 0,
+        };
+        let outcome = if !(200..300).contains(&status) {
+            // The upstream refused (or nothing was answered): no charge.
+            crate::quota::Outcome::Refund
+        } else if e.is_some() || metered.missing_usage {
+            // Cut short (device gone mid-stream) or no usage report: charge the hold.
+            crate::quota::Outcome::Estimate(measured)
+        } else {
+            crate::quota::Outcome::Consumed(measured)
+        };
+        state.quotas.settle(
+            &ctx.logid,
+            &a.device,
+            a.route.class,
+            outcome,
+            crate::state::now_s(),
+        );
+        ctx.quota_held = false;
+    }
+}
 
 pub fn finish(
     state: &GatewayState,
@@ -38,36 +87,14 @@ pub fn finish(
     m.relayed_bytes
         .with_label_values(&["downlink"])
         .inc_by(ctx.response_bytes);
-    let metered = std::mem::take(&mut ctx.meter).finish();
+    let metered = match ctx.metered.take() {
+        Some(done) => done,
+        None => std::mem::take(&mut ctx.meter).finish(),
+    };
     if ctx.admission.is_some() && status > 0 && status < 300 {
         crate::metrics::record_usage(m, &metered.usage, 0);
     }
-    if ctx.quota_held
-        && let Some(a) = &ctx.admission
-    {
-        let measured = policy::quota::Consumption {
-            usage: metered.usage,
-            requests: 1,
-            voice_session_ms: 0,
-        };
-        let outcome = if !(200..300).contains(&status) {
-            // The upstream refused (or nothing was answered): no charge.
-            crate::quota::Outcome::Refund
-        } else if e.is_some() || metered.missing_usage {
-            // Cut short (device gone mid-stream) or no usage report: charge the hold.
-            crate::quota::Outcome::Estimate(measured)
-        } else {
-            crate::quota::Outcome::Consumed(measured)
-        };
-        state.quotas.settle(
-            &ctx.logid,
-            &a.device,
-            a.route.class,
-            outcome,
-            crate::state::now_s(),
-        );
-        ctx.quota_held = false;
-    }
+    settle_quota(state, status, e, ctx, &metered);
     if metered.missing_usage {
         m.usage_missing.with_label_values(&[proto]).inc();
     }
