@@ -294,7 +294,7 @@ impl Metrics {
             cluster_errors: counter_vec(
                 r,
                 "fleetgate_cluster_errors_total",
-                "Cluster mode: failed Redis operations, by operation (admin, feed, jti).",
+                "Cluster mode: failed Redis operations, by operation (admin, feed, jti, lease, report).",
                 &["op"],
             )?,
             cluster_redis_up: gauge(

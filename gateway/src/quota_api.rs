@@ -40,7 +40,7 @@ pub async fn device_quota(
             return Ok(true);
         }
     };
-    let items = state.quotas.usage(&device, now_s());
+    let items = state.quotas.usage_shared(&device, now_s()).await;
     let body =
         json!({"code": 0, "msg": "", "data": items_json(&items), "detail": {"logid": ctx.logid}});
     respond::json(session, 200, &body, &ctx.logid, None).await?;
@@ -115,7 +115,7 @@ pub async fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResu
                 .map_err(|e| change_error(state, e))
         }
         ("GET", "") => list(state, req),
-        ("GET", "/usage") => usage(state, req),
+        ("GET", "/usage") => usage(state, req).await,
         ("PUT", id) if id.starts_with('/') && id.len() > 1 && !id[1..].contains('/') => {
             let body: UpdateLimitation = match req.json() {
                 Ok(b) => b,
@@ -192,7 +192,7 @@ fn list(state: &GatewayState, req: &AdminRequest) -> AdminResult {
 }
 
 /// `GET …/limitations/usage?entity_type=single_device&entity_id=<device>`
-fn usage(state: &GatewayState, req: &AdminRequest) -> AdminResult {
+async fn usage(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     let q = &req.query;
     if q.get("entity_type")
         .map(String::as_str)
@@ -208,6 +208,6 @@ fn usage(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     })?;
     let device = policy::ids::DeviceId::parse(id)
         .map_err(|e| AdminError::bad_request(format!("entity_id: {e}")))?;
-    let items = state.quotas.usage(&device, now_s());
+    let items = state.quotas.usage_shared(&device, now_s()).await;
     Ok((StatusCode::OK, envelope(items_json(&items))))
 }

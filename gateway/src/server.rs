@@ -177,17 +177,14 @@ pub fn run(
             let devices = c.load_all_devices().await?;
             let rules = c.load_rules().await?;
             tracing::info!(node_id = %c.node_id, "Cluster mode: connected to Redis.");
-            tracing::warn!(
-                "Cluster mode: quota usage counters are still per node (shared leases are not \
-                 built yet); each node enforces the rules against its own usage."
-            );
             anyhow::Ok((Some(c), devices, Some(rules)))
         })?,
     };
     let mut state =
         GatewayState::new(config, metrics, store).map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(c) = &cluster {
-        c.set_up_gauge(state.metrics.cluster_redis_up.clone());
+        c.set_metrics(&state.metrics);
+        state.quotas.enable_leases(c.clone());
     }
     state.cluster = cluster;
     if let Some(rules) = shared_rules {

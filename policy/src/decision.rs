@@ -26,6 +26,8 @@ pub enum DenyReason {
     QuotaExhausted,
     /// A rate limit (device, route or fleet) refused the request.
     RateLimited,
+    /// The shared quota store (cluster mode) is unreachable and this benefit fails closed.
+    QuotaUnavailable,
     /// The upstream could not be reached or failed.
     UpstreamUnavailable,
     /// The upstream did not answer in time.
@@ -46,6 +48,7 @@ impl DenyReason {
             DenyReason::BadRequest => "bad_request",
             DenyReason::QuotaExhausted => "quota_exhausted",
             DenyReason::RateLimited => "rate_limited",
+            DenyReason::QuotaUnavailable => "quota_unavailable",
             DenyReason::UpstreamUnavailable => "upstream_unavailable",
             DenyReason::UpstreamTimeout => "upstream_timeout",
             DenyReason::ShuttingDown => "shutting_down",
@@ -62,6 +65,7 @@ impl DenyReason {
             DenyReason::BadRequest => (400, 4000),
             DenyReason::QuotaExhausted => (429, 4028),
             DenyReason::RateLimited => (429, 4013),
+            DenyReason::QuotaUnavailable => (503, 5000),
             DenyReason::UpstreamUnavailable => (502, 5000),
             DenyReason::UpstreamTimeout => (504, 5000),
             DenyReason::ShuttingDown => (503, 5000),
@@ -69,7 +73,7 @@ impl DenyReason {
     }
 
     /// All reasons, for pre-registering metric label values.
-    pub const ALL: [DenyReason; 11] = [
+    pub const ALL: [DenyReason; 12] = [
         DenyReason::MissingToken,
         DenyReason::InvalidToken,
         DenyReason::RouteNotAllowed,
@@ -78,6 +82,7 @@ impl DenyReason {
         DenyReason::BadRequest,
         DenyReason::QuotaExhausted,
         DenyReason::RateLimited,
+        DenyReason::QuotaUnavailable,
         DenyReason::UpstreamUnavailable,
         DenyReason::UpstreamTimeout,
         DenyReason::ShuttingDown,

@@ -317,3 +317,419 @@ async fn missed_messages_are_caught_by_the_periodic_check() {
         "the periodic check found the unannounced change"
     );
 }
+
+const FOREVER: u64 = 253_402_300_799;
+
+async fn add_request_rule(gw: &GatewayProcess, device: &str, limit: u64) {
+    let body = json!({"entity_type": "single_device", "entity_id": device,
+        "benefit_info": {"benefit_type": "requests", "active_mode": "absolute_time", "started_at": 0,
+                         "ended_at": FOREVER, "limit": limit, "status": "valid", "trigger_unit": "never", "trigger_time": 1}});
+    let r = gw
+        .admin(Method::POST, "/v1/commerce/benefit/limitations", Some(body))
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// Sends `n` requests to every node at once (concurrently); returns (admitted, refused 429,
+/// anything else).
+async fn hammer(gw: &[GatewayProcess], token: &str, n: usize) -> (usize, usize, usize) {
+    let mut tasks = Vec::new();
+    for node in gw {
+        for _ in 0..n {
+            let req = node
+                .http
+                .post(format!("{}/v1/conversation/create", node.device))
+                .bearer_auth(token)
+                .json(&json!({"bot_id": "b1"}));
+            tasks.push(tokio::spawn(async move {
+                req.send().await.map(|r| r.status().as_u16())
+            }));
+        }
+    }
+    let (mut ok, mut refused, mut other) = (0, 0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(200) => ok += 1,
+            Ok(429) => refused += 1,
+            _ => other += 1,
+        }
+    }
+    (ok, refused, other)
+}
+
+/// The sum charged in Redis for a device's `requests` counter.
+fn redis_requests_used(redis: &RedisServer, device: &str) -> u64 {
+    let all = redis.cli(&["HGETALL", &format!("fleetgate:use:{device}")]);
+    let lines: Vec<&str> = all.lines().collect();
+    lines
+        .chunks(2)
+        .filter(|p| p[0].starts_with("requests:c:u:"))
+        .map(|p| p[1].parse::<u64>().unwrap())
+        .sum()
+}
+
+/// One device hammers three nodes at once with a quota of 100 requests: with leases of 1
+/// exactly 100 are admitted, and Redis has charged exactly 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_holds_exactly_across_three_nodes_with_lease_1() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let redis = RedisServer::start();
+    let gw = nodes(&up, &redis, 3, "").await;
+    let token = gw[0].register_device("cl-q1").await;
+    add_request_rule(&gw[0], "cl-q1", 100).await;
+    // Every node has the rule (the change feed), before the load starts.
+    for node in &gw[1..] {
+        let has = within(Duration::from_secs(1), || async {
+            let v: serde_json::Value = node
+                .admin(
+                    Method::GET,
+                    "/v1/commerce/benefit/limitations?entity_type=single_device&entity_id=cl-q1",
+                    None,
+                )
+                .await
+                .json()
+                .await
+                .unwrap();
+            v["data"]["benefit_infos"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+        })
+        .await;
+        assert!(has.is_some(), "rule replicated");
+    }
+    let (ok, refused, other) = hammer(&gw, &token, 60).await;
+    assert_eq!(other, 0, "only 200 and 429 answers");
+    assert_eq!(
+        ok, 100,
+        "exactly the quota admitted across 3 nodes ({refused} refused)"
+    );
+    let charged = within(Duration::from_secs(2), || async {
+        redis_requests_used(&redis, "cl-q1") == 100
+    })
+    .await;
+    assert!(
+        charged.is_some(),
+        "Redis charged {} (want 100)",
+        redis_requests_used(&redis, "cl-q1")
+    );
+}
+
+/// With leases of 10 the quota is never exceeded (a request holds 1, grants never pass the
+/// limit); unused leases go back after `lease_idle`, so the device still gets exactly 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn larger_leases_never_overshoot_and_unused_ones_come_back() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let redis = RedisServer::start();
+    let gw = nodes(
+        &up,
+        &redis,
+        3,
+        "lease_size = { requests = 10 }\nlease_idle = \"1s\"\nlease_ttl = \"3s\"",
+    )
+    .await;
+    let token = gw[0].register_device("cl-q10").await;
+    add_request_rule(&gw[0], "cl-q10", 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the rule reaches every node
+    let (ok, _, other) = hammer(&gw, &token, 30).await;
+    assert_eq!(other, 0);
+    assert!(ok <= 100, "admitted {ok} > 100");
+    // After the idle leases are returned, node 0 alone can use what is left.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (more, refused, other) = hammer(&gw[..1], &token, 120).await;
+    assert_eq!(other, 0);
+    assert!(refused > 0);
+    assert_eq!(ok + more, 100, "burst {ok} + later {more}");
+    let charged = within(Duration::from_secs(2), || async {
+        redis_requests_used(&redis, "cl-q10") == 100
+    })
+    .await;
+    assert!(
+        charged.is_some(),
+        "Redis charged {}",
+        redis_requests_used(&redis, "cl-q10")
+    );
+}
+
+/// What a device saw from a stream of requests: status → count, and the 503s' body codes.
+#[derive(Debug, Default)]
+struct Seen {
+    statuses: std::collections::BTreeMap<u16, usize>,
+    unavailable_codes: Vec<i64>,
+}
+
+/// Keeps `workers` tasks sending `POST /v1/conversation/create` round-robin to every node
+/// until `stop`; returns what each device saw.
+async fn load(
+    gw: &[GatewayProcess],
+    token: &str,
+    workers: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Seen> {
+    let targets: Vec<(reqwest::Client, String)> = gw
+        .iter()
+        .map(|n| {
+            (
+                n.http.clone(),
+                format!("{}/v1/conversation/create", n.device),
+            )
+        })
+        .collect();
+    let token = token.to_owned();
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for w in 0..workers {
+            let (targets, token, stop) = (targets.clone(), token.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut seen = Seen::default();
+                let mut i = w;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (http, url) = &targets[i % targets.len()];
+                    i += 1;
+                    let r = http
+                        .post(url)
+                        .bearer_auth(&token)
+                        .json(&json!({"bot_id": "b1"}))
+                        .send()
+                        .await;
+                    let status = r.as_ref().map_or(0, |r| r.status().as_u16());
+                    *seen.statuses.entry(status).or_default() += 1;
+                    if status == 503 {
+                        let v: serde_json::Value = r.unwrap().json().await.unwrap_or_default();
+                        seen.unavailable_codes
+                            .push(v["code"].as_i64().unwrap_or(-1));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                seen
+            }));
+        }
+        let mut all = Seen::default();
+        for t in tasks {
+            let s = t.await.unwrap();
+            for (k, v) in s.statuses {
+                *all.statuses.entry(k).or_default() += v;
+            }
+            all.unavailable_codes.extend(s.unavailable_codes);
+        }
+        all
+    })
+}
+
+async fn add_rule(gw: &GatewayProcess, device: &str, benefit: &str, limit: u64) {
+    let body = json!({"entity_type": "single_device", "entity_id": device,
+        "benefit_info": {"benefit_type": benefit, "active_mode": "absolute_time", "started_at": 0,
+                         "ended_at": FOREVER, "limit": limit, "status": "valid", "trigger_unit": "never", "trigger_time": 1}});
+    let r = gw
+        .admin(Method::POST, "/v1/commerce/benefit/limitations", Some(body))
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// Redis is killed under load and restarted. `requests` runs degraded (allowance 5 per node),
+/// `llm_tokens` fails closed. No node crashes; the only 5xx are the documented 503 / 5000;
+/// the degraded device gets at most its quota plus 3 × 5; the fail-closed device is refused
+/// during the outage and served after; Redis ends up charging exactly what was admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_respects_each_mode_and_loses_nothing() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let mut redis = RedisServer::start();
+    let mut gw = nodes(
+        &up,
+        &redis,
+        3,
+        "degraded_allowance = { requests = 5 }\ntimeout = \"300ms\"",
+    )
+    .await;
+    let open = gw[0].register_device("cl-deg").await;
+    let closed = gw[0].register_device("cl-closed").await;
+    add_rule(&gw[0], "cl-deg", "requests", 100).await;
+    add_rule(&gw[0], "cl-closed", "llm_tokens", 1_000_000).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // rules reach every node
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deg = load(&gw, &open, 3, stop.clone()).await;
+    let cls = load(&gw, &closed, 3, stop.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_outage = redis_used(&redis, "cl-deg", "requests");
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    // Recovery: a fail-closed device is served again within a few seconds.
+    let served_again = within(Duration::from_secs(5), || async {
+        gw[1]
+            .http
+            .post(format!("{}/v1/conversation/create", gw[1].device))
+            .bearer_auth(&closed)
+            .json(&json!({"bot_id": "b1"}))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (deg, cls) = (deg.await.unwrap(), cls.await.unwrap());
+    eprintln!(
+        "degraded: {:?}; fail closed: {:?}",
+        deg.statuses, cls.statuses
+    );
+    assert!(
+        served_again.is_some(),
+        "fail-closed device served after recovery"
+    );
+
+    for n in gw.iter_mut() {
+        assert!(n.child.try_wait().unwrap().is_none(), "a node exited");
+    }
+    // Degraded device: 200 until its quota (and the allowance) is gone, then 429 or 503.
+    let admitted = deg.statuses.get(&200).copied().unwrap_or(0);
+    assert!(
+        deg.statuses.keys().all(|s| [200, 429, 503].contains(s)),
+        "degraded device saw {:?}",
+        deg.statuses
+    );
+    assert!(before_outage > 0, "load ran before the outage");
+    assert!(
+        (100..=115).contains(&admitted),
+        "admitted {admitted}: the quota (100) plus at most 3 nodes × 5"
+    );
+    // Fail-closed device: refused with 503 / 5000 during the outage, nothing else but 200.
+    assert!(
+        cls.statuses.keys().all(|s| [200, 503].contains(s)),
+        "fail-closed device saw {:?}",
+        cls.statuses
+    );
+    assert!(cls.statuses.get(&503).copied().unwrap_or(0) > 0, "{cls:?}");
+    assert!(cls.unavailable_codes.iter().all(|c| *c == 5000), "{cls:?}");
+    assert!(
+        cls.statuses.get(&200).copied().unwrap_or(0) > 0,
+        "{:?}",
+        cls.statuses
+    );
+    // Counters consistent: Redis charged exactly what the nodes admitted.
+    let settled = within(Duration::from_secs(3), || async {
+        redis_used(&redis, "cl-deg", "requests") == admitted as u64
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "Redis charged {} for {admitted} admitted",
+        redis_used(&redis, "cl-deg", "requests")
+    );
+    let m = gw[0].metrics().await;
+    assert!(
+        m.contains("fleetgate_cluster_redis_up 1"),
+        "redis_up back to 1"
+    );
+}
+
+/// The sum charged in Redis for a device's cumulative counter of `benefit`.
+fn redis_used(redis: &RedisServer, device: &str, benefit: &str) -> u64 {
+    let all = redis.cli(&["HGETALL", &format!("fleetgate:use:{device}")]);
+    let lines: Vec<&str> = all.lines().collect();
+    let prefix = format!("{benefit}:c:u:");
+    lines
+        .chunks(2)
+        .filter(|p| p[0].starts_with(&prefix))
+        .map(|p| p[1].parse::<u64>().unwrap())
+        .sum()
+}
+
+/// `GET …/usage` on `node`: the `used` of the device's first rule.
+async fn used_via(node: &GatewayProcess, device: &str) -> u64 {
+    let v: serde_json::Value = node
+        .admin(
+            Method::GET,
+            &format!(
+                "/v1/commerce/benefit/limitations/usage?entity_type=single_device&entity_id={device}"
+            ),
+            None,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    v["data"]["items"][0]["used"].as_u64().unwrap()
+}
+
+fn chat(node: &GatewayProcess, token: &str) -> reqwest::RequestBuilder {
+    node.http
+        .post(format!("{}/v3/chat", node.device))
+        .bearer_auth(token)
+        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
+            "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]}))
+}
+
+/// A node killed with `kill -9` in the middle of a stream loses none of the usage it had
+/// settled: another node shows the same total (from Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_stream_loses_no_settled_usage() {
+    use futures_util::StreamExt;
+    let up = sandbox_upstream(SandboxConfig {
+        sse_event_delay: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let redis = RedisServer::start();
+    let mut gw = nodes(&up, &redis, 2, "lease_size = { llm_tokens = 5000 }").await;
+    let token = gw[0].register_device("cl-kill").await;
+    add_rule(&gw[0], "cl-kill", "llm_tokens", 1_000_000).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..2 {
+        let r = chat(&gw[0], &token).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let settled = used_via(&gw[0], "cl-kill").await;
+    assert!(settled > 0, "the two chats were charged");
+    // A third stream is open when the node dies.
+    let r = chat(&gw[0], &token).send().await.unwrap();
+    let mut body = r.bytes_stream();
+    let _first = body.next().await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // > persist interval
+    gw[0].signal("KILL");
+    gw[0].child.wait().await.unwrap();
+    drop(body);
+    assert_eq!(
+        used_via(&gw[1], "cl-kill").await,
+        settled,
+        "the settled usage is in Redis"
+    );
+}
+
+/// A node that dies keeps its unspent lease only for `lease_ttl`: until then the others are
+/// refused (the lease might still be spent), afterwards they get exactly what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_lease_is_reclaimed_after_lease_ttl() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let redis = RedisServer::start();
+    let mut gw = nodes(
+        &up,
+        &redis,
+        2,
+        "lease_size = { requests = 10 }\nlease_idle = \"1s\"\nlease_ttl = \"2s\"",
+    )
+    .await;
+    let token = gw[0].register_device("cl-dead").await;
+    add_rule(&gw[0], "cl-dead", "requests", 10).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hammer(&gw[..1], &token, 1).await, (1, 0, 0));
+    // Settled usage reaches Redis within `quota.persist_interval` (100 ms): what a node settled
+    // in its last interval before dying is the one thing a reclaimed lease can re-admit.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw[0].signal("KILL");
+    gw[0].child.wait().await.unwrap();
+    let killed_at = Instant::now();
+    assert_eq!(
+        hammer(&gw[1..], &token, 1).await,
+        (0, 1, 0),
+        "the dead node's lease of 10 still counts"
+    );
+    tokio::time::sleep(Duration::from_millis(2300).saturating_sub(killed_at.elapsed())).await;
+    let (ok, refused, other) = hammer(&gw[1..], &token, 12).await;
+    assert_eq!(
+        (ok, refused, other),
+        (9, 3, 0),
+        "what is left after 1 of 10"
+    );
+}

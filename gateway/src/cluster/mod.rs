@@ -11,9 +11,7 @@
 //!   in the versions, a reconnect, or the periodic check (`full_check_interval`) finding the
 //!   counter ahead of what the node applied triggers a full reload: pub/sub is the fast path,
 //!   the check the safety net.
-//! - **Quota**: rules are shared; usage counters are still per node (each node enforces a
-//!   rule against what it admitted itself, persisted in its own embedded store). Shared
-//!   leases are designed in `docs/design/001-cluster-mode.md` and not built yet.
+//! - **Quota** ([`leases`]): nodes admit against leases of quota granted atomically by Redis.
 //! - **`jti`s** ([`Cluster::claim_jti`]): `SET NX` with the assertion's expiry.
 //!
 //! Data layout (all keys under `key_prefix`):
@@ -23,6 +21,7 @@
 //! | `dev:{id}` | hash | `created_at`, `enabled` (0/1), `gen`, `labels` (JSON), `c:{kid}` (credential JSON, secrets only as hashes) |
 //! | `devs` | set | every device id |
 //! | `rules` | hash | benefit id → rule JSON (admin-created rules) |
+//! | `use:{id}` | hash | quota counters and leases per node (see [`leases`]) |
 //! | `jti:{id}:{jti}` | string | a used assertion id, expiring with the assertion |
 //! | `ver` | integer | change counter |
 //! | `changes` | channel | `"<ver> dev <id>"`, `"<ver> devs <id>\n<id>…"`, `"<ver> rules"` |
@@ -31,6 +30,7 @@
 
 pub mod devices;
 pub mod feed;
+pub mod leases;
 pub mod rules;
 
 use std::sync::Arc;
@@ -73,6 +73,8 @@ pub struct Cluster {
     pub recovered: tokio::sync::Notify,
     /// `fleetgate_cluster_redis_up`, once the metrics exist.
     up_gauge: std::sync::OnceLock<prometheus::IntGauge>,
+    /// `fleetgate_cluster_errors_total`, once the metrics exist.
+    errors: std::sync::OnceLock<prometheus::IntCounterVec>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -109,6 +111,7 @@ impl Cluster {
             up: AtomicBool::new(true),
             recovered: tokio::sync::Notify::new(),
             up_gauge: std::sync::OnceLock::new(),
+            errors: std::sync::OnceLock::new(),
         };
         let _: String = cluster.run(redis::cmd("PING")).await?;
         Ok(Arc::new(cluster))
@@ -128,10 +131,18 @@ impl Cluster {
         self.up.load(Ordering::Acquire)
     }
 
-    /// Reports reachability on this gauge from now on.
-    pub fn set_up_gauge(&self, g: prometheus::IntGauge) {
-        g.set(i64::from(self.is_up()));
-        let _ = self.up_gauge.set(g);
+    /// Reports reachability and failed operations on these metrics from now on.
+    pub fn set_metrics(&self, m: &crate::metrics::Metrics) {
+        m.cluster_redis_up.set(i64::from(self.is_up()));
+        let _ = self.up_gauge.set(m.cluster_redis_up.clone());
+        let _ = self.errors.set(m.cluster_errors.clone());
+    }
+
+    /// Counts a failed operation (`op` is one of the documented label values).
+    pub fn count_error(&self, op: &str) {
+        if let Some(e) = self.errors.get() {
+            e.with_label_values(&[op]).inc();
+        }
     }
 
     fn mark(&self, ok: bool) {

@@ -292,6 +292,10 @@ pub struct RedisSettings {
     pub key_prefix: String,
     pub timeout: Duration,
     pub full_check_interval: Duration,
+    pub lease_size: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
+    pub lease_idle: Duration,
+    pub lease_ttl: Duration,
+    pub degraded_allowance: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
 }
 
 /// The validated configuration.
@@ -524,11 +528,27 @@ fn redis_settings(
     if r.full_check_interval < Duration::from_millis(100) {
         c.err("store.redis.full_check_interval", "must be at least 100ms");
     }
+    if let Some((b, _)) = r.lease_size.iter().find(|(_, n)| **n == 0) {
+        c.err(
+            &format!("store.redis.lease_size.{}", b.as_str()),
+            "must be at least 1",
+        );
+    }
+    if r.lease_ttl < r.lease_idle + Duration::from_secs(1) {
+        c.err(
+            "store.redis.lease_ttl",
+            "must exceed `lease_idle` by at least 1s (a live node reports before its leases are reclaimed)",
+        );
+    }
     Some(RedisSettings {
         connection: info,
         key_prefix: r.key_prefix.clone(),
         timeout: r.timeout,
         full_check_interval: r.full_check_interval,
+        lease_size: r.lease_size.clone(),
+        lease_idle: r.lease_idle,
+        lease_ttl: r.lease_ttl,
+        degraded_allowance: r.degraded_allowance.clone(),
     })
 }
 
@@ -874,7 +894,7 @@ mod tests {
         assert!(e.0[0].message.contains("Sentinel"), "{e}");
         let e = load_str(
             &with(
-                "kind = \"redis\"\n[store.redis]\nurl = \"redis://h:1\"\npassword_env = \"NOPE\"\nkey_prefix = \"\"\nfull_check_interval = \"1ms\"",
+                "kind = \"redis\"\n[store.redis]\nurl = \"redis://h:1\"\npassword_env = \"NOPE\"\nlease_size = { requests = 0 }\nlease_idle = \"10s\"",
             ),
             &env,
         )
@@ -884,8 +904,8 @@ mod tests {
             paths,
             [
                 "store.redis.password_env",
-                "store.redis.key_prefix",
-                "store.redis.full_check_interval"
+                "store.redis.lease_size.requests",
+                "store.redis.lease_ttl"
             ],
             "{e}"
         );
@@ -1019,5 +1039,50 @@ mod example_file {
         let broken = text.replace("stream_idle_timeout", "stream_idle_timout");
         let e = load_str(&broken, &env).unwrap_err();
         assert_eq!(e.0[0].path, "upstream.stream_idle_timout", "{e}");
+    }
+
+    /// The commented cluster section is valid once uncommented (its keys are real).
+    #[test]
+    fn shipped_cluster_section_is_valid() {
+        let text = include_str!("../../../config.toml");
+        let mut out = String::new();
+        let mut in_redis = false;
+        for line in text.lines() {
+            if line.starts_with("# kind = \"embedded\"") {
+                out.push_str("kind = \"redis\"\n");
+                continue;
+            }
+            if line == "# [store.redis]" {
+                in_redis = true;
+            } else if line.is_empty() {
+                in_redis = false;
+            }
+            match line.strip_prefix("# ") {
+                Some(l) if in_redis => out.push_str(l),
+                _ => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        let env = |k: &str| match k {
+            "FLEETGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".to_owned()),
+            "COZE_API_TOKEN" => Some("pat_example".to_owned()),
+            "FLEETGATE_REDIS_PASSWORD" => Some("pw".to_owned()),
+            "FLEETGATE_SIGNING_KEY_K1" => {
+                Some(base64::engine::general_purpose::STANDARD.encode([3u8; 32]))
+            }
+            _ => None,
+        };
+        let c = load_str(&out, &env).unwrap_or_else(|e| panic!("config.toml (cluster): {e}"));
+        let r = c.redis.expect("store.redis");
+        assert_eq!(
+            r.lease_size.get(&policy::quota::BenefitType::LlmTokens),
+            Some(&2000)
+        );
+        assert_eq!(
+            r.degraded_allowance
+                .get(&policy::quota::BenefitType::LlmTokens),
+            Some(&500)
+        );
+        assert_eq!(r.lease_ttl, Duration::from_secs(10));
     }
 }

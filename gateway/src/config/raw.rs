@@ -185,6 +185,22 @@ pub struct RedisConfig {
     /// pub/sub).
     #[serde(default = "d_full_check", with = "humantime_serde")]
     pub full_check_interval: Duration,
+    /// Quota units a node takes per lease, by benefit type (base units: requests, tokens,
+    /// ms, chars, micro-points). Unlisted types lease 1 unit (exact, one round trip per hold).
+    #[serde(default)]
+    pub lease_size: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
+    /// An unused lease goes back to Redis after this long without activity.
+    #[serde(default = "d_lease_idle", with = "humantime_serde")]
+    pub lease_idle: Duration,
+    /// A node that has not reported for this long is presumed dead: its unspent leases are
+    /// reclaimed (what it spent stays charged).
+    #[serde(default = "d_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// While Redis is unreachable, each listed benefit type runs *degraded*: a node may spend
+    /// the leases it holds plus this many base units per device; unlisted types fail closed
+    /// (503 / 5000).
+    #[serde(default)]
+    pub degraded_allowance: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
 }
 
 impl Default for RedisConfig {
@@ -195,6 +211,10 @@ impl Default for RedisConfig {
             key_prefix: d_key_prefix(),
             timeout: d_redis_timeout(),
             full_check_interval: d_full_check(),
+            lease_size: Default::default(),
+            lease_idle: d_lease_idle(),
+            lease_ttl: d_lease_ttl(),
+            degraded_allowance: Default::default(),
         }
     }
 }
@@ -207,6 +227,12 @@ fn d_redis_timeout() -> Duration {
 }
 fn d_full_check() -> Duration {
     Duration::from_secs(5)
+}
+fn d_lease_idle() -> Duration {
+    Duration::from_secs(2)
+}
+fn d_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Deserialize)]

@@ -98,10 +98,11 @@ impl ProxyHttp for Gateway {
             ctx.admission = Some(admission);
             return self.deny(session, ctx, denial).await;
         }
-        if let Err(denial) =
-            self.state
-                .quotas
-                .reserve(&ctx.logid, &admission.device, admission.route.class, now_s)
+        if let Err(denial) = self
+            .state
+            .quotas
+            .admit(&ctx.logid, &admission.device, admission.route.class, now_s)
+            .await
         {
             ctx.admission = Some(admission);
             return self.deny(session, ctx, denial).await;

@@ -179,7 +179,8 @@ impl WsRelay {
         if let Err(d) = self
             .state
             .quotas
-            .reserve(&logid, &admission.device, class, now_ms() / 1000)
+            .admit(&logid, &admission.device, class, now_ms() / 1000)
+            .await
         {
             return self.refuse(&mut device, &d, &logid).await;
         }
@@ -372,9 +373,10 @@ impl WsRelay {
 
     /// Reports the session's consumption to the ledger when it changed; true once the session
     /// itself has exhausted a rule (the relay then sends `error` 4028 and closes both sides).
-    fn quota_exhausted(
+    async fn quota_exhausted(
         &self,
         logid: &str,
+        device: &policy::ids::DeviceId,
         counters: &Counters,
         last: &mut policy::metering::Usage,
         voice: bool,
@@ -397,7 +399,8 @@ impl WsRelay {
         };
         self.state
             .quotas
-            .progress(logid, &so_far, now_ms() / 1000)
+            .progress_leased(logid, &so_far, device, now_ms() / 1000)
+            .await
             .is_err()
     }
 
@@ -500,7 +503,7 @@ impl WsRelay {
                     }
                     upc.feed(chunk);
                     counters.uplink(chunk);
-                    if closing.is_none() && self.quota_exhausted(logid, counters, &mut last_checked, voice, started) {
+                    if closing.is_none() && self.quota_exhausted(logid, &admission.device, counters, &mut last_checked, voice, started).await {
                         closing = Some(Closing::QuotaExhausted);
                     }
                     if up.write_all(chunk).await.is_err() || up.flush().await.is_err() {
@@ -525,7 +528,7 @@ impl WsRelay {
                     let chunk = ubuf.get(..n).unwrap_or_default();
                     downc.feed(chunk);
                     counters.downlink(chunk);
-                    if closing.is_none() && self.quota_exhausted(logid, counters, &mut last_checked, voice, started) {
+                    if closing.is_none() && self.quota_exhausted(logid, &admission.device, counters, &mut last_checked, voice, started).await {
                         closing = Some(Closing::QuotaExhausted);
                     }
                     if device.write_all(chunk).await.is_err() || device.flush().await.is_err() {

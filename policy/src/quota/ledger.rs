@@ -195,6 +195,11 @@ pub struct CounterRecord {
     /// field existed load with 0.
     #[serde(default)]
     pub granted: u64,
+    /// Leased mode: what the shared store granted this node for `window_start` in total, never
+    /// decreased by releases (`granted` is this minus releases plus degraded allowances). The
+    /// store compares it with its own running total to see grants still in flight.
+    #[serde(default)]
+    pub acked: u64,
 }
 
 /// A read-only view of one counter.
@@ -230,6 +235,8 @@ pub struct LeaseWant {
     /// The lease this node already holds for the window (0 if none, or only for an older
     /// window).
     pub granted: u64,
+    /// What the store granted for the window in total (see [`CounterRecord::acked`]).
+    pub acked: u64,
     /// How many more units to ask for: `used + reserved − granted + lease_size` (at least 1),
     /// so that after the grant the lease exceeds the current demand by `lease_size`. The store
     /// may grant less (or nothing) when the fleet is near the limit.
@@ -245,6 +252,9 @@ struct Slot {
     reserved: u64,
     /// Units granted to this node for `window_start` (leased mode).
     granted: u64,
+    /// Units the store granted for `window_start` in total (leased mode; see
+    /// [`CounterRecord::acked`]).
+    acked: u64,
     /// Last `now_s` a reserve, progress, settle, charge or grant touched the slot (max seen).
     last_active_s: u64,
     dirty: bool,
@@ -275,6 +285,7 @@ impl Slot {
             self.window_start = window_start;
             self.used = 0;
             self.granted = 0;
+            self.acked = 0;
         }
     }
 
@@ -377,6 +388,7 @@ fn find_mut<'a>(
                 used: 0,
                 reserved: 0,
                 granted: 0,
+                acked: 0,
                 last_active_s: 0,
                 dirty: false,
             });
@@ -901,6 +913,7 @@ impl QuotaLedger {
                 slot.window_start = r.window_start;
                 slot.used = r.used;
                 slot.granted = r.granted;
+                slot.acked = r.acked;
             }
         }
     }
@@ -931,8 +944,14 @@ impl QuotaLedger {
                 continue;
             };
             let slot = find(&self.counters, device, rule.benefit_type, rule.kind());
-            let (used, reserved, lease) = slot.map_or((0, 0, 0), |s| {
-                (s.used_in(w.start), s.reserved, s.granted_in(w.start))
+            let (used, reserved, lease, acked) = slot.map_or((0, 0, 0, 0), |s| {
+                let same = s.window_start == w.start;
+                (
+                    s.used_in(w.start),
+                    s.reserved,
+                    s.granted_in(w.start),
+                    if same { s.acked } else { 0 },
+                )
             });
             let demand = used.saturating_add(reserved);
             if demand < lease {
@@ -946,6 +965,7 @@ impl QuotaLedger {
                 limit: rule.limit_base(),
                 used,
                 granted: lease,
+                acked,
                 want: (demand - lease).saturating_add(lease_size.max(1)),
             });
         }
@@ -968,14 +988,66 @@ impl QuotaLedger {
         units: u64,
         now_s: u64,
     ) {
-        if let Some(slot) = find_mut(&mut self.counters, device, benefit, kind) {
-            if slot.window_start > window_start {
-                return;
-            }
-            slot.move_to(window_start);
-            slot.granted = slot.granted.saturating_add(units);
-            slot.touch(now_s);
+        self.add_lease(device, (benefit, kind), window_start, units, true, now_s);
+    }
+
+    /// Leased mode, shared store unreachable: lets this node spend `units` more of the counter
+    /// for `window_start` on its own authority (a bounded *degraded allowance*). Like
+    /// [`grant`](Self::grant), except that `acked` is unchanged (the store never granted it)
+    /// and the counter is marked dirty, so the next report tells the store about it.
+    pub fn allow(
+        &mut self,
+        device: &DeviceId,
+        benefit: BenefitType,
+        kind: RuleKind,
+        window_start: u64,
+        units: u64,
+        now_s: u64,
+    ) {
+        self.add_lease(device, (benefit, kind), window_start, units, false, now_s);
+    }
+
+    fn add_lease(
+        &mut self,
+        device: &DeviceId,
+        (benefit, kind): (BenefitType, RuleKind),
+        window_start: u64,
+        units: u64,
+        from_store: bool,
+        now_s: u64,
+    ) {
+        let Some(slot) = find_mut(&mut self.counters, device, benefit, kind) else {
+            return;
+        };
+        if slot.window_start > window_start {
+            return;
         }
+        slot.move_to(window_start);
+        slot.granted = slot.granted.saturating_add(units);
+        slot.touch(now_s);
+        if from_store {
+            slot.acked = slot.acked.saturating_add(units);
+        } else {
+            slot.dirty = true;
+            if !self.dirty.contains(device) {
+                self.dirty.insert(device.clone());
+            }
+        }
+    }
+
+    /// Leased mode: every counter holding more lease than it used (`granted > used`), for the
+    /// gateway's periodic heartbeat to the shared store (a lease the store hears nothing about
+    /// for its `lease_ttl` is presumed dead). O(counters).
+    pub fn outstanding(&self) -> Vec<CounterRecord> {
+        self.counters
+            .iter()
+            .flat_map(|(d, slots)| {
+                slots
+                    .iter()
+                    .filter(|s| s.granted > s.used)
+                    .map(move |s| record(d, s))
+            })
+            .collect()
     }
 
     /// Leased mode: give back the unused part of idle leases. Every counter with no open hold
@@ -1015,6 +1087,7 @@ fn record(d: &DeviceId, s: &Slot) -> CounterRecord {
         window_start: s.window_start,
         used: s.used,
         granted: s.granted,
+        acked: s.acked,
     }
 }
 

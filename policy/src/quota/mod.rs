@@ -131,10 +131,14 @@
 //! 3. [`QuotaLedger::release_idle`] (periodically) gives back the unused part of leases that
 //!    saw no activity for a while and have no open hold: `granted = used`, marked dirty.
 //! 4. [`QuotaLedger::drain_dirty`] reports charges, window moves and releases as
-//!    [`CounterRecord`]s carrying the node's **absolute** `used` and `granted` for the
-//!    window; the gateway writes them to the store as this node's share, so re-sending a
-//!    record (retry, [`QuotaLedger::requeue`]) is idempotent. Grants themselves are not
-//!    dirty: the store made them.
+//!    [`CounterRecord`]s carrying the node's **absolute** `used`, `granted` and `acked` (the
+//!    running total the store granted) for the window; the store derives the node's share
+//!    from them (grants still in flight are `store's total − acked`), so re-sending a record
+//!    (retry, [`QuotaLedger::requeue`], heartbeat of [`QuotaLedger::outstanding`]) is
+//!    idempotent. Grants themselves are not dirty: the store made them.
+//! 5. Store unreachable: [`QuotaLedger::allow`] adds a bounded *degraded allowance* to the
+//!    lease on the node's own authority (`acked` unchanged, marked dirty so the store learns
+//!    of it once it is back).
 //!
 //! A window rolls over per counter as before: a lease is only ever for one window, and the
 //! next window starts with no lease. [`QuotaLedger::usage`] still shows this node's local

@@ -945,7 +945,8 @@ fn export_import_and_drain_dirty() {
             kind: RuleKind::Cumulative,
             window_start: T0,
             used: 7,
-            granted: 0
+            granted: 0,
+            acked: 0,
         }
     );
     assert!(l.drain_dirty().is_empty());
@@ -1015,6 +1016,7 @@ fn leased_mode_admits_only_against_the_lease() {
             limit: 100,
             used: 0,
             granted: 0,
+            acked: 0,
             want: 5,
         }]
     );
@@ -1134,6 +1136,7 @@ fn lease_rolls_over_with_the_window() {
             limit: 100,
             used: 0,
             granted: 0,
+            acked: 0,
             want: 4,
         }]
     );
@@ -1195,6 +1198,7 @@ fn release_idle_gives_back_unused_lease() {
             window_start: T0,
             used: 25,
             granted: 25,
+            acked: 100,
         }]
     );
     // Nothing left to give back; the node now holds no room.
@@ -1276,6 +1280,7 @@ fn counter_record_without_granted_deserializes() {
             window_start: T0,
             used: 7,
             granted: 0,
+            acked: 0,
         }
     );
     // The new shape carries it, and import restores it.
@@ -1476,4 +1481,65 @@ proptest! {
 
 fn used_req(l: &QuotaLedger, d: &DeviceId) -> (u64, u64) {
     used(l, d, BenefitType::Requests, RuleKind::Cumulative)
+}
+
+/// `acked` counts what the store granted (never what was released or allowed locally);
+/// allowances are reported (dirty), grants are not; `outstanding` lists unspent leases; a new
+/// window starts `acked` from 0.
+#[test]
+fn acked_totals_allowances_and_outstanding_leases() {
+    let rs = set(vec![single(
+        "req",
+        "d",
+        BenefitType::Requests,
+        100,
+        TriggerUnit::Day,
+    )]);
+    let d = dev("d");
+    let (b, k) = (BenefitType::Requests, RuleKind::Periodic);
+    let mut l = ledger();
+    l.set_leased(true);
+    l.grant(&d, b, k, T0, 3, T0);
+    l.grant(&d, b, k, T0, 2, T0);
+    assert!(l.drain_dirty().is_empty(), "grants are known to the store");
+    let r = record_of(&l, &d, b, k).unwrap();
+    assert_eq!((r.granted, r.acked), (5, 5));
+    assert_eq!(l.wants(&rs, &d, T0, 1).len(), 0);
+
+    l.allow(&d, b, k, T0, 4, T0 + 1);
+    let dirty = l.drain_dirty();
+    assert_eq!(dirty.len(), 1, "an allowance must reach the store");
+    assert_eq!((dirty[0].granted, dirty[0].acked), (9, 5));
+    for i in 0..9 {
+        l.charge(&format!("r{i}"), &d, &requests(1), &rs, T0 + 2);
+    }
+    assert!(l.check(&rs, &d, T0 + 2).is_err(), "9 of 9 spent");
+    let w = l.wants(&rs, &d, T0 + 2, 1);
+    assert_eq!(
+        (w[0].used, w[0].granted, w[0].acked, w[0].want),
+        (9, 9, 5, 1)
+    );
+    assert!(l.outstanding().is_empty(), "nothing unspent");
+
+    l.grant(&d, b, k, T0, 6, T0 + 3);
+    let _ = l.drain_dirty();
+    assert_eq!(l.release_idle(T0 + 100, 60), 1);
+    let r = record_of(&l, &d, b, k).unwrap();
+    assert_eq!(
+        (r.used, r.granted, r.acked),
+        (9, 9, 11),
+        "releases keep acked"
+    );
+    assert!(l.outstanding().is_empty());
+    l.grant(&d, b, k, T0, 2, T0 + 101);
+    let out = l.outstanding();
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].used, out[0].granted, out[0].acked), (9, 11, 13));
+
+    // A stale allowance for an older window is ignored; a new window starts from 0.
+    l.allow(&d, b, k, T0 - DAY, 50, T0 + 102);
+    assert_eq!(record_of(&l, &d, b, k).unwrap().granted, 11);
+    l.grant(&d, b, k, T0 + DAY, 1, T0 + DAY);
+    let r = record_of(&l, &d, b, k).unwrap();
+    assert_eq!((r.used, r.granted, r.acked), (0, 1, 1));
 }

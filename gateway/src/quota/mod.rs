@@ -22,6 +22,8 @@
 //! WebSocket chunk that changed the session's usage); rule changes rebuild the `RuleSet`
 //! (O(rules)) and swap it.
 
+mod leased;
+
 use std::sync::{Arc, Mutex, RwLock};
 
 use policy::decision::Denial;
@@ -68,6 +70,8 @@ pub struct Quotas {
     pub sync_now: tokio::sync::Notify,
     ledger: Mutex<QuotaLedger>,
     settings: QuotaSettings,
+    /// Cluster mode: admission against leases from Redis (see [`leased`]).
+    leasing: std::sync::OnceLock<leased::Leasing>,
 }
 
 /// Why a rule change was refused.
@@ -117,6 +121,7 @@ impl Quotas {
             sync_now: tokio::sync::Notify::new(),
             ledger: Mutex::new(ledger),
             settings: settings.clone(),
+            leasing: std::sync::OnceLock::new(),
         })
     }
 
@@ -425,6 +430,12 @@ impl pingora::services::background::BackgroundService for Persister {
                     .with_label_values(&["settled"])
                     .set(remembered as i64);
             }
+            if q.leased() {
+                if let Err(e) = q.report(false).await {
+                    tracing::warn!(error = %e, "Reporting usage to Redis failed; will retry.");
+                }
+                continue;
+            }
             if let Err(e) = q.persist(&self.state.store) {
                 self.state
                     .metrics
@@ -434,7 +445,11 @@ impl pingora::services::background::BackgroundService for Persister {
                 tracing::error!(error = %e, "Persisting usage counters failed; will retry.");
             }
         }
-        if let Err(e) = q.persist(&self.state.store) {
+        if q.leased() {
+            if let Err(e) = q.report(true).await {
+                tracing::error!(error = %e, "Final usage report to Redis failed.");
+            }
+        } else if let Err(e) = q.persist(&self.state.store) {
             tracing::error!(error = %e, "Final usage flush failed.");
         }
     }
