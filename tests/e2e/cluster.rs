@@ -733,3 +733,40 @@ async fn a_dead_nodes_lease_is_reclaimed_after_lease_ttl() {
         "what is left after 1 of 10"
     );
 }
+
+/// `rediss://` with a password from the environment: two nodes share devices and a quota
+/// over TLS (the server's certificate is trusted through `SSL_CERT_FILE`, as an operator
+/// would trust a private CA); the password never appears in the logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_redis_with_a_password() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let redis = RedisServer::start_tls(&["--requirepass", "s3cret-redis-pw"]);
+    assert_eq!(
+        redis.cli(&["--pass", "s3cret-redis-pw", "--no-auth-warning", "PING"]),
+        "PONG"
+    );
+    let mut gw = Vec::new();
+    for _ in 0..2 {
+        let mut opts = GatewayOptions::new(&up.base_url());
+        opts.redis = Some(format!(
+            "url = \"{}\"\npassword_env = \"FG_TEST_REDIS_PW\"",
+            redis.url()
+        ));
+        opts.env = vec![
+            (
+                "SSL_CERT_FILE".into(),
+                fixture_path("ca.pem").display().to_string(),
+            ),
+            ("FG_TEST_REDIS_PW".into(), "s3cret-redis-pw".into()),
+        ];
+        gw.push(GatewayProcess::start(&opts).await);
+    }
+    let token = gw[0].register_device("cl-tls").await;
+    add_request_rule(&gw[0], "cl-tls", 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, refused, other) = hammer(&gw, &token, 4).await;
+    assert_eq!((ok, refused, other), (5, 3, 0), "5 of 8 across two nodes");
+    for n in &gw {
+        assert!(!n.log().contains("s3cret-redis-pw"), "password in the log");
+    }
+}

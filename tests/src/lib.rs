@@ -103,6 +103,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     extra: Vec<String>,
+    /// Serves TLS only (the test CA's `localhost` / `127.0.0.1` certificate).
+    tls: bool,
 }
 
 impl RedisServer {
@@ -112,11 +114,22 @@ impl RedisServer {
 
     /// With extra `redis-server` arguments (e.g. `["--requirepass", "pw"]`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_inner(extra, false)
+    }
+
+    /// TLS only (`rediss://`), with the test CA's server certificate (`fixtures/tls`):
+    /// clients trust it through `SSL_CERT_FILE` = [`fixture_path`]`("ca.pem")`.
+    pub fn start_tls(extra: &[&str]) -> RedisServer {
+        Self::start_inner(extra, true)
+    }
+
+    fn start_inner(extra: &[&str], tls: bool) -> RedisServer {
         let mut r = RedisServer {
             child: None,
             port: 0,
             dir: TempDir::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls,
         };
         for _ in 0..10 {
             // A free port now; redis binds it a moment later (retried if someone took it).
@@ -134,8 +147,21 @@ impl RedisServer {
 
     fn spawn(&mut self) -> bool {
         let log = std::fs::File::create(self.dir.0.join("redis.log")).expect("redis log");
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1"]);
+        if self.tls {
+            cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(fixture_path("upstream.pem"))
+                .arg("--tls-key-file")
+                .arg(fixture_path("upstream.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(fixture_path("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.args(["--port", &self.port.to_string()]);
+        }
+        let child = cmd
             .args([
                 "--save",
                 "",
@@ -175,6 +201,9 @@ impl RedisServer {
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
+        if self.tls {
+            return true; // listening; redis-cli checks the rest
+        }
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         if s.write_all(b"PING\r\n").is_err() {
             return false;
@@ -184,7 +213,8 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// `kill -9` (no shutdown save: what is on disk is the AOF).
@@ -211,6 +241,16 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(if self.tls {
+                &["--tls", "--cacert"][..]
+            } else {
+                &[][..]
+            })
+            .args(if self.tls {
+                vec![fixture_path("ca.pem")]
+            } else {
+                vec![]
+            })
             .args(args)
             .output()
             .expect("redis-cli");
