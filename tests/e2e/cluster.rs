@@ -770,3 +770,70 @@ async fn tls_redis_with_a_password() {
         assert!(!n.log().contains("s3cret-redis-pw"), "password in the log");
     }
 }
+
+/// Redis Sentinel: nodes find the master by name; when it dies and Sentinel promotes the
+/// replica, they follow (admin writes work again, the change feed resumes, tokens keep
+/// working).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_is_followed() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let mut rs = RedisSentinel::start("fgm");
+    let mut gw = Vec::new();
+    for _ in 0..2 {
+        let mut opts = GatewayOptions::new(&up.base_url());
+        opts.redis = Some(format!(
+            "sentinel = {{ master_name = \"fgm\", addrs = [\"{}\"] }}\ntimeout = \"300ms\"",
+            rs.addr()
+        ));
+        gw.push(GatewayProcess::start(&opts).await);
+    }
+    let token = gw[0].register_device("sn-1").await;
+    let ok = within(Duration::from_secs(1), || async {
+        use_token(&gw[1], &token).await == 200
+    })
+    .await;
+    assert!(ok.is_some(), "device replicated through the master");
+    // Let the replica catch up (replication is asynchronous), then kill the master.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let old = rs.master.port;
+    rs.master.kill();
+    let moved = within(Duration::from_secs(20), || async {
+        rs.master_port().is_some_and(|p| p == rs.replica.port)
+    })
+    .await;
+    assert!(
+        moved.is_some(),
+        "sentinel promoted the replica (old master {old})"
+    );
+    // Writes work again on node 0 and reach node 1 through the new master's feed.
+    let written = within(Duration::from_secs(10), || async {
+        gw[0]
+            .admin_post("/admin/v1/devices", json!({"device_id": "sn-2"}))
+            .await
+            .status()
+            .is_success()
+    })
+    .await;
+    assert!(written.is_some(), "admin writes after the failover");
+    let t2 = gw[0].device_token("sn-2").await;
+    let seen = within(Duration::from_secs(10), || async {
+        use_token(&gw[1], &t2).await == 200
+    })
+    .await;
+    assert!(seen.is_some(), "node 1 follows the new master's feed");
+    assert_eq!(
+        use_token(&gw[1], &token).await,
+        200,
+        "old tokens still work"
+    );
+    // A revocation on node 1 reaches node 0 within a second.
+    let r = gw[1]
+        .admin(Method::POST, "/admin/v1/devices/sn-1/revoke", None)
+        .await;
+    assert_eq!(r.status(), 200);
+    let took = within(Duration::from_secs(1), || async {
+        use_token(&gw[0], &token).await == 401
+    })
+    .await;
+    assert!(took.is_some(), "revocation after the failover");
+}

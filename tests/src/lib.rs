@@ -264,6 +264,109 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis master, one replica and one Sentinel (quorum 1, fast failover: down after 500 ms),
+/// all on free loopback ports; stopped on drop.
+pub struct RedisSentinel {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    sentinel: Option<std::process::Child>,
+    pub sentinel_port: u16,
+    pub master_name: String,
+    _dir: TempDir,
+}
+
+impl RedisSentinel {
+    pub fn start(master_name: &str) -> RedisSentinel {
+        let master = RedisServer::start();
+        let mport = master.port.to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &mport]);
+        let dir = TempDir::new();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.0.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                 sentinel monitor {master_name} 127.0.0.1 {mport} 1\n\
+                 sentinel down-after-milliseconds {master_name} 500\n\
+                 sentinel failover-timeout {master_name} 3000\n",
+                dir.0.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.0.join("sentinel.log")).expect("sentinel log");
+        let child = std::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server --sentinel");
+        let rs = RedisSentinel {
+            master,
+            replica,
+            sentinel: Some(child),
+            sentinel_port: port,
+            master_name: master_name.to_owned(),
+            _dir: dir,
+        };
+        // Ready when the replica is in sync and the sentinel knows it (failover needs it).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let synced = rs
+                .replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up");
+            let known = rs
+                .sentinel_cli(&["SENTINEL", "replicas", master_name])
+                .contains(&rs.replica.port.to_string());
+            if synced && known {
+                return rs;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sentinel setup not ready (replica synced: {synced}, known to sentinel: {known})"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `redis://127.0.0.1:<sentinel port>`.
+    pub fn addr(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.sentinel_port)
+    }
+
+    pub fn sentinel_cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.sentinel_port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The master's port as the sentinel reports it now.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinel_cli(&["SENTINEL", "get-master-addr-by-name", &self.master_name])
+            .lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.sentinel.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A small tmpfs mounted for the test (disk-full faults); unmounted on drop.
 ///
 /// Needs `mount` rights (root or CAP_SYS_ADMIN). Elsewhere [`SmallDisk::mount`] returns

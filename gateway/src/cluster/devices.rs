@@ -182,7 +182,7 @@ impl Cluster {
             for id in chunk {
                 pipe.cmd("HGETALL").arg(self.device_key(id));
             }
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn().await;
             let r = tokio::time::timeout(
                 self.settings.timeout * 4,
                 pipe.query_async::<Vec<Vec<redis::Value>>>(&mut conn),

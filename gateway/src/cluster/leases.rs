@@ -210,7 +210,7 @@ impl Cluster {
                 );
                 pipe.add_command(cmd);
             }
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn().await;
             let r = tokio::time::timeout(
                 self.settings.timeout * 2,
                 pipe.query_async::<Vec<i64>>(&mut conn),

@@ -14,6 +14,11 @@
 //! - **Quota** ([`leases`]): nodes admit against leases of quota granted atomically by Redis.
 //! - **`jti`s** ([`Cluster::claim_jti`]): `SET NX` with the assertion's expiry.
 //!
+//! - **Connection**: one `ConnectionManager` to the master. With Sentinel
+//!   (`[store.redis] sentinel`), a connection error, timeout or `READONLY` marks the master
+//!   stale and the next command looks it up again through the sentinels (one lookup at a
+//!   time), so a node follows a failover within a few commands.
+//!
 //! Data layout (all keys under `key_prefix`):
 //!
 //! | key | type | content |
@@ -61,8 +66,12 @@ impl From<redis::RedisError> for ClusterError {
 
 /// The shared Redis, as one node sees it.
 pub struct Cluster {
-    client: redis::Client,
-    conn: ConnectionManager,
+    /// The current master (replaced after a Sentinel failover).
+    link: std::sync::RwLock<Arc<Link>>,
+    /// Sentinel mode: looks the master up by name.
+    sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
+    /// Sentinel mode: the master may have moved; look it up before the next command.
+    stale: AtomicBool,
     prefix: String,
     /// This process's identity in lease bookkeeping (random per start: a restarted node is a
     /// new node; what the old one spent stays charged).
@@ -86,11 +95,14 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-impl Cluster {
-    /// Connects (failing if Redis does not answer within the timeout: a node does not start
-    /// without its source of truth).
-    pub async fn connect(settings: &RedisSettings) -> Result<Arc<Cluster>, ClusterError> {
-        let client = redis::Client::open(settings.connection.clone())?;
+/// A client for the master and its reconnecting multiplexed connection.
+struct Link {
+    client: redis::Client,
+    conn: ConnectionManager,
+}
+
+impl Link {
+    async fn open(client: redis::Client, settings: &RedisSettings) -> Result<Link, ClusterError> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))
@@ -102,9 +114,50 @@ impl Cluster {
         )
         .await
         .map_err(|_| ClusterError::Unavailable("connect timed out".into()))??;
+        Ok(Link { client, conn })
+    }
+}
+
+/// Asks the sentinels where the master is.
+async fn master_client(
+    s: &mut redis::sentinel::SentinelClient,
+    settings: &RedisSettings,
+) -> Result<redis::Client, ClusterError> {
+    tokio::time::timeout(settings.timeout * 4, s.async_get_client())
+        .await
+        .map_err(|_| ClusterError::Unavailable("sentinel lookup timed out".into()))?
+        .map_err(ClusterError::from)
+}
+
+impl Cluster {
+    /// Connects (failing if Redis does not answer within the timeout: a node does not start
+    /// without its source of truth). With Sentinel, the master is looked up first.
+    pub async fn connect(settings: &RedisSettings) -> Result<Arc<Cluster>, ClusterError> {
+        let (client, sentinel) = match &settings.sentinel {
+            None => (redis::Client::open(settings.connection.clone())?, None),
+            Some(s) => {
+                let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(settings.connection.redis_settings().clone());
+                if matches!(
+                    settings.connection.addr(),
+                    redis::ConnectionAddr::TcpTls { .. }
+                ) {
+                    node = node.set_tls_mode(redis::TlsMode::Secure);
+                }
+                let mut sc = redis::sentinel::SentinelClient::build(
+                    s.addrs.clone(),
+                    s.master_name.clone(),
+                    Some(node),
+                    redis::sentinel::SentinelServerType::Master,
+                )?;
+                (master_client(&mut sc, settings).await?, Some(sc))
+            }
+        };
+        let link = Link::open(client, settings).await?;
         let cluster = Cluster {
-            client,
-            conn,
+            link: std::sync::RwLock::new(Arc::new(link)),
+            sentinel: sentinel.map(tokio::sync::Mutex::new),
+            stale: AtomicBool::new(false),
             prefix: settings.key_prefix.clone(),
             node_id: format!("{:016x}", rand::random::<u64>()),
             settings: settings.clone(),
@@ -158,12 +211,44 @@ impl Cluster {
         }
     }
 
+    fn link(&self) -> Arc<Link> {
+        self.link
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The connection to use now: in Sentinel mode, after a failure, the master is looked up
+    /// again first (one lookup at a time; the others use the current link meanwhile).
+    pub(crate) async fn conn(&self) -> ConnectionManager {
+        if self.stale.load(Ordering::Acquire)
+            && let Some(s) = &self.sentinel
+            && let Ok(mut s) = s.try_lock()
+            && self.stale.load(Ordering::Acquire)
+        {
+            match master_client(&mut s, &self.settings).await {
+                Ok(client) => match Link::open(client, &self.settings).await {
+                    Ok(link) => {
+                        tracing::warn!(master = %link.client.get_connection_info().addr(), "Redis master (from Sentinel) connected.");
+                        self.stale.store(false, Ordering::Release);
+                        if let Ok(mut l) = self.link.write() {
+                            *l = Arc::new(link);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Connecting to the Redis master failed."),
+                },
+                Err(e) => tracing::warn!(error = %e, "Sentinel lookup of the Redis master failed."),
+            }
+        }
+        self.link().conn.clone()
+    }
+
     /// Runs one command with the configured timeout.
     pub async fn run<T: redis::FromRedisValue>(
         &self,
         cmd: impl std::borrow::Borrow<redis::Cmd>,
     ) -> Result<T, ClusterError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await;
         let r = tokio::time::timeout(
             self.settings.timeout,
             cmd.borrow().query_async::<T>(&mut conn),
@@ -177,7 +262,7 @@ impl Cluster {
         &self,
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<T, ClusterError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await;
         let r = tokio::time::timeout(self.settings.timeout, inv.invoke_async::<T>(&mut conn)).await;
         self.finish(r)
     }
@@ -193,12 +278,14 @@ impl Cluster {
             }
             Ok(Err(e)) if is_connection_error(&e) => {
                 self.mark(false);
+                self.stale.store(true, Ordering::Release);
                 Err(e.into())
             }
             // A script or type error: Redis itself is fine.
             Ok(Err(e)) => Err(ClusterError::Corrupt(e.to_string())),
             Err(_) => {
                 self.mark(false);
+                self.stale.store(true, Ordering::Release);
                 Err(ClusterError::Unavailable("timed out".into()))
             }
         }
@@ -206,12 +293,22 @@ impl Cluster {
 
     /// A dedicated pub/sub connection.
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, ClusterError> {
-        let r = tokio::time::timeout(self.settings.timeout * 4, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| ClusterError::Unavailable("pub/sub connect timed out".into()))?;
-        let ps = r?;
-        self.mark(true);
-        Ok(ps)
+        let _ = self.conn().await; // Sentinel: follow a failover first
+        let client = self.link().client.clone();
+        let r = tokio::time::timeout(self.settings.timeout * 4, client.get_async_pubsub()).await;
+        match r {
+            Ok(Ok(ps)) => {
+                self.mark(true);
+                Ok(ps)
+            }
+            failed => {
+                self.stale.store(true, Ordering::Release);
+                Err(match failed {
+                    Ok(Err(e)) => e.into(),
+                    _ => ClusterError::Unavailable("pub/sub connect timed out".into()),
+                })
+            }
+        }
     }
 
     /// Records a device's assertion id as used until `exp` (unix seconds). `Ok(false)`: it was
@@ -244,5 +341,7 @@ fn is_connection_error(e: &redis::RedisError) -> bool {
                 | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
                 | redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
                 | redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown)
+                // A demoted master (Sentinel failover): find the new one.
+                | redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
         )
 }

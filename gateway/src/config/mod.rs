@@ -287,8 +287,11 @@ pub struct LogSettings {
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
     /// Where to connect (a password from `password_env` already applied; its `Debug`
-    /// redacts the password).
+    /// redacts the password). With `sentinel`, only its credentials, database and TLS mode
+    /// count: the address is the master's, looked up through the sentinels.
     pub connection: redis::ConnectionInfo,
+    /// Redis Sentinel mode.
+    pub sentinel: Option<SentinelSettings>,
     pub key_prefix: String,
     pub timeout: Duration,
     pub full_check_interval: Duration,
@@ -296,6 +299,14 @@ pub struct RedisSettings {
     pub lease_idle: Duration,
     pub lease_ttl: Duration,
     pub degraded_allowance: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
+}
+
+/// `[store.redis.sentinel]`, validated.
+#[derive(Clone, Debug)]
+pub struct SentinelSettings {
+    pub master_name: String,
+    /// The sentinels (their own passwords, if any, inside; `Debug` redacts them).
+    pub addrs: Vec<redis::ConnectionInfo>,
 }
 
 /// The validated configuration.
@@ -486,29 +497,99 @@ fn secret_from_env(c: &mut Collector, env: EnvLookup<'_>, path: &str, var: &str)
     }
 }
 
+/// A `redis://` or `rediss://` URL. Errors name the problem, never the URL (it may hold a
+/// password).
+fn redis_url(c: &mut Collector, path: &str, url: &str) -> Option<redis::ConnectionInfo> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        c.err(
+            path,
+            "must start with redis:// or rediss:// (TLS); for Sentinel use `[store.redis.sentinel]`; Redis Cluster is not supported yet",
+        );
+        return None;
+    }
+    match redis::IntoConnectionInfo::into_connection_info(url) {
+        Ok(info) => Some(info),
+        Err(_) => {
+            c.err(path, "is not a valid redis:// or rediss:// URL");
+            None
+        }
+    }
+}
+
+/// The sentinels, and the master's connection template (TLS if the sentinels use it).
+fn sentinel_settings(
+    c: &mut Collector,
+    s: &raw::SentinelConfig,
+) -> Option<(redis::ConnectionInfo, Option<SentinelSettings>)> {
+    if s.master_name.trim().is_empty() {
+        c.err("store.redis.sentinel.master_name", "must not be empty");
+    }
+    if s.addrs.is_empty() {
+        c.err("store.redis.sentinel.addrs", "list at least one sentinel");
+        return None;
+    }
+    let mut addrs = Vec::new();
+    for (i, a) in s.addrs.iter().enumerate() {
+        addrs.push(redis_url(
+            c,
+            &format!("store.redis.sentinel.addrs[{i}]"),
+            a.trim(),
+        )?);
+    }
+    let tls = addrs
+        .iter()
+        .map(|a| matches!(a.addr(), redis::ConnectionAddr::TcpTls { .. }))
+        .collect::<std::collections::BTreeSet<bool>>();
+    if tls.len() > 1 {
+        c.err(
+            "store.redis.sentinel.addrs",
+            "use one scheme for all sentinels (redis:// or rediss://)",
+        );
+    }
+    // The master's address comes from the sentinels; this only carries TLS mode and db.
+    let scheme = if tls.contains(&true) {
+        "rediss"
+    } else {
+        "redis"
+    };
+    let template =
+        redis::IntoConnectionInfo::into_connection_info(format!("{scheme}://localhost/{}", s.db));
+    let Ok(template) = template else {
+        c.err("store.redis.sentinel.db", "must be a database number");
+        return None;
+    };
+    Some((
+        template,
+        Some(SentinelSettings {
+            master_name: s.master_name.trim().to_owned(),
+            addrs,
+        }),
+    ))
+}
+
 fn redis_settings(
     c: &mut Collector,
     env: EnvLookup<'_>,
     r: &raw::RedisConfig,
 ) -> Option<RedisSettings> {
-    let Some(url) = r.url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
-        c.err("store.redis.url", "required when `store.kind = \"redis\"`");
-        return None;
-    };
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        c.err(
-            "store.redis.url",
-            "must start with redis:// or rediss:// (TLS); Sentinel and Redis Cluster are not supported yet",
-        );
-        return None;
-    }
-    // The message names the problem, never the URL (it may hold a password).
-    let Ok(mut info) = redis::IntoConnectionInfo::into_connection_info(url) else {
-        c.err(
-            "store.redis.url",
-            "is not a valid redis:// or rediss:// URL",
-        );
-        return None;
+    let url = r.url.as_deref().map(str::trim).filter(|u| !u.is_empty());
+    let (mut info, sentinel) = match (url, &r.sentinel) {
+        (Some(_), Some(_)) => {
+            c.err(
+                "store.redis.sentinel",
+                "give either `url` or `sentinel`, not both",
+            );
+            return None;
+        }
+        (None, None) => {
+            c.err(
+                "store.redis.url",
+                "required when `store.kind = \"redis\"` (or `[store.redis.sentinel]`)",
+            );
+            return None;
+        }
+        (Some(url), None) => (redis_url(c, "store.redis.url", url)?, None),
+        (None, Some(s)) => sentinel_settings(c, s)?,
     };
     if let Some(var) = &r.password_env
         && let Some(p) = secret_from_env(c, env, "store.redis.password_env", var)
@@ -542,6 +623,7 @@ fn redis_settings(
     }
     Some(RedisSettings {
         connection: info,
+        sentinel,
         key_prefix: r.key_prefix.clone(),
         timeout: r.timeout,
         full_check_interval: r.full_check_interval,
@@ -922,6 +1004,66 @@ mod tests {
             "the password is redacted"
         );
         assert!(load_str(MINIMAL, &env).unwrap().redis.is_none());
+    }
+
+    #[test]
+    fn sentinel_is_validated_with_key_paths() {
+        let with =
+            |redis: &str| format!("{MINIMAL}\n[store]\nkind = \"redis\"\n[store.redis]\n{redis}");
+        let paths = |text: &str| -> Vec<String> {
+            load_str(text, &env)
+                .unwrap_err()
+                .0
+                .iter()
+                .map(|x| x.path.clone())
+                .collect()
+        };
+        assert_eq!(
+            paths(&with(
+                "url = \"redis://h:1\"\nsentinel = { master_name = \"m\", addrs = [\"redis://s:26379\"] }"
+            )),
+            ["store.redis.sentinel"]
+        );
+        assert_eq!(
+            paths(&with("sentinel = { master_name = \" \", addrs = [] }")),
+            [
+                "store.redis.sentinel.master_name",
+                "store.redis.sentinel.addrs"
+            ]
+        );
+        assert_eq!(
+            paths(&with(
+                "sentinel = { master_name = \"m\", addrs = [\"redis://a:1\", \"http://b:2\"] }"
+            )),
+            ["store.redis.sentinel.addrs[1]"]
+        );
+        assert_eq!(
+            paths(&with(
+                "sentinel = { master_name = \"m\", addrs = [\"redis://a:1\", \"rediss://b:2\"] }"
+            )),
+            ["store.redis.sentinel.addrs"]
+        );
+        let c = load_str(
+            &with(
+                "sentinel = { master_name = \"m\", addrs = [\"rediss://:sent-pw@a:26379\"], db = 3 }\npassword_env = \"FG_PW\"",
+            ),
+            &|k: &str| match k {
+                "FG_PW" => Some("master-pw".to_owned()),
+                other => env(other),
+            },
+        )
+        .unwrap();
+        let r = c.redis.as_ref().unwrap();
+        let s = r.sentinel.as_ref().unwrap();
+        assert_eq!((s.master_name.as_str(), s.addrs.len()), ("m", 1));
+        assert_eq!(r.connection.redis_settings().db(), 3);
+        assert_eq!(r.connection.redis_settings().password(), Some("master-pw"));
+        assert!(matches!(
+            r.connection.addr(),
+            redis::ConnectionAddr::TcpTls { .. }
+        ));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("sent-pw") && !debug.contains("master-pw"));
     }
 
     #[test]

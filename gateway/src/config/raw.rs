@@ -172,7 +172,11 @@ pub enum StoreKind {
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[user[:password]@]host:port[/db]`, or `rediss://` for TLS (system CA store).
+    /// Not with `sentinel`.
     pub url: Option<String>,
+    /// Redis Sentinel: the master is looked up by name through the sentinels (again after a
+    /// failover). Instead of `url`.
+    pub sentinel: Option<SentinelConfig>,
     /// Environment variable holding the password (instead of putting it in the URL).
     pub password_env: Option<String>,
     /// Prefix of every key and channel (several fleets can share one Redis).
@@ -203,10 +207,25 @@ pub struct RedisConfig {
     pub degraded_allowance: std::collections::BTreeMap<policy::quota::BenefitType, u64>,
 }
 
+/// `[store.redis.sentinel]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The monitored master's name (`sentinel monitor <name> …`).
+    pub master_name: String,
+    /// Sentinel addresses as `redis://[:password@]host:port` (or `rediss://`: then the master
+    /// is reached over TLS too).
+    pub addrs: Vec<String>,
+    /// The master's database number.
+    #[serde(default)]
+    pub db: i64,
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: None,
+            sentinel: None,
             password_env: None,
             key_prefix: d_key_prefix(),
             timeout: d_redis_timeout(),
