@@ -291,16 +291,20 @@ impl Quotas {
         old.updated(req).map_err(RuleChangeError::Invalid)
     }
 
+    /// Benefit ids of the rules that came from the upstream.
+    fn synced_ids(&self) -> std::collections::HashSet<String> {
+        self.synced_ids
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
     /// Replaces the rules that came from the upstream by `synced`, atomically: validated with
     /// the local rules, persisted, then swapped in. On any error nothing changes (the
     /// last-known rules keep holding).
     pub fn apply_synced(&self, store: &Store, synced: Vec<Rule>) -> Result<usize, String> {
         let current = self.rules();
-        let previous = self
-            .synced_ids
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_default();
+        let previous = self.synced_ids();
         let mut all: Vec<Rule> = current
             .iter()
             .filter(|r| !previous.contains(&r.benefit_id))
@@ -327,11 +331,7 @@ impl Quotas {
     /// Cluster mode: the local (non-synced) rules become `local`, as Redis has them.
     pub fn replace_local_rules(&self, local: Vec<Rule>) -> Result<(), String> {
         let current = self.rules();
-        let synced = self
-            .synced_ids
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_default();
+        let synced = self.synced_ids();
         let mut all: Vec<Rule> = current
             .iter()
             .filter(|r| synced.contains(&r.benefit_id))
