@@ -408,6 +408,8 @@ impl pingora::services::background::BackgroundService for Persister {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_sweep = std::time::Instant::now();
+        // Cluster mode: a failing report is logged once per outage, not every tick.
+        let mut reports_failing = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -431,8 +433,17 @@ impl pingora::services::background::BackgroundService for Persister {
                     .set(remembered as i64);
             }
             if q.leased() {
-                if let Err(e) = q.report(false).await {
-                    tracing::warn!(error = %e, "Reporting usage to Redis failed; will retry.");
+                match q.report(false).await {
+                    Err(e) if !reports_failing => {
+                        reports_failing = true;
+                        tracing::warn!(error = %e, "Reporting usage to Redis failed; retrying every tick.");
+                    }
+                    Err(_) => {}
+                    Ok(_) if reports_failing => {
+                        reports_failing = false;
+                        tracing::info!("Usage reports to Redis work again.");
+                    }
+                    Ok(_) => {}
                 }
                 continue;
             }
