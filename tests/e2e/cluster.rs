@@ -805,3 +805,39 @@ async fn sentinel_failover_is_followed() {
     .await;
     assert!(took.is_some(), "revocation after the failover");
 }
+
+/// A live node keeps its lease however long a request holds it: heartbeats refresh it past
+/// `lease_ttl`, so other nodes cannot be granted it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_nodes_lease_outlives_lease_ttl() {
+    use futures_util::StreamExt;
+    let up = sandbox_upstream(SandboxConfig {
+        sse_event_delay: Duration::from_millis(400),
+        ..Default::default()
+    })
+    .await;
+    let redis = RedisServer::start();
+    let gw = nodes(
+        &up,
+        &redis,
+        2,
+        "lease_size = { requests = 2 }\nlease_idle = \"1s\"\nlease_ttl = \"2s\"",
+    )
+    .await;
+    let token = gw[0].register_device("cl-live").await;
+    add_rule(&gw[0], "cl-live", "requests", 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Node 0 leases both requests and holds one with a long stream.
+    let r = chat(&gw[0], &token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let _first = body.next().await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await; // > lease_ttl, stream still open
+    let (ok, refused, other) = hammer(&gw[1..], &token, 2).await;
+    assert_eq!(
+        (ok, refused, other),
+        (0, 2, 0),
+        "node 1 was granted node 0's live lease"
+    );
+    drop(body);
+}
