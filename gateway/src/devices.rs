@@ -162,10 +162,7 @@ impl Device {
 
     /// The current credential snapshot.
     pub fn credentials(&self) -> Arc<CredentialSet> {
-        self.credentials
-            .read()
-            .map(|c| c.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        crate::locks::snapshot(&self.credentials)
     }
 
     /// Status as seen by a token obtained through credential `cred` (`None`: admin-minted).

@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod devices;
 pub mod listener;
+pub mod locks;
 pub mod logid;
 pub mod metrics;
 pub mod oauth;

@@ -78,38 +78,29 @@ impl GatewayState {
     }
 
     pub fn rate_limits(&self) -> Arc<crate::ratelimit::RateLimits> {
-        self.rate_limits
-            .read()
-            .map(|r| r.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        crate::locks::snapshot(&self.rate_limits)
     }
 
     pub fn set_rate_limits(&self, r: crate::ratelimit::RateLimits) {
-        *self.rate_limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(r);
+        crate::locks::replace(&self.rate_limits, Arc::new(r));
     }
 
     pub fn routes(&self) -> Arc<policy::route::RouteTable> {
-        self.routes
-            .read()
-            .map(|r| r.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        crate::locks::snapshot(&self.routes)
     }
 
     pub fn set_routes(&self, r: policy::route::RouteTable) {
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(r);
+        crate::locks::replace(&self.routes, Arc::new(r));
     }
 
     /// The current signing keys (cheap: an `Arc` clone under a read lock).
     pub fn keyring(&self) -> Arc<policy::token::Keyring> {
-        self.keyring
-            .read()
-            .map(|k| k.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        crate::locks::snapshot(&self.keyring)
     }
 
     /// Installs new signing keys (reload).
     pub fn set_keyring(&self, k: policy::token::Keyring) {
-        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(k);
+        crate::locks::replace(&self.keyring, Arc::new(k));
     }
 
     pub fn phase(&self) -> Phase {

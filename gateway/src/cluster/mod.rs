@@ -212,10 +212,7 @@ impl Cluster {
     }
 
     fn link(&self) -> Arc<Link> {
-        self.link
-            .read()
-            .map(|l| l.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        crate::locks::snapshot(&self.link)
     }
 
     /// The connection to use now: in Sentinel mode, after a failure, the master is looked up
@@ -231,9 +228,7 @@ impl Cluster {
                     Ok(link) => {
                         tracing::warn!(master = %link.client.get_connection_info().addr(), "Redis master (from Sentinel) connected.");
                         self.stale.store(false, Ordering::Release);
-                        if let Ok(mut l) = self.link.write() {
-                            *l = Arc::new(link);
-                        }
+                        crate::locks::replace(&self.link, Arc::new(link));
                     }
                     Err(e) => tracing::warn!(error = %e, "Connecting to the Redis master failed."),
                 },

@@ -31,8 +31,9 @@ use policy::ids::DeviceId;
 use policy::quota::{BenefitType, Consumption, LeaseWant, RuleKind, RuleSet, UsageItem};
 use policy::route::RouteClass;
 
-use super::{Quotas, lock};
+use super::Quotas;
 use crate::cluster::{Cluster, ClusterError};
+use crate::locks::lock;
 
 /// Most counters given a degraded allowance per outage; beyond, those benefits fail closed.
 const MAX_DEGRADED: usize = 100_000;

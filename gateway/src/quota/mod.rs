@@ -36,6 +36,7 @@ use policy::quota::{
 use policy::route::RouteClass;
 
 use crate::config::QuotaSettings;
+use crate::locks::lock;
 use crate::store::{RULES, SYNCED_RULES, Store, StoreError, USAGE};
 
 /// How a request ended, for settlement.
@@ -87,10 +88,6 @@ pub enum RuleChangeError {
     Cluster(#[from] crate::cluster::ClusterError),
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Quotas {
     /// Loads rules and usage counters from the store.
     pub fn load(store: &Store, settings: &QuotaSettings) -> Result<Quotas, String> {
@@ -126,10 +123,7 @@ impl Quotas {
     }
 
     pub fn rules(&self) -> Arc<RuleSet> {
-        self.rules
-            .read()
-            .map(|r| r.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        crate::locks::snapshot(&self.rules)
     }
 
     /// What admission holds for a request of this route class.
@@ -293,10 +287,7 @@ impl Quotas {
 
     /// Benefit ids of the rules that came from the upstream.
     fn synced_ids(&self) -> std::collections::HashSet<String> {
-        self.synced_ids
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        crate::locks::snapshot(&self.synced_ids)
     }
 
     /// Replaces the rules that came from the upstream by `synced`, atomically: validated with
@@ -323,8 +314,8 @@ impl Quotas {
         store
             .replace_all(SYNCED_RULES, &rows)
             .map_err(|e| e.to_string())?;
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-        *self.synced_ids.write().unwrap_or_else(|p| p.into_inner()) = ids;
+        crate::locks::replace(&self.rules, Arc::new(next));
+        crate::locks::replace(&self.synced_ids, ids);
         Ok(n)
     }
 
@@ -339,7 +330,7 @@ impl Quotas {
             .collect();
         all.extend(local);
         let next = RuleSet::new(all).map_err(|e| e.to_string())?;
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        crate::locks::replace(&self.rules, Arc::new(next));
         Ok(())
     }
 
@@ -364,7 +355,7 @@ impl Quotas {
     /// the set as it is now, so a change the feed applied meanwhile is kept.
     pub fn apply_rule(&self, rule: &Rule) -> Result<(), RuleChangeError> {
         let next = self.set_with(rule)?;
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        crate::locks::replace(&self.rules, Arc::new(next));
         Ok(())
     }
 
@@ -372,7 +363,7 @@ impl Quotas {
     pub fn install(&self, store: &Store, rule: Rule) -> Result<Rule, RuleChangeError> {
         let next = self.set_with(&rule)?;
         store.put_all(RULES, &[(rule.benefit_id.clone(), rule.clone())])?;
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        crate::locks::replace(&self.rules, Arc::new(next));
         Ok(rule)
     }
 }
