@@ -278,11 +278,7 @@ async fn jwt_bearer(
                 ));
             }
             Err(e) => {
-                state
-                    .metrics
-                    .cluster_errors
-                    .with_label_values(&["jti"])
-                    .inc();
+                cluster.count_error("jti");
                 tracing::error!(error = %e, "Cannot record the assertion id in Redis.");
                 return Err(OAuthError::new(
                     503,

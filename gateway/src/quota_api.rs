@@ -56,13 +56,10 @@ fn change_error(state: &GatewayState, e: RuleChangeError) -> AdminError {
         RuleChangeError::Invalid(errors) => AdminError::bad_request(errors.to_string()),
         RuleChangeError::NotFound(id) => AdminError::not_found(format!("benefit {id} not found")),
         RuleChangeError::Cluster(e) => {
-            state
-                .metrics
-                .cluster_errors
-                .with_label_values(&["admin"])
-                .inc();
-            tracing::error!(error = %e, "Rule write to Redis failed.");
-            AdminError::unavailable("rule store unavailable; nothing was changed")
+            if let Some(c) = &state.cluster {
+                c.count_error("admin");
+            }
+            AdminError::write_failed("rule", "redis", &e)
         }
         RuleChangeError::Store(e) => {
             state
@@ -70,8 +67,7 @@ fn change_error(state: &GatewayState, e: RuleChangeError) -> AdminError {
                 .store_errors
                 .with_label_values(&["rules"])
                 .inc();
-            tracing::error!(error = %e, "Rule store write failed.");
-            AdminError::unavailable("rule store unavailable; nothing was changed")
+            AdminError::write_failed("rule", "embedded", &e)
         }
     }
 }

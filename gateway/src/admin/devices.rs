@@ -85,8 +85,7 @@ fn store_error(state: &GatewayState, e: crate::store::StoreError) -> AdminError 
         .store_errors
         .with_label_values(&["devices"])
         .inc();
-    tracing::error!(error = %e, "Device store write failed.");
-    AdminError::unavailable("device store unavailable; nothing was changed")
+    AdminError::write_failed("device", "embedded", &e)
 }
 
 /// Creates the devices in the store (embedded or Redis), then in the registry. Returns how
@@ -128,13 +127,10 @@ async fn create(
 }
 
 fn cluster_error(state: &GatewayState, e: crate::cluster::ClusterError) -> AdminError {
-    state
-        .metrics
-        .cluster_errors
-        .with_label_values(&["admin"])
-        .inc();
-    tracing::error!(error = %e, "Device write to Redis failed.");
-    AdminError::unavailable("device store unavailable; nothing was changed")
+    if let Some(c) = &state.cluster {
+        c.count_error("admin");
+    }
+    AdminError::write_failed("device", "redis", &e)
 }
 
 /// Applies one change to one device: in the embedded store (persist, then apply) or in Redis

@@ -70,6 +70,13 @@ impl AdminError {
             allow: None,
         }
     }
+
+    /// A store or Redis write failed (already counted by the caller): logged, and answered
+    /// 503 saying nothing changed. `what` names the store: "device", "rule".
+    pub fn write_failed(what: &str, target: &str, e: &dyn std::fmt::Display) -> AdminError {
+        tracing::error!(error = %e, store = target, "Admin write of a {what} failed; nothing was changed.");
+        AdminError::unavailable(format!("{what} store unavailable; nothing was changed"))
+    }
     fn unauthorized() -> AdminError {
         AdminError {
             status: StatusCode::UNAUTHORIZED,

@@ -174,11 +174,7 @@ impl pingora::services::background::BackgroundService for Feed {
             match self.follow(&mut applied, &mut shutdown).await {
                 Ok(_) => return,
                 Err(e) => {
-                    self.state
-                        .metrics
-                        .cluster_errors
-                        .with_label_values(&["feed"])
-                        .inc();
+                    self.cluster.count_error("feed");
                     tracing::warn!(error = %e, "Cluster change feed interrupted; resubscribing.");
                 }
             }
