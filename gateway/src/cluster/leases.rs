@@ -154,11 +154,11 @@ impl Cluster {
         self.key(&format!("use:{device}"))
     }
 
-    fn eval(&self, body: &str, device: &DeviceId) -> redis::Cmd {
+    /// `EVAL` of the report script for `device` (the script text is built once).
+    fn report_cmd(&self, device: &DeviceId) -> redis::Cmd {
+        static TEXT: LazyLock<String> = LazyLock::new(|| format!("{SYNC}{REPORT}"));
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(format!("{SYNC}{body}"))
-            .arg(1)
-            .arg(self.use_key(device));
+        cmd.arg(TEXT.as_str()).arg(1).arg(self.use_key(device));
         cmd
     }
 
@@ -196,7 +196,7 @@ impl Cluster {
             // EVAL (not EVALSHA) in a pipeline: no NOSCRIPT round trip after a Redis restart.
             let mut pipe = redis::pipe();
             for r in chunk {
-                let mut cmd = self.eval(REPORT, &r.device);
+                let mut cmd = self.report_cmd(&r.device);
                 sync_args(
                     &mut cmd,
                     r.benefit_type,

@@ -91,9 +91,6 @@ impl Leasing {
 
     /// Redis down: refuses the device when one of its applicable rules fails closed.
     fn fail_closed(&self, rules: &RuleSet, device: &DeviceId, now_s: u64) -> Result<(), Denial> {
-        if self.cluster.is_up() {
-            return Ok(());
-        }
         let allowances = &self.cluster.settings.degraded_allowance;
         if rules
             .applicable(device, now_s)
@@ -162,7 +159,9 @@ impl Quotas {
         let Some(l) = self.leasing.get() else {
             return self.reserve(request_id, device, class, now_s);
         };
-        l.fail_closed(&self.rules(), device, now_s)?;
+        if !l.cluster.is_up() {
+            l.fail_closed(&self.rules(), device, now_s)?;
+        }
         match self.reserve(request_id, device, class, now_s) {
             Err(d) if d.reason == DenyReason::QuotaExhausted => {}
             r => return r, // the lease covered it: no Redis, no allocation
