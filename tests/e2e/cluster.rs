@@ -304,10 +304,10 @@ async fn missed_messages_are_caught_by_the_periodic_check() {
     assert_eq!(use_token(&gw[0], &token).await, 200);
     // Revoke behind the gateway's back: data and counter change, no message is published.
     assert_eq!(
-        redis.cli(&["HINCRBY", "fleetgate:dev:cl-quiet", "gen", "1"]),
+        redis.cli(&["HINCRBY", "{fleetgate}:dev:cl-quiet", "gen", "1"]),
         "1"
     );
-    redis.cli(&["INCR", "fleetgate:ver"]);
+    redis.cli(&["INCR", "{fleetgate}:ver"]);
     let took = within(Duration::from_secs(2), || async {
         use_token(&gw[0], &token).await == 401
     })
@@ -840,4 +840,159 @@ async fn a_live_nodes_lease_outlives_lease_ttl() {
         "node 1 was granted node 0's live lease"
     );
     drop(body);
+}
+
+/// Nodes on a Redis Cluster (every node of it as a seed).
+async fn cluster_nodes(up: &SandboxHandle, rc: &RedisCluster, n: usize) -> Vec<GatewayProcess> {
+    let seeds: Vec<String> = rc.seeds().iter().map(|s| format!("\"{s}\"")).collect();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut opts = GatewayOptions::new(&up.base_url());
+        opts.redis = Some(format!(
+            "cluster = [{}]\ntimeout = \"300ms\"",
+            seeds.join(", ")
+        ));
+        out.push(GatewayProcess::start(&opts).await);
+    }
+    out
+}
+
+/// On a Redis Cluster (3 masters, 3 replicas): devices and revocations reach every node within
+/// 1 s, a quota of 100 holds exactly across three nodes, and the per-device usage keys spread
+/// over the shards while the registry stays in one slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_shares_devices_quotas_and_revocations() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let rc = RedisCluster::start(3);
+    let gw = cluster_nodes(&up, &rc, 3).await;
+
+    let token = gw[0].register_device("rc-1").await;
+    for (i, node) in gw.iter().enumerate() {
+        let ok = within(Duration::from_secs(1), || async {
+            use_token(node, &token).await == 200
+        })
+        .await;
+        assert!(
+            ok.is_some(),
+            "node {i} accepts a device registered on node 0"
+        );
+    }
+    add_rule(&gw[1], "rc-1", "requests", 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the rule reaches every node
+    let (ok, refused, other) = hammer(&gw, &token, 60).await;
+    assert_eq!(other, 0, "only 200 and 429 answers");
+    assert_eq!(ok, 100, "exactly the quota admitted ({refused} refused)");
+    let owner = rc
+        .owner("fleetgate:use:rc-1")
+        .expect("a master serves every slot");
+    assert_charged(&rc.nodes[owner], "rc-1", "requests", 100).await;
+
+    // Revoke on node 1: nodes 0 and 2 refuse the token within 1 s.
+    let r = gw[1]
+        .admin(Method::POST, "/admin/v1/devices/rc-1/revoke", None)
+        .await;
+    assert_eq!(r.status(), 200);
+    for i in [0, 2] {
+        let took = within(Duration::from_secs(1), || async {
+            use_token(&gw[i], &token).await == 401
+        })
+        .await;
+        assert!(
+            took.is_some(),
+            "node {i} still accepts a revoked token after 1 s"
+        );
+    }
+
+    // Twelve more devices, one request each: their usage keys land on more than one shard.
+    let bulk: Vec<_> = (0..12)
+        .map(|i| json!({"device_id": format!("rc-s{i}")}))
+        .collect();
+    let r = gw[0]
+        .admin(
+            Method::POST,
+            "/admin/v1/devices",
+            Some(json!({"devices": bulk})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    for i in 0..12 {
+        add_rule(&gw[0], &format!("rc-s{i}"), "requests", 5).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // devices and rules reach every node
+    let mut owners = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let id = format!("rc-s{i}");
+        let t = gw[0].device_token(&id).await;
+        let node = &gw[i % 3];
+        let admitted = within(Duration::from_secs(1), || async {
+            use_token(node, &t).await == 200
+        })
+        .await;
+        assert!(admitted.is_some(), "{id} served by node {}", i % 3);
+        let key = format!("fleetgate:use:{id}");
+        let owner = rc.owner(&key).expect("a master serves every slot");
+        let stored = within(Duration::from_secs(3), || async {
+            rc.nodes[owner].cli(&["EXISTS", &key]) == "1"
+        })
+        .await;
+        assert!(stored.is_some(), "{key} reported");
+        owners.insert(owner);
+    }
+    assert!(owners.len() > 1, "usage keys all on one shard: {owners:?}");
+    let registry = rc.owner("{fleetgate}:devs");
+    assert_eq!(
+        rc.owner("{fleetgate}:dev:rc-s3"),
+        registry,
+        "registry in one slot"
+    );
+}
+
+/// The master holding the registry dies: its replica takes over, and the nodes follow (admin
+/// writes work again, the change feed reaches the other node, quotas keep counting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_failover_is_followed() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let mut rc = RedisCluster::start(3);
+    let gw = cluster_nodes(&up, &rc, 2).await;
+    let token = gw[0].register_device("rf-1").await;
+    add_rule(&gw[0], "rf-1", "requests", 50).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, _, other) = hammer(&gw, &token, 10).await;
+    assert_eq!((ok, other), (20, 0));
+
+    let registry = rc.owner("{fleetgate}:devs").expect("registry stored");
+    // Let the replica catch up (replication is asynchronous), then kill the master.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rc.nodes[registry].kill();
+    let promoted = within(Duration::from_secs(20), || async {
+        rc.owner("{fleetgate}:devs").is_some()
+    })
+    .await;
+    assert!(
+        promoted.is_some(),
+        "a replica took over the registry's slots"
+    );
+
+    let written = within(Duration::from_secs(10), || async {
+        gw[0]
+            .admin_post("/admin/v1/devices", json!({"device_id": "rf-2"}))
+            .await
+            .status()
+            .is_success()
+    })
+    .await;
+    assert!(written.is_some(), "admin writes after the failover");
+    let t2 = gw[0].device_token("rf-2").await;
+    let seen = within(Duration::from_secs(10), || async {
+        use_token(&gw[1], &t2).await == 200
+    })
+    .await;
+    assert!(seen.is_some(), "node 1 follows the feed after the failover");
+    // Quotas keep counting: 30 of the 50 are left, across both nodes.
+    let (more, refused, other) = hammer(&gw, &token, 25).await;
+    assert_eq!(other, 0);
+    assert_eq!(
+        more, 30,
+        "the rest of the quota after the failover ({refused} refused)"
+    );
 }

@@ -367,6 +367,90 @@ impl Drop for RedisSentinel {
     }
 }
 
+/// A Redis Cluster on free loopback ports: `masters` masters with one replica each, the
+/// slots spread evenly by `redis-cli --cluster create`, failover after 1 s without a master
+/// (`cluster-node-timeout 1000`); stopped on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..masters * 2)
+            .map(|_| {
+                // The cluster bus port defaults to port + 10000, which may not exist.
+                let bus = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+                    .to_string();
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-port",
+                    &bus,
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let c = RedisCluster { nodes };
+        // Ready when every node sees a healthy cluster and every replica is in sync.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = c.nodes.iter().all(|n| {
+                n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && (c.is_master(n)
+                        || n.cli(&["INFO", "replication"])
+                            .contains("master_link_status:up"))
+            });
+            if ready {
+                return c;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis cluster did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `redis://` URLs of every node (the seeds a client is given).
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    pub fn is_master(&self, n: &RedisServer) -> bool {
+        n.cli(&["ROLE"]).lines().next() == Some("master")
+    }
+
+    /// The live master serving `key`'s slot, whether or not the key exists (asked without
+    /// following redirects; `None` while the slot has no live master).
+    pub fn owner(&self, key: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| {
+            n.ping() && self.is_master(n) && !n.cli(&["TYPE", key]).starts_with("MOVED")
+        })
+    }
+}
+
 /// A small tmpfs mounted for the test (disk-full faults); unmounted on drop.
 ///
 /// Needs `mount` rights (root or CAP_SYS_ADMIN). Elsewhere [`SmallDisk::mount`] returns

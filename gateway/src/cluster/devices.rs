@@ -74,24 +74,25 @@ for _, x in ipairs(redis.call('HGETALL', k)) do table.insert(out, x) end
 return out
 "#;
 
-/// Creates the devices that do not exist yet. ARGV: prefix, now, then (id, labels JSON)
-/// pairs. Keys are built in the script from the prefix (one script for up to 10 000 devices;
-/// single Redis or Sentinel, not Redis Cluster). Returns the ids created.
+/// Creates the devices that do not exist yet. KEYS: devs set, ver. ARGV: registry prefix
+/// (`{p}`), channel, now, then (id, labels JSON) pairs. The device keys are built in the
+/// script from the registry prefix: one script for up to 10 000 devices, and on Redis Cluster
+/// they share the hash slot of KEYS (the prefix's hash tag). Returns the ids created.
 const CREATE: &str = r#"
-local p, now = ARGV[1], ARGV[2]
+local p, now = ARGV[1], ARGV[3]
 local created = {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local k = p .. ':dev:' .. id
   if redis.call('EXISTS', k) == 0 then
     redis.call('HSET', k, 'created_at', now, 'enabled', '1', 'gen', '0', 'labels', ARGV[i + 1])
-    redis.call('SADD', p .. ':devs', id)
+    redis.call('SADD', KEYS[1], id)
     table.insert(created, id)
   end
 end
 if #created > 0 then
-  local v = redis.call('INCR', p .. ':ver')
-  redis.call('PUBLISH', p .. ':changes', v .. ' devs ' .. table.concat(created, '\n'))
+  local v = redis.call('INCR', KEYS[2])
+  redis.call('PUBLISH', ARGV[2], v .. ' devs ' .. table.concat(created, '\n'))
 end
 return created
 "#;
@@ -102,7 +103,7 @@ fn labels_json(labels: &BTreeMap<String, String>) -> String {
 
 impl Cluster {
     fn device_key(&self, id: &str) -> String {
-        self.key(&format!("dev:{id}"))
+        self.registry_key(&format!("dev:{id}"))
     }
 
     /// Registers the devices that do not exist yet; returns the ids created.
@@ -113,7 +114,11 @@ impl Cluster {
     ) -> Result<Vec<String>, ClusterError> {
         let script = Script::new(CREATE);
         let mut inv = script.prepare_invoke();
-        inv.arg(self.prefix()).arg(now);
+        inv.key(self.registry_key("devs"))
+            .key(self.registry_key("ver"))
+            .arg(self.registry_prefix())
+            .arg(self.registry_key("changes"))
+            .arg(now);
         for (id, labels) in devices {
             inv.arg(id).arg(labels_json(labels));
         }
@@ -129,9 +134,9 @@ impl Cluster {
         let script = Script::new(CHANGE);
         let mut inv = script.prepare_invoke();
         inv.key(self.device_key(id))
-            .key(self.key("devs"))
-            .key(self.key("ver"))
-            .arg(self.key("changes"))
+            .key(self.registry_key("devs"))
+            .key(self.registry_key("ver"))
+            .arg(self.registry_key("changes"))
             .arg(id);
         match change {
             Change::SetLabels(l) => inv.arg("labels").arg(labels_json(l)),
@@ -174,21 +179,19 @@ impl Cluster {
     /// Every device, in batches of `batch` (a full reload).
     pub async fn load_all_devices(&self) -> Result<Vec<DeviceRecord>, ClusterError> {
         let ids: Vec<String> = self
-            .run(redis::cmd("SMEMBERS").arg(self.key("devs")))
+            .run(redis::cmd("SMEMBERS").arg(self.registry_key("devs")))
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
-            let mut pipe = redis::pipe();
-            for id in chunk {
-                pipe.cmd("HGETALL").arg(self.device_key(id));
-            }
-            let mut conn = self.conn().await;
-            let r = tokio::time::timeout(
-                self.settings.timeout * 4,
-                pipe.query_async::<Vec<Vec<redis::Value>>>(&mut conn),
-            )
-            .await;
-            let rows = self.finish(r)?;
+            let cmds = chunk
+                .iter()
+                .map(|id| {
+                    let mut c = redis::cmd("HGETALL");
+                    c.arg(self.device_key(id));
+                    c
+                })
+                .collect();
+            let rows: Vec<Vec<redis::Value>> = self.batch(cmds, self.settings.timeout * 4).await?;
             for (id, fields) in chunk.iter().zip(rows) {
                 if let Some(rec) = parse_fields(id, &fields)? {
                     out.push(rec);

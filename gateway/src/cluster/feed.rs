@@ -63,7 +63,7 @@ impl Feed {
     async fn current_ver(&self) -> Result<u64, ClusterError> {
         let ver: Option<u64> = self
             .cluster
-            .run(redis::cmd("GET").arg(self.cluster.key("ver")))
+            .run(redis::cmd("GET").arg(self.cluster.registry_key("ver")))
             .await?;
         Ok(ver.unwrap_or(0))
     }
@@ -129,7 +129,7 @@ impl Feed {
         shutdown: &mut pingora::server::ShutdownWatch,
     ) -> Result<bool, ClusterError> {
         let mut ps = self.cluster.pubsub().await?;
-        ps.subscribe(self.cluster.key("changes")).await?;
+        ps.subscribe(self.cluster.registry_key("changes")).await?;
         // Subscribed first, then reloaded: nothing between the two is missed.
         *applied = (*applied).max(self.full_reload().await?);
         let mut stream = ps.into_on_message();

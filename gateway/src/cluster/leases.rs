@@ -151,7 +151,7 @@ fn sync_args(
 
 impl Cluster {
     fn use_key(&self, device: &DeviceId) -> String {
-        self.key(&format!("use:{device}"))
+        self.device_scoped_key(&format!("use:{device}"))
     }
 
     /// `EVAL` of the report script for `device` (the script text is built once).
@@ -193,8 +193,8 @@ impl Cluster {
     /// that keeps the node's leases alive).
     pub async fn report(&self, records: &[CounterRecord], now_ms: u64) -> Result<(), ClusterError> {
         for chunk in records.chunks(512) {
-            // EVAL (not EVALSHA) in a pipeline: no NOSCRIPT round trip after a Redis restart.
-            let mut pipe = redis::pipe();
+            // EVAL (not EVALSHA): no NOSCRIPT round trip after a Redis restart.
+            let mut cmds = Vec::with_capacity(chunk.len());
             for r in chunk {
                 let mut cmd = self.report_cmd(&r.device);
                 sync_args(
@@ -208,15 +208,9 @@ impl Cluster {
                     r.acked,
                     now_ms,
                 );
-                pipe.add_command(cmd);
+                cmds.push(cmd);
             }
-            let mut conn = self.conn().await;
-            let r = tokio::time::timeout(
-                self.settings.timeout * 2,
-                pipe.query_async::<Vec<i64>>(&mut conn),
-            )
-            .await;
-            self.finish(r)?;
+            let _: Vec<i64> = self.batch(cmds, self.settings.timeout * 2).await?;
         }
         Ok(())
     }

@@ -17,19 +17,26 @@
 //! - **Connection**: one `ConnectionManager` to the master. With Sentinel
 //!   (`[store.redis] sentinel`), a connection error, timeout or `READONLY` marks the master
 //!   stale and the next command looks it up again through the sentinels (one lookup at a
-//!   time), so a node follows a failover within a few commands.
+//!   time), so a node follows a failover within a few commands. With Redis Cluster
+//!   (`[store.redis] cluster`), one `ClusterConnection` routes each command by its key's slot
+//!   and follows `MOVED`/`ASK` and failovers itself; pub/sub uses a plain connection to one
+//!   of the seed nodes (a `PUBLISH` reaches every node of a Redis Cluster).
 //!
-//! Data layout (all keys under `key_prefix`):
+//! Data layout. The registry (devices, rules, the change counter and channel) is written by
+//! scripts that touch several of its keys at once, so its keys share one hash slot: they
+//! start with `{key_prefix}` (braces included, a Redis Cluster hash tag). The per-device
+//! hot-path keys (usage and `jti`s) are touched one key per command and start with
+//! `key_prefix` without braces, so on Redis Cluster they spread over every shard.
 //!
-//! | key | type | content |
+//! | key (`p` = `key_prefix`) | type | content |
 //! |---|---|---|
-//! | `dev:{id}` | hash | `created_at`, `enabled` (0/1), `gen`, `labels` (JSON), `c:{kid}` (credential JSON, secrets only as hashes) |
-//! | `devs` | set | every device id |
-//! | `rules` | hash | benefit id → rule JSON (admin-created rules) |
-//! | `use:{id}` | hash | quota counters and leases per node (see [`leases`]) |
-//! | `jti:{id}:{jti}` | string | a used assertion id, expiring with the assertion |
-//! | `ver` | integer | change counter |
-//! | `changes` | channel | `"<ver> dev <id>"`, `"<ver> devs <id>\n<id>…"`, `"<ver> rules"` |
+//! | `{p}:dev:<id>` | hash | `created_at`, `enabled` (0/1), `gen`, `labels` (JSON), `c:<kid>` (credential JSON, secrets only as hashes) |
+//! | `{p}:devs` | set | every device id |
+//! | `{p}:rules` | hash | benefit id → rule JSON (admin-created rules) |
+//! | `{p}:ver` | integer | change counter |
+//! | `{p}:changes` | channel | `"<ver> dev <id>"`, `"<ver> devs <id>\n<id>…"`, `"<ver> rules"` |
+//! | `p:use:<id>` | hash | quota counters and leases per node (see [`leases`]) |
+//! | `p:jti:<id>:<jti>` | string | a used assertion id, expiring with the assertion |
 //!
 //! Redis must persist (AOF, `appendfsync everysec` or `always`): it holds the usage.
 
@@ -43,6 +50,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
 
 use crate::config::RedisSettings;
 
@@ -78,6 +86,8 @@ pub struct Cluster {
     pub node_id: String,
     pub settings: RedisSettings,
     up: AtomicBool,
+    /// Redis Cluster: which seed node the next pub/sub connection tries first.
+    pubsub_turn: std::sync::atomic::AtomicUsize,
     /// Told whenever Redis answers again after failing (reporters flush, the feed reloads).
     pub recovered: tokio::sync::Notify,
     /// `fleetgate_cluster_redis_up`, once the metrics exist.
@@ -95,10 +105,51 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-/// A client for the master and its reconnecting multiplexed connection.
+/// A connection that reconnects by itself: to one Redis (the master), or to a Redis
+/// Cluster (routing each command by its key's slot).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where commands go, and where pub/sub connects.
 struct Link {
-    client: redis::Client,
-    conn: ConnectionManager,
+    /// Single Redis or Sentinel: the master's client. Redis Cluster: `None` (pub/sub uses
+    /// the seed nodes).
+    client: Option<redis::Client>,
+    conn: Conn,
 }
 
 impl Link {
@@ -114,7 +165,32 @@ impl Link {
         )
         .await
         .map_err(|_| ClusterError::Unavailable("connect timed out".into()))??;
-        Ok(Link { client, conn })
+        Ok(Link {
+            client: Some(client),
+            conn: Conn::Single(conn),
+        })
+    }
+
+    /// Redis Cluster: discovers the slot map through the seed nodes.
+    async fn open_cluster(
+        seeds: &[redis::ConnectionInfo],
+        settings: &RedisSettings,
+    ) -> Result<Link, ClusterError> {
+        let client = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+            .connection_timeout(settings.timeout)
+            .response_timeout(settings.timeout)
+            // A failover takes the cluster a few seconds; the caller's timeout bounds each
+            // command, and the next command tries again.
+            .retries(2)
+            .max_retry_wait(200)
+            .build()?;
+        let conn = tokio::time::timeout(settings.timeout * 4, client.get_async_connection())
+            .await
+            .map_err(|_| ClusterError::Unavailable("cluster connect timed out".into()))??;
+        Ok(Link {
+            client: None,
+            conn: Conn::Cluster(conn),
+        })
     }
 }
 
@@ -133,9 +209,13 @@ impl Cluster {
     /// Connects (failing if Redis does not answer within the timeout: a node does not start
     /// without its source of truth). With Sentinel, the master is looked up first.
     pub async fn connect(settings: &RedisSettings) -> Result<Arc<Cluster>, ClusterError> {
-        let (client, sentinel) = match &settings.sentinel {
-            None => (redis::Client::open(settings.connection.clone())?, None),
-            Some(s) => {
+        let (link, sentinel) = match (&settings.sentinel, &settings.cluster) {
+            (_, Some(seeds)) => (Link::open_cluster(seeds, settings).await?, None),
+            (None, None) => {
+                let client = redis::Client::open(settings.connection.clone())?;
+                (Link::open(client, settings).await?, None)
+            }
+            (Some(s), None) => {
                 let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
                     .set_redis_connection_info(settings.connection.redis_settings().clone());
                 if matches!(
@@ -150,10 +230,10 @@ impl Cluster {
                     Some(node),
                     redis::sentinel::SentinelServerType::Master,
                 )?;
-                (master_client(&mut sc, settings).await?, Some(sc))
+                let client = master_client(&mut sc, settings).await?;
+                (Link::open(client, settings).await?, Some(sc))
             }
         };
-        let link = Link::open(client, settings).await?;
         let cluster = Cluster {
             link: std::sync::RwLock::new(Arc::new(link)),
             sentinel: sentinel.map(tokio::sync::Mutex::new),
@@ -162,6 +242,7 @@ impl Cluster {
             node_id: format!("{:016x}", rand::random::<u64>()),
             settings: settings.clone(),
             up: AtomicBool::new(true),
+            pubsub_turn: std::sync::atomic::AtomicUsize::new(0),
             recovered: tokio::sync::Notify::new(),
             up_gauge: std::sync::OnceLock::new(),
             errors: std::sync::OnceLock::new(),
@@ -170,8 +251,20 @@ impl Cluster {
         Ok(Arc::new(cluster))
     }
 
-    /// `{prefix}:{rest}`.
-    pub fn key(&self, rest: &str) -> String {
+    /// A registry key, `{prefix}:{rest}` with the prefix in braces: every registry key is in
+    /// one hash slot, so one script can change several of them on Redis Cluster.
+    pub fn registry_key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.registry_prefix())
+    }
+
+    /// `{prefix}`, braces included.
+    pub fn registry_prefix(&self) -> String {
+        format!("{{{}}}", self.prefix)
+    }
+
+    /// A per-device key, `prefix:{rest}`: spread over the shards of a Redis Cluster by
+    /// `rest`.
+    pub fn device_scoped_key(&self, rest: &str) -> String {
         format!("{}:{rest}", self.prefix)
     }
 
@@ -217,7 +310,7 @@ impl Cluster {
 
     /// The connection to use now: in Sentinel mode, after a failure, the master is looked up
     /// again first (one lookup at a time; the others use the current link meanwhile).
-    pub(crate) async fn conn(&self) -> ConnectionManager {
+    pub(crate) async fn conn(&self) -> Conn {
         if self.stale.load(Ordering::Acquire)
             && let Some(s) = &self.sentinel
             && let Ok(mut s) = s.try_lock()
@@ -226,7 +319,9 @@ impl Cluster {
             match master_client(&mut s, &self.settings).await {
                 Ok(client) => match Link::open(client, &self.settings).await {
                     Ok(link) => {
-                        tracing::warn!(master = %link.client.get_connection_info().addr(), "Redis master (from Sentinel) connected.");
+                        if let Some(c) = &link.client {
+                            tracing::warn!(master = %c.get_connection_info().addr(), "Redis master (from Sentinel) connected.");
+                        }
                         self.stale.store(false, Ordering::Release);
                         crate::locks::replace(&self.link, Arc::new(link));
                     }
@@ -286,30 +381,83 @@ impl Cluster {
         }
     }
 
-    /// A dedicated pub/sub connection.
+    /// A dedicated pub/sub connection: to the master, or on Redis Cluster to the first seed
+    /// node that answers (each new connection starts at the next seed).
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, ClusterError> {
         let _ = self.conn().await; // Sentinel: follow a failover first
-        let client = self.link().client.clone();
-        let r = tokio::time::timeout(self.settings.timeout * 4, client.get_async_pubsub()).await;
-        match r {
-            Ok(Ok(ps)) => {
-                self.mark(true);
-                Ok(ps)
+        let clients = match (&self.settings.cluster, &self.link().client) {
+            (Some(seeds), _) => {
+                let start = self.pubsub_turn.fetch_add(1, Ordering::Relaxed);
+                let mut v = Vec::with_capacity(seeds.len());
+                for i in 0..seeds.len() {
+                    v.push(redis::Client::open(
+                        seeds[(start + i) % seeds.len()].clone(),
+                    )?);
+                }
+                v
             }
-            failed => {
-                self.stale.store(true, Ordering::Release);
-                Err(match failed {
-                    Ok(Err(e)) => e.into(),
-                    _ => ClusterError::Unavailable("pub/sub connect timed out".into()),
-                })
+            (None, Some(c)) => vec![c.clone()],
+            (None, None) => return Err(ClusterError::Unavailable("no pub/sub node".into())),
+        };
+        let mut last = ClusterError::Unavailable("pub/sub connect timed out".into());
+        for client in clients {
+            let r =
+                tokio::time::timeout(self.settings.timeout * 4, client.get_async_pubsub()).await;
+            match r {
+                Ok(Ok(ps)) => {
+                    self.mark(true);
+                    return Ok(ps);
+                }
+                Ok(Err(e)) => last = e.into(),
+                Err(_) => {}
             }
         }
+        self.stale.store(true, Ordering::Release);
+        Err(last)
+    }
+
+    /// Runs independent commands and returns their replies in order: one pipeline on a
+    /// single Redis; on Redis Cluster (where a pipeline must stay in one slot) concurrent
+    /// commands over the multiplexed connections, each routed by its key.
+    pub async fn batch<T: redis::FromRedisValue>(
+        &self,
+        cmds: Vec<redis::Cmd>,
+        timeout: Duration,
+    ) -> Result<Vec<T>, ClusterError> {
+        let conn = self.conn().await;
+        let r = match conn {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                for c in cmds {
+                    pipe.add_command(c);
+                }
+                let mut conn = conn;
+                tokio::time::timeout(timeout, async move {
+                    pipe.query_async::<Vec<T>>(&mut conn).await
+                })
+                .await
+            }
+            Conn::Cluster(_) => {
+                let each = cmds.into_iter().map(|c| {
+                    let mut conn = conn.clone();
+                    async move { c.query_async::<T>(&mut conn).await }
+                });
+                tokio::time::timeout(timeout, async move {
+                    futures_util::future::join_all(each)
+                        .await
+                        .into_iter()
+                        .collect::<redis::RedisResult<Vec<T>>>()
+                })
+                .await
+            }
+        };
+        self.finish(r)
     }
 
     /// Records a device's assertion id as used until `exp` (unix seconds). `Ok(false)`: it was
     /// used before, on some node.
     pub async fn claim_jti(&self, device: &str, jti: &str, exp: u64) -> Result<bool, ClusterError> {
-        let key = self.key(&format!("jti:{device}:{jti}"));
+        let key = self.device_scoped_key(&format!("jti:{device}:{jti}"));
         let set: Option<String> = self
             .run(
                 redis::cmd("SET")

@@ -20,9 +20,9 @@ impl Cluster {
         let json = serde_json::to_string(rule).map_err(|e| ClusterError::Corrupt(e.to_string()))?;
         let script = Script::new(PUT);
         let mut inv = script.prepare_invoke();
-        inv.key(self.key("rules"))
-            .key(self.key("ver"))
-            .arg(self.key("changes"))
+        inv.key(self.registry_key("rules"))
+            .key(self.registry_key("ver"))
+            .arg(self.registry_key("changes"))
             .arg(&rule.benefit_id)
             .arg(json);
         let _: u64 = self.script(&inv).await?;
@@ -32,7 +32,7 @@ impl Cluster {
     /// Every stored rule.
     pub async fn load_rules(&self) -> Result<Vec<Rule>, ClusterError> {
         let rows: Vec<(String, String)> = self
-            .run(redis::cmd("HGETALL").arg(self.key("rules")))
+            .run(redis::cmd("HGETALL").arg(self.registry_key("rules")))
             .await?;
         rows.into_iter()
             .map(|(id, json)| {

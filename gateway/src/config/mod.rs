@@ -292,6 +292,8 @@ pub struct RedisSettings {
     pub connection: redis::ConnectionInfo,
     /// Redis Sentinel mode.
     pub sentinel: Option<SentinelSettings>,
+    /// Redis Cluster mode: the seed nodes (password from `password_env` applied).
+    pub cluster: Option<Vec<redis::ConnectionInfo>>,
     pub key_prefix: String,
     pub timeout: Duration,
     pub full_check_interval: Duration,
@@ -503,7 +505,7 @@ fn redis_url(c: &mut Collector, path: &str, url: &str) -> Option<redis::Connecti
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
         c.err(
             path,
-            "must start with redis:// or rediss:// (TLS); for Sentinel use `[store.redis.sentinel]`; Redis Cluster is not supported yet",
+            "must start with redis:// or rediss:// (TLS); for Sentinel use `[store.redis.sentinel]`, for Redis Cluster `store.redis.cluster`",
         );
         return None;
     }
@@ -567,40 +569,98 @@ fn sentinel_settings(
     ))
 }
 
+fn with_password(info: redis::ConnectionInfo, password: &str) -> redis::ConnectionInfo {
+    let settings = info.redis_settings().clone().set_password(password);
+    info.set_redis_settings(settings)
+}
+
+/// The seed nodes of a Redis Cluster.
+fn cluster_seeds(c: &mut Collector, seeds: &[String]) -> Option<Vec<redis::ConnectionInfo>> {
+    if seeds.is_empty() {
+        c.err("store.redis.cluster", "list at least one seed node");
+        return None;
+    }
+    let mut out = Vec::new();
+    for (i, a) in seeds.iter().enumerate() {
+        out.push(redis_url(
+            c,
+            &format!("store.redis.cluster[{i}]"),
+            a.trim(),
+        )?);
+    }
+    let tls: std::collections::BTreeSet<bool> = out
+        .iter()
+        .map(|a| matches!(a.addr(), redis::ConnectionAddr::TcpTls { .. }))
+        .collect();
+    if tls.len() > 1 {
+        c.err(
+            "store.redis.cluster",
+            "use one scheme for all seed nodes (redis:// or rediss://)",
+        );
+    }
+    if out.iter().any(|a| a.redis_settings().db() != 0) {
+        c.err(
+            "store.redis.cluster",
+            "Redis Cluster has only database 0; remove the /db from the URLs",
+        );
+    }
+    Some(out)
+}
+
 fn redis_settings(
     c: &mut Collector,
     env: EnvLookup<'_>,
     r: &raw::RedisConfig,
 ) -> Option<RedisSettings> {
     let url = r.url.as_deref().map(str::trim).filter(|u| !u.is_empty());
-    let (mut info, sentinel) = match (url, &r.sentinel) {
-        (Some(_), Some(_)) => {
-            c.err(
-                "store.redis.sentinel",
-                "give either `url` or `sentinel`, not both",
-            );
-            return None;
-        }
-        (None, None) => {
+    let given = [url.is_some(), r.sentinel.is_some(), r.cluster.is_some()];
+    match given.iter().filter(|g| **g).count() {
+        0 => {
             c.err(
                 "store.redis.url",
-                "required when `store.kind = \"redis\"` (or `[store.redis.sentinel]`)",
+                "required when `store.kind = \"redis\"` (or `[store.redis.sentinel]`, or `store.redis.cluster`)",
             );
             return None;
         }
-        (Some(url), None) => (redis_url(c, "store.redis.url", url)?, None),
-        (None, Some(s)) => sentinel_settings(c, s)?,
+        1 => {}
+        _ => {
+            c.err(
+                "store.redis",
+                "give one of `url`, `sentinel` and `cluster`, not several",
+            );
+            return None;
+        }
+    }
+    let (mut info, sentinel, mut cluster) = match (url, &r.sentinel, &r.cluster) {
+        (Some(url), _, _) => (redis_url(c, "store.redis.url", url)?, None, None),
+        (_, Some(s), _) => {
+            let (info, s) = sentinel_settings(c, s)?;
+            (info, s, None)
+        }
+        (_, _, Some(seeds)) => {
+            let seeds = cluster_seeds(c, seeds)?;
+            (seeds.first()?.clone(), None, Some(seeds))
+        }
+        (None, None, None) => return None,
     };
     if let Some(var) = &r.password_env
         && let Some(p) = secret_from_env(c, env, "store.redis.password_env", var)
     {
-        let settings = info.redis_settings().clone().set_password(p.expose());
-        info = info.set_redis_settings(settings);
+        info = with_password(info, p.expose());
+        if let Some(seeds) = &mut cluster {
+            *seeds = seeds
+                .drain(..)
+                .map(|s| with_password(s, p.expose()))
+                .collect();
+        }
     }
-    if r.key_prefix.is_empty() || r.key_prefix.contains(char::is_whitespace) {
+    if r.key_prefix.is_empty()
+        || r.key_prefix
+            .contains(|ch: char| ch.is_whitespace() || ch == '{' || ch == '}')
+    {
         c.err(
             "store.redis.key_prefix",
-            "must be non-empty, without whitespace",
+            "must be non-empty, without whitespace or braces",
         );
     }
     if r.timeout < Duration::from_millis(10) || r.timeout > Duration::from_secs(30) {
@@ -624,6 +684,7 @@ fn redis_settings(
     Some(RedisSettings {
         connection: info,
         sentinel,
+        cluster,
         key_prefix: r.key_prefix.clone(),
         timeout: r.timeout,
         full_check_interval: r.full_check_interval,
@@ -1007,6 +1068,59 @@ mod tests {
     }
 
     #[test]
+    fn redis_cluster_is_validated_with_key_paths() {
+        let with =
+            |redis: &str| format!("{MINIMAL}\n[store]\nkind = \"redis\"\n[store.redis]\n{redis}");
+        let paths = |text: &str| -> Vec<String> {
+            load_str(text, &env)
+                .unwrap_err()
+                .0
+                .iter()
+                .map(|x| x.path.clone())
+                .collect()
+        };
+        assert_eq!(
+            paths(&with("url = \"redis://h:1\"\ncluster = [\"redis://a:1\"]")),
+            ["store.redis"]
+        );
+        assert_eq!(paths(&with("cluster = []")), ["store.redis.cluster"]);
+        assert_eq!(
+            paths(&with(
+                "cluster = [\"redis://a:1\", \"redis+cluster://b:2\"]"
+            )),
+            ["store.redis.cluster[1]"]
+        );
+        assert_eq!(
+            paths(&with("cluster = [\"redis://a:1\", \"rediss://b:2\"]")),
+            ["store.redis.cluster"]
+        );
+        assert_eq!(
+            paths(&with(
+                "cluster = [\"redis://a:1/3\"]\nkey_prefix = \"{fg}\""
+            )),
+            ["store.redis.cluster", "store.redis.key_prefix"]
+        );
+        let c = load_str(
+            &with("cluster = [\"redis://a:7000\", \" redis://b:7001 \"]\npassword_env = \"FG_PW\""),
+            &|k: &str| match k {
+                "FG_PW" => Some("from-env".to_owned()),
+                other => env(other),
+            },
+        )
+        .unwrap();
+        let r = c.redis.as_ref().unwrap();
+        let seeds = r.cluster.as_ref().unwrap();
+        assert_eq!(seeds.len(), 2);
+        assert!(
+            seeds
+                .iter()
+                .all(|s| s.redis_settings().password() == Some("from-env")),
+            "the password applies to every seed"
+        );
+        assert!(!format!("{c:?}").contains("from-env"), "redacted");
+    }
+
+    #[test]
     fn sentinel_is_validated_with_key_paths() {
         let with =
             |redis: &str| format!("{MINIMAL}\n[store]\nkind = \"redis\"\n[store.redis]\n{redis}");
@@ -1022,7 +1136,7 @@ mod tests {
             paths(&with(
                 "url = \"redis://h:1\"\nsentinel = { master_name = \"m\", addrs = [\"redis://s:26379\"] }"
             )),
-            ["store.redis.sentinel"]
+            ["store.redis"]
         );
         assert_eq!(
             paths(&with("sentinel = { master_name = \" \", addrs = [] }")),

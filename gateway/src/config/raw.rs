@@ -172,11 +172,14 @@ pub enum StoreKind {
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[user[:password]@]host:port[/db]`, or `rediss://` for TLS (system CA store).
-    /// Not with `sentinel`.
+    /// Not with `sentinel` or `cluster`.
     pub url: Option<String>,
     /// Redis Sentinel: the master is looked up by name through the sentinels (again after a
     /// failover). Instead of `url`.
     pub sentinel: Option<SentinelConfig>,
+    /// Redis Cluster: seed nodes as `redis://host:port` (or all `rediss://`); the rest of the
+    /// cluster is discovered from them. Instead of `url`.
+    pub cluster: Option<Vec<String>>,
     /// Environment variable holding the password (instead of putting it in the URL).
     pub password_env: Option<String>,
     /// Prefix of every key and channel (several fleets can share one Redis).
@@ -226,6 +229,7 @@ impl Default for RedisConfig {
         Self {
             url: None,
             sentinel: None,
+            cluster: None,
             password_env: None,
             key_prefix: d_key_prefix(),
             timeout: d_redis_timeout(),
