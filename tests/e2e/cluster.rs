@@ -842,16 +842,30 @@ async fn a_live_nodes_lease_outlives_lease_ttl() {
     drop(body);
 }
 
-/// Nodes on a Redis Cluster (every node of it as a seed).
-async fn cluster_nodes(up: &SandboxHandle, rc: &RedisCluster, n: usize) -> Vec<GatewayProcess> {
+/// Nodes on a Redis Cluster (every node of it as a seed), with the cluster's password from
+/// `password_env` if it has one.
+async fn cluster_nodes(
+    up: &SandboxHandle,
+    rc: &RedisCluster,
+    n: usize,
+    password: Option<&str>,
+) -> Vec<GatewayProcess> {
     let seeds: Vec<String> = rc.seeds().iter().map(|s| format!("\"{s}\"")).collect();
     let mut out = Vec::new();
     for _ in 0..n {
         let mut opts = GatewayOptions::new(&up.base_url());
         opts.redis = Some(format!(
-            "cluster = [{}]\ntimeout = \"300ms\"",
-            seeds.join(", ")
+            "cluster = [{}]\ntimeout = \"300ms\"{}",
+            seeds.join(", "),
+            if password.is_some() {
+                "\npassword_env = \"FG_TEST_REDIS_PW\""
+            } else {
+                ""
+            }
         ));
+        if let Some(p) = password {
+            opts.env = vec![("FG_TEST_REDIS_PW".into(), p.into())];
+        }
         out.push(GatewayProcess::start(&opts).await);
     }
     out
@@ -864,7 +878,7 @@ async fn cluster_nodes(up: &SandboxHandle, rc: &RedisCluster, n: usize) -> Vec<G
 async fn redis_cluster_shares_devices_quotas_and_revocations() {
     let up = sandbox_upstream(SandboxConfig::default()).await;
     let rc = RedisCluster::start(3);
-    let gw = cluster_nodes(&up, &rc, 3).await;
+    let gw = cluster_nodes(&up, &rc, 3, None).await;
 
     let token = gw[0].register_device("rc-1").await;
     for (i, node) in gw.iter().enumerate() {
@@ -947,13 +961,14 @@ async fn redis_cluster_shares_devices_quotas_and_revocations() {
     );
 }
 
-/// The master holding the registry dies: its replica takes over, and the nodes follow (admin
-/// writes work again, the change feed reaches the other node, quotas keep counting).
+/// On a password-protected Redis Cluster, the master holding the registry dies: its replica
+/// takes over, and the nodes follow (admin writes work again, the change feed reaches the
+/// other node, quotas keep counting). The password never appears in the logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_failover_is_followed() {
     let up = sandbox_upstream(SandboxConfig::default()).await;
-    let mut rc = RedisCluster::start(3);
-    let gw = cluster_nodes(&up, &rc, 2).await;
+    let mut rc = RedisCluster::start_with_password(3, Some("cl-s3cret-pw"));
+    let gw = cluster_nodes(&up, &rc, 2, Some("cl-s3cret-pw")).await;
     let token = gw[0].register_device("rf-1").await;
     add_rule(&gw[0], "rf-1", "requests", 50).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -995,4 +1010,7 @@ async fn redis_cluster_failover_is_followed() {
         more, 30,
         "the rest of the quota after the failover ({refused} refused)"
     );
+    for n in &gw {
+        assert!(!n.log().contains("cl-s3cret-pw"), "password in the log");
+    }
 }

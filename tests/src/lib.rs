@@ -105,6 +105,8 @@ pub struct RedisServer {
     extra: Vec<String>,
     /// Serves TLS only (the test CA's `localhost` / `127.0.0.1` certificate).
     tls: bool,
+    /// `--requirepass` from the extra arguments: [`RedisServer::cli`] authenticates with it.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -130,6 +132,11 @@ impl RedisServer {
             dir: TempDir::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             tls,
+            password: extra
+                .iter()
+                .position(|a| *a == "--requirepass")
+                .and_then(|i| extra.get(i + 1))
+                .map(|p| p.to_string()),
         };
         for _ in 0..10 {
             // A free port now; redis binds it a moment later (retried if someone took it).
@@ -250,6 +257,10 @@ impl RedisServer {
                 vec![fixture_path("ca.pem")]
             } else {
                 vec![]
+            })
+            .args(match &self.password {
+                Some(p) => vec!["--pass", p, "--no-auth-warning"],
+                None => vec![],
             })
             .args(args)
             .output()
@@ -376,6 +387,15 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
+        Self::start_with_password(masters, None)
+    }
+
+    /// With `requirepass` (and `masterauth`, for the replicas) on every node.
+    pub fn start_with_password(masters: usize, password: Option<&str>) -> RedisCluster {
+        let auth: Vec<&str> = match password {
+            Some(p) => vec!["--requirepass", p, "--masterauth", p],
+            None => vec![],
+        };
         let nodes: Vec<RedisServer> = (0..masters * 2)
             .map(|_| {
                 // The cluster bus port defaults to port + 10000, which may not exist.
@@ -385,16 +405,21 @@ impl RedisCluster {
                     .unwrap()
                     .port()
                     .to_string();
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--cluster-port",
-                    &bus,
-                ])
+                RedisServer::start_with(
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--cluster-port",
+                        &bus,
+                    ]
+                    .into_iter()
+                    .chain(auth.iter().copied())
+                    .collect::<Vec<_>>(),
+                )
             })
             .collect();
         let addrs: Vec<String> = nodes
@@ -402,6 +427,10 @@ impl RedisCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         let out = std::process::Command::new("redis-cli")
+            .args(match password {
+                Some(p) => vec!["--pass", p, "--no-auth-warning"],
+                None => vec![],
+            })
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
