@@ -347,6 +347,63 @@ async fn voice_session_is_cut_when_its_audio_quota_runs_out() {
     );
 }
 
+/// A voice session idle for longer than `quota.hold_ttl` keeps its hold (refreshed every
+/// third of it): nothing is swept, and the audio sent afterwards is charged in full. Before
+/// the refresh, the sweep charged the 1 s estimate and forgot the session, so the 3 s sent
+/// after the idle period went unmetered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_voice_session_keeps_its_hold_past_hold_ttl() {
+    let up = sandbox_upstream(SandboxConfig {
+        realtime_audio: false,
+        ..Default::default()
+    })
+    .await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.extra_toml = "[quota]\nhold_ttl = \"3s\"\nestimate_audio_ms = 1000".into();
+    let gw = GatewayProcess::start(&opts).await;
+    let token = gw.register_device("q-idle").await;
+    add_rule(&gw, Some("q-idle"), "audio_in_ms", 100_000, "never", 0).await;
+    let mut req = format!("{}/v1/chat?bot_id=b1", gw.ws_url())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = rx.next().await {} });
+    tx.send(Message::text(json!({"id": "1", "event_type": "chat.update", "data": {
+        "input_audio": {"format": "pcm", "codec": "pcm", "sample_rate": 16000, "channel": 1, "bit_depth": 16}}}).to_string())).await.unwrap();
+    // Idle past hold_ttl (the sweep runs every second).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Then 3 s of audio in 200 ms frames, and a normal close.
+    let frame = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 6400]);
+    for i in 0..15 {
+        let msg = Message::text(json!({"id": format!("a{i}"), "event_type": "input_audio_buffer.append", "data": {"delta": frame}}).to_string());
+        tx.send(msg).await.unwrap();
+    }
+    tx.send(Message::Close(None)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("session closed")
+        .unwrap();
+    let charged = eventually(Duration::from_secs(3), || async {
+        usage_of(&gw, "q-idle").await[0]["used"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3_000
+    })
+    .await;
+    let used = usage_of(&gw, "q-idle").await[0]["used"].as_u64().unwrap();
+    assert!(
+        charged,
+        "charged {used} ms of the 3,000 ms sent after the idle period"
+    );
+    assert!(
+        !gw.log().contains("never settled"),
+        "an open session's hold was swept"
+    );
+}
+
 /// A device that disconnects mid-stream is still charged (the hold), and usage written
 /// before `kill -9` is there after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -273,6 +273,7 @@ pub struct QuotaSettings {
     pub estimate_audio_ms: u64,
     pub estimate_tts_chars: u64,
     pub persist_interval: Duration,
+    pub hold_ttl: Duration,
     pub prices: policy::quota::PriceTable,
 }
 
@@ -890,6 +891,9 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
     if f.quota.persist_interval.is_zero() || f.quota.persist_interval > Duration::from_secs(10) {
         c.err("quota.persist_interval", "must be between 1ms and 10s");
     }
+    if f.quota.hold_ttl < Duration::from_secs(3) || f.quota.hold_ttl > Duration::from_secs(86_400) {
+        c.err("quota.hold_ttl", "must be between 3s and 24h");
+    }
     if f.rate_limits.device_burst == Some(0) && f.rate_limits.device_rps > 0 {
         c.err(
             "rate_limits.device_burst",
@@ -993,6 +997,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             estimate_audio_ms: f.quota.estimate_audio_ms,
             estimate_tts_chars: f.quota.estimate_tts_chars,
             persist_interval: f.quota.persist_interval,
+            hold_ttl: f.quota.hold_ttl,
             prices: policy::quota::PriceTable {
                 per_request: f.quota.prices.per_request,
                 llm_input_per_1k_tokens: f.quota.prices.llm_input_per_1k_tokens,

@@ -69,6 +69,10 @@ pub struct QuotaConfig {
     /// can lose).
     #[serde(default = "d_persist", with = "humantime_serde")]
     pub persist_interval: Duration,
+    /// A hold not heard from for this long (its request's end was lost) is charged what it
+    /// holds. Open WebSocket sessions refresh theirs every third of it, idle or not.
+    #[serde(default = "d_hold_ttl", with = "humantime_serde")]
+    pub hold_ttl: Duration,
     /// `resource_point` prices, in micro-points (1 point = 1 000 000).
     #[serde(default)]
     pub prices: PricesConfig,
@@ -110,6 +114,7 @@ impl Default for QuotaConfig {
             estimate_audio_ms: d_est_audio(),
             estimate_tts_chars: d_est_tts(),
             persist_interval: d_persist(),
+            hold_ttl: d_hold_ttl(),
             prices: PricesConfig::default(),
             sync: QuotaSyncConfig::default(),
         }
@@ -564,6 +569,9 @@ fn d_est_tts() -> u64 {
 }
 fn d_persist() -> Duration {
     Duration::from_millis(100)
+}
+fn d_hold_ttl() -> Duration {
+    Duration::from_secs(900)
 }
 fn d_sync_interval() -> Duration {
     Duration::from_secs(30)

@@ -100,6 +100,7 @@ impl Quotas {
             RuleSet::new(rules).map_err(|e| format!("stored quota rules are inconsistent: {e}"))?;
         let policy = LedgerPolicy {
             prices: settings.prices,
+            reservation_ttl_s: settings.hold_ttl.as_secs().max(1),
             ..LedgerPolicy::default()
         };
         let mut ledger = QuotaLedger::new(policy);

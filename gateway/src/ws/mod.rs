@@ -115,6 +115,11 @@ impl WsRelay {
         }
     }
 
+    /// How often an open session refreshes its quota hold at the latest.
+    fn hold_refresh(&self) -> std::time::Duration {
+        self.state.config.quota.hold_ttl / 3
+    }
+
     async fn refuse(&self, device: &mut Stream, denial: &Denial, logid: &str) {
         self.state
             .metrics
@@ -371,22 +376,27 @@ impl WsRelay {
         }
     }
 
-    /// Reports the session's consumption to the ledger when it changed; true once the session
-    /// itself has exhausted a rule (the relay then sends `error` 4028 and closes both sides).
+    /// Reports the session's consumption to the ledger when it changed, and at least every
+    /// third of `quota.hold_ttl` (so the hold of an idle session is never swept); true once
+    /// the session itself has exhausted a rule (the relay then sends `error` 4028 and closes
+    /// both sides).
     async fn quota_exhausted(
         &self,
         logid: &str,
         device: &policy::ids::DeviceId,
         counters: &Counters,
-        last: &mut policy::metering::Usage,
+        last: &mut Reported,
         voice: bool,
         started: Instant,
     ) -> bool {
         let usage = counters.meter.usage();
-        if usage == *last {
+        if usage == last.usage && last.at.elapsed() < self.hold_refresh() {
             return false;
         }
-        *last = usage;
+        *last = Reported {
+            usage,
+            at: tokio::time::Instant::now(),
+        };
         let voice_session_ms = if voice {
             started.elapsed().as_millis() as u64
         } else {
@@ -421,7 +431,10 @@ impl WsRelay {
             early_down,
         } = session;
         let voice = admission.route.class == policy::route::RouteClass::Voice;
-        let mut last_checked = policy::metering::Usage::default();
+        let mut last_checked = Reported {
+            usage: policy::metering::Usage::default(),
+            at: tokio::time::Instant::now(),
+        };
         let cfg = &self.state.config.ws;
         let mut upc = FrameCursor::default();
         let mut downc = FrameCursor::default();
@@ -454,7 +467,15 @@ impl WsRelay {
         let mut close_deadline: Option<tokio::time::Instant> = None;
         let ping_every = cfg.ping_interval;
         let mut last_up_rx = tokio::time::Instant::now();
+        // Boxed: the session future stays small (see `session_future_stays_small`).
+        let mut refresh = Box::pin(tokio::time::sleep_until(
+            last_checked.at + self.hold_refresh(),
+        ));
         loop {
+            let refresh_at = last_checked.at + self.hold_refresh();
+            if refresh.deadline() != refresh_at {
+                refresh.as_mut().reset(refresh_at);
+            }
             // Inject closing frames, only where the protocol allows: an `error` event between
             // messages, close frames between frames.
             if let Some(c) = closing {
@@ -554,6 +575,11 @@ impl WsRelay {
                             close(device).await;
                             return EndedBy::Upstream;
                         }
+                    }
+                }
+                _ = refresh.as_mut(), if closing.is_none() => {
+                    if self.quota_exhausted(logid, &admission.device, counters, &mut last_checked, voice, started).await {
+                        closing = Some(Closing::QuotaExhausted);
                     }
                 }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
@@ -677,6 +703,12 @@ async fn close<W: AsyncWrite + Unpin + ?Sized>(w: &mut W) {
     if let Err(e) = w.shutdown().await {
         tracing::trace!(error = %e, "Shutdown of an already broken socket.");
     }
+}
+
+/// The last consumption a session reported to the ledger, and when.
+struct Reported {
+    usage: policy::metering::Usage,
+    at: tokio::time::Instant,
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
