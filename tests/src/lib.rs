@@ -392,7 +392,7 @@ impl RedisCluster {
 
     /// With `requirepass` (and `masterauth`, for the replicas) on every node.
     pub fn start_with_password(masters: usize, password: Option<&str>) -> RedisCluster {
-        let auth: Vec<&str> = match password {
+        let extra: Vec<&str> = match password {
             Some(p) => vec!["--requirepass", p, "--masterauth", p],
             None => vec![],
         };
@@ -405,21 +405,20 @@ impl RedisCluster {
                     .unwrap()
                     .port()
                     .to_string();
-                RedisServer::start_with(
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "1000",
-                        "--cluster-port",
-                        &bus,
-                    ]
-                    .into_iter()
-                    .chain(auth.iter().copied())
-                    .collect::<Vec<_>>(),
-                )
+                let args: Vec<&str> = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-port",
+                    &bus,
+                ]
+                .into_iter()
+                .chain(extra.iter().copied())
+                .collect();
+                RedisServer::start_with(&args)
             })
             .collect();
         let addrs: Vec<String> = nodes
