@@ -863,8 +863,13 @@ async fn cluster_nodes(
                 ""
             }
         ));
+        // Trusts the nodes' CA if the cluster speaks TLS.
+        opts.env = vec![(
+            "SSL_CERT_FILE".into(),
+            fixture_path(TlsFiles::REDIS_NODE.ca).display().to_string(),
+        )];
         if let Some(p) = password {
-            opts.env = vec![("FG_TEST_REDIS_PW".into(), p.into())];
+            opts.env.push(("FG_TEST_REDIS_PW".into(), p.into()));
         }
         out.push(GatewayProcess::start(&opts).await);
     }
@@ -967,7 +972,7 @@ async fn redis_cluster_shares_devices_quotas_and_revocations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_failover_is_followed() {
     let up = sandbox_upstream(SandboxConfig::default()).await;
-    let mut rc = RedisCluster::start_with_password(3, Some("cl-s3cret-pw"));
+    let mut rc = RedisCluster::start_with(3, Some("cl-s3cret-pw"), false);
     let gw = cluster_nodes(&up, &rc, 2, Some("cl-s3cret-pw")).await;
     let token = gw[0].register_device("rf-1").await;
     add_rule(&gw[0], "rf-1", "requests", 50).await;
@@ -1012,5 +1017,28 @@ async fn redis_cluster_failover_is_followed() {
     );
     for n in &gw {
         assert!(!n.log().contains("cl-s3cret-pw"), "password in the log");
+    }
+}
+
+/// A Redis Cluster that speaks only TLS (clients, replication, cluster bus) and wants a
+/// password: nodes connect through `rediss://` seeds and hold a quota exactly across two
+/// nodes; the password never appears in the logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_over_tls_with_a_password() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let rc = RedisCluster::start_with(3, Some("tls-cl-pw"), true);
+    assert!(rc.seeds().iter().all(|s| s.starts_with("rediss://")));
+    let gw = cluster_nodes(&up, &rc, 2, Some("tls-cl-pw")).await;
+    let token = gw[0].register_device("rt-1").await;
+    add_rule(&gw[0], "rt-1", "requests", 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, refused, other) = hammer(&gw, &token, 4).await;
+    assert_eq!((ok, refused, other), (5, 3, 0), "5 of 8 across two nodes");
+    let owner = rc
+        .owner("fleetgate:use:rt-1")
+        .expect("a master serves every slot");
+    assert_charged(&rc.nodes[owner], "rt-1", "requests", 5).await;
+    for n in &gw {
+        assert!(!n.log().contains("tls-cl-pw"), "password in the log");
     }
 }

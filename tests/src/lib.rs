@@ -104,9 +104,33 @@ pub struct RedisServer {
     dir: TempDir,
     extra: Vec<String>,
     /// Serves TLS only (the test CA's `localhost` / `127.0.0.1` certificate).
-    tls: bool,
+    tls: Option<TlsFiles>,
     /// `--requirepass` from the extra arguments: [`RedisServer::cli`] authenticates with it.
     password: Option<String>,
+}
+
+/// Certificate files (names under `tests/fixtures/tls`) a TLS-only Redis serves with.
+#[derive(Clone, Copy, Debug)]
+pub struct TlsFiles {
+    pub cert: &'static str,
+    pub key: &'static str,
+    /// The CA that signed `cert` (clients trust it through `SSL_CERT_FILE`).
+    pub ca: &'static str,
+}
+
+impl TlsFiles {
+    /// The upstream's server certificate (server use only).
+    pub const UPSTREAM: TlsFiles = TlsFiles {
+        cert: "upstream.pem",
+        key: "upstream.key",
+        ca: "ca.pem",
+    };
+    /// Server and client use: Redis Cluster nodes present it to each other on the bus.
+    pub const REDIS_NODE: TlsFiles = TlsFiles {
+        cert: "redis-node.pem",
+        key: "redis-node.key",
+        ca: "redis-ca.pem",
+    };
 }
 
 impl RedisServer {
@@ -116,16 +140,21 @@ impl RedisServer {
 
     /// With extra `redis-server` arguments (e.g. `["--requirepass", "pw"]`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        Self::start_inner(extra, false)
+        Self::start_inner(extra, None)
     }
 
     /// TLS only (`rediss://`), with the test CA's server certificate (`fixtures/tls`):
     /// clients trust it through `SSL_CERT_FILE` = [`fixture_path`]`("ca.pem")`.
     pub fn start_tls(extra: &[&str]) -> RedisServer {
-        Self::start_inner(extra, true)
+        Self::start_inner(extra, Some(TlsFiles::UPSTREAM))
     }
 
-    fn start_inner(extra: &[&str], tls: bool) -> RedisServer {
+    /// TLS only with the given certificate files.
+    pub fn start_tls_with(extra: &[&str], files: TlsFiles) -> RedisServer {
+        Self::start_inner(extra, Some(files))
+    }
+
+    fn start_inner(extra: &[&str], tls: Option<TlsFiles>) -> RedisServer {
         let mut r = RedisServer {
             child: None,
             port: 0,
@@ -156,14 +185,14 @@ impl RedisServer {
         let log = std::fs::File::create(self.dir.0.join("redis.log")).expect("redis log");
         let mut cmd = std::process::Command::new("redis-server");
         cmd.args(["--bind", "127.0.0.1"]);
-        if self.tls {
+        if let Some(t) = self.tls {
             cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
                 .arg("--tls-cert-file")
-                .arg(fixture_path("upstream.pem"))
+                .arg(fixture_path(t.cert))
                 .arg("--tls-key-file")
-                .arg(fixture_path("upstream.key"))
+                .arg(fixture_path(t.key))
                 .arg("--tls-ca-cert-file")
-                .arg(fixture_path("ca.pem"))
+                .arg(fixture_path(t.ca))
                 .args(["--tls-auth-clients", "no"]);
         } else {
             cmd.args(["--port", &self.port.to_string()]);
@@ -208,7 +237,7 @@ impl RedisServer {
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
-        if self.tls {
+        if self.tls.is_some() {
             return true; // listening; redis-cli checks the rest
         }
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
@@ -220,7 +249,11 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        let scheme = if self.tls { "rediss" } else { "redis" };
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
@@ -248,15 +281,9 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(if self.tls {
-                &["--tls", "--cacert"][..]
-            } else {
-                &[][..]
-            })
-            .args(if self.tls {
-                vec![fixture_path("ca.pem")]
-            } else {
-                vec![]
+            .args(match self.tls {
+                Some(t) => vec!["--tls".into(), "--cacert".into(), fixture_path(t.ca)],
+                None => vec![],
             })
             .args(match &self.password {
                 Some(p) => vec!["--pass", p, "--no-auth-warning"],
@@ -387,15 +414,20 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
-        Self::start_with_password(masters, None)
+        Self::start_with(masters, None, false)
     }
 
-    /// With `requirepass` (and `masterauth`, for the replicas) on every node.
-    pub fn start_with_password(masters: usize, password: Option<&str>) -> RedisCluster {
-        let extra: Vec<&str> = match password {
+    /// With `requirepass` (and `masterauth`, for the replicas) on every node; with `tls`,
+    /// clients, replication and the cluster bus speak only TLS ([`TlsFiles::REDIS_NODE`]).
+    pub fn start_with(masters: usize, password: Option<&str>, tls: bool) -> RedisCluster {
+        let mut extra: Vec<&str> = match password {
             Some(p) => vec!["--requirepass", p, "--masterauth", p],
             None => vec![],
         };
+        let files = tls.then_some(TlsFiles::REDIS_NODE);
+        if tls {
+            extra.extend(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+        }
         let nodes: Vec<RedisServer> = (0..masters * 2)
             .map(|_| {
                 // The cluster bus port defaults to port + 10000, which may not exist.
@@ -418,7 +450,7 @@ impl RedisCluster {
                 .into_iter()
                 .chain(extra.iter().copied())
                 .collect();
-                RedisServer::start_with(&args)
+                RedisServer::start_inner(&args, files)
             })
             .collect();
         let addrs: Vec<String> = nodes
@@ -428,6 +460,10 @@ impl RedisCluster {
         let out = std::process::Command::new("redis-cli")
             .args(match password {
                 Some(p) => vec!["--pass", p, "--no-auth-warning"],
+                None => vec![],
+            })
+            .args(match files {
+                Some(t) => vec!["--tls".into(), "--cacert".into(), fixture_path(t.ca)],
                 None => vec![],
             })
             .args(["--cluster", "create"])
