@@ -527,30 +527,9 @@ fn sentinel_settings(
     if s.master_name.trim().is_empty() {
         c.err("store.redis.sentinel.master_name", "must not be empty");
     }
-    if s.addrs.is_empty() {
-        c.err("store.redis.sentinel.addrs", "list at least one sentinel");
-        return None;
-    }
-    let mut addrs = Vec::new();
-    for (i, a) in s.addrs.iter().enumerate() {
-        addrs.push(redis_url(
-            c,
-            &format!("store.redis.sentinel.addrs[{i}]"),
-            a.trim(),
-        )?);
-    }
-    let tls = addrs
-        .iter()
-        .map(|a| matches!(a.addr(), redis::ConnectionAddr::TcpTls { .. }))
-        .collect::<std::collections::BTreeSet<bool>>();
-    if tls.len() > 1 {
-        c.err(
-            "store.redis.sentinel.addrs",
-            "use one scheme for all sentinels (redis:// or rediss://)",
-        );
-    }
+    let addrs = redis_url_list(c, "store.redis.sentinel.addrs", "sentinel", &s.addrs)?;
     // The master's address comes from the sentinels; this only carries TLS mode and db.
-    let scheme = if tls.contains(&true) {
+    let scheme = if addrs.iter().any(is_tls) {
         "rediss"
     } else {
         "redis"
@@ -575,30 +554,38 @@ fn with_password(info: redis::ConnectionInfo, password: &str) -> redis::Connecti
     info.set_redis_settings(settings)
 }
 
-/// The seed nodes of a Redis Cluster.
-fn cluster_seeds(c: &mut Collector, seeds: &[String]) -> Option<Vec<redis::ConnectionInfo>> {
-    if seeds.is_empty() {
-        c.err("store.redis.cluster", "list at least one seed node");
+fn is_tls(a: &redis::ConnectionInfo) -> bool {
+    matches!(a.addr(), redis::ConnectionAddr::TcpTls { .. })
+}
+
+/// A list of `redis://` / `rediss://` URLs at `path` (entries reported as `path[i]`): at
+/// least one, all with the same scheme. `what` names one entry in the messages.
+fn redis_url_list(
+    c: &mut Collector,
+    path: &str,
+    what: &str,
+    urls: &[String],
+) -> Option<Vec<redis::ConnectionInfo>> {
+    if urls.is_empty() {
+        c.err(path, format!("list at least one {what}"));
         return None;
     }
-    let mut out = Vec::new();
-    for (i, a) in seeds.iter().enumerate() {
-        out.push(redis_url(
-            c,
-            &format!("store.redis.cluster[{i}]"),
-            a.trim(),
-        )?);
+    let mut out = Vec::with_capacity(urls.len());
+    for (i, a) in urls.iter().enumerate() {
+        out.push(redis_url(c, &format!("{path}[{i}]"), a.trim())?);
     }
-    let tls: std::collections::BTreeSet<bool> = out
-        .iter()
-        .map(|a| matches!(a.addr(), redis::ConnectionAddr::TcpTls { .. }))
-        .collect();
-    if tls.len() > 1 {
+    if out.iter().any(is_tls) && !out.iter().all(is_tls) {
         c.err(
-            "store.redis.cluster",
-            "use one scheme for all seed nodes (redis:// or rediss://)",
+            path,
+            format!("use one scheme for all {what}s (redis:// or rediss://)"),
         );
     }
+    Some(out)
+}
+
+/// The seed nodes of a Redis Cluster.
+fn cluster_seeds(c: &mut Collector, seeds: &[String]) -> Option<Vec<redis::ConnectionInfo>> {
+    let out = redis_url_list(c, "store.redis.cluster", "seed node", seeds)?;
     if out.iter().any(|a| a.redis_settings().db() != 0) {
         c.err(
             "store.redis.cluster",
@@ -614,16 +601,23 @@ fn redis_settings(
     r: &raw::RedisConfig,
 ) -> Option<RedisSettings> {
     let url = r.url.as_deref().map(str::trim).filter(|u| !u.is_empty());
-    let given = [url.is_some(), r.sentinel.is_some(), r.cluster.is_some()];
-    match given.iter().filter(|g| **g).count() {
-        0 => {
+    let (mut info, sentinel, mut cluster) = match (url, &r.sentinel, &r.cluster) {
+        (Some(url), None, None) => (redis_url(c, "store.redis.url", url)?, None, None),
+        (None, Some(s), None) => {
+            let (info, s) = sentinel_settings(c, s)?;
+            (info, s, None)
+        }
+        (None, None, Some(seeds)) => {
+            let seeds = cluster_seeds(c, seeds)?;
+            (seeds.first()?.clone(), None, Some(seeds))
+        }
+        (None, None, None) => {
             c.err(
                 "store.redis.url",
                 "required when `store.kind = \"redis\"` (or `[store.redis.sentinel]`, or `store.redis.cluster`)",
             );
             return None;
         }
-        1 => {}
         _ => {
             c.err(
                 "store.redis",
@@ -631,18 +625,6 @@ fn redis_settings(
             );
             return None;
         }
-    }
-    let (mut info, sentinel, mut cluster) = match (url, &r.sentinel, &r.cluster) {
-        (Some(url), _, _) => (redis_url(c, "store.redis.url", url)?, None, None),
-        (_, Some(s), _) => {
-            let (info, s) = sentinel_settings(c, s)?;
-            (info, s, None)
-        }
-        (_, _, Some(seeds)) => {
-            let seeds = cluster_seeds(c, seeds)?;
-            (seeds.first()?.clone(), None, Some(seeds))
-        }
-        (None, None, None) => return None,
     };
     if let Some(var) = &r.password_env
         && let Some(p) = secret_from_env(c, env, "store.redis.password_env", var)
@@ -1072,18 +1054,24 @@ mod tests {
         assert!(load_str(MINIMAL, &env).unwrap().redis.is_none());
     }
 
+    /// `MINIMAL` in cluster mode with this `[store.redis]` table body.
+    fn with_redis(table: &str) -> String {
+        format!("{MINIMAL}\n[store]\nkind = \"redis\"\n[store.redis]\n{table}")
+    }
+
+    /// The key paths of the errors `text` is refused with.
+    fn error_paths(text: &str) -> Vec<String> {
+        load_str(text, &env)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|x| x.path.clone())
+            .collect()
+    }
+
     #[test]
     fn redis_cluster_is_validated_with_key_paths() {
-        let with =
-            |redis: &str| format!("{MINIMAL}\n[store]\nkind = \"redis\"\n[store.redis]\n{redis}");
-        let paths = |text: &str| -> Vec<String> {
-            load_str(text, &env)
-                .unwrap_err()
-                .0
-                .iter()
-                .map(|x| x.path.clone())
-                .collect()
-        };
+        let (with, paths) = (with_redis, error_paths);
         assert_eq!(
             paths(&with("url = \"redis://h:1\"\ncluster = [\"redis://a:1\"]")),
             ["store.redis"]
@@ -1127,16 +1115,7 @@ mod tests {
 
     #[test]
     fn sentinel_is_validated_with_key_paths() {
-        let with =
-            |redis: &str| format!("{MINIMAL}\n[store]\nkind = \"redis\"\n[store.redis]\n{redis}");
-        let paths = |text: &str| -> Vec<String> {
-            load_str(text, &env)
-                .unwrap_err()
-                .0
-                .iter()
-                .map(|x| x.path.clone())
-                .collect()
-        };
+        let (with, paths) = (with_redis, error_paths);
         assert_eq!(
             paths(&with(
                 "url = \"redis://h:1\"\nsentinel = { master_name = \"m\", addrs = [\"redis://s:26379\"] }"
