@@ -739,6 +739,26 @@ async fn tls_redis_with_a_password() {
     }
 }
 
+/// After a failover: registering `device` on node 0 works again within 10 s, and node 1
+/// accepts its token within 10 s (it follows the change feed from the new master).
+async fn writes_resume_after_failover(gw: &[GatewayProcess], device: &str) {
+    let written = within(Duration::from_secs(10), || async {
+        gw[0]
+            .admin_post("/admin/v1/devices", json!({"device_id": device}))
+            .await
+            .status()
+            .is_success()
+    })
+    .await;
+    assert!(written.is_some(), "admin writes after the failover");
+    let token = gw[0].device_token(device).await;
+    let seen = within(Duration::from_secs(10), || async {
+        use_token(&gw[1], &token).await == 200
+    })
+    .await;
+    assert!(seen.is_some(), "node 1 follows the feed after the failover");
+}
+
 /// Redis Sentinel: nodes find the master by name; when it dies and Sentinel promotes the
 /// replica, they follow (admin writes work again, the change feed resumes, tokens keep
 /// working).
@@ -773,22 +793,7 @@ async fn sentinel_failover_is_followed() {
         moved.is_some(),
         "sentinel promoted the replica (old master {old})"
     );
-    // Writes work again on node 0 and reach node 1 through the new master's feed.
-    let written = within(Duration::from_secs(10), || async {
-        gw[0]
-            .admin_post("/admin/v1/devices", json!({"device_id": "sn-2"}))
-            .await
-            .status()
-            .is_success()
-    })
-    .await;
-    assert!(written.is_some(), "admin writes after the failover");
-    let t2 = gw[0].device_token("sn-2").await;
-    let seen = within(Duration::from_secs(10), || async {
-        use_token(&gw[1], &t2).await == 200
-    })
-    .await;
-    assert!(seen.is_some(), "node 1 follows the new master's feed");
+    writes_resume_after_failover(&gw, "sn-2").await;
     assert_eq!(
         use_token(&gw[1], &token).await,
         200,
@@ -992,22 +997,7 @@ async fn redis_cluster_failover_is_followed() {
         promoted.is_some(),
         "a replica took over the registry's slots"
     );
-
-    let written = within(Duration::from_secs(10), || async {
-        gw[0]
-            .admin_post("/admin/v1/devices", json!({"device_id": "rf-2"}))
-            .await
-            .status()
-            .is_success()
-    })
-    .await;
-    assert!(written.is_some(), "admin writes after the failover");
-    let t2 = gw[0].device_token("rf-2").await;
-    let seen = within(Duration::from_secs(10), || async {
-        use_token(&gw[1], &t2).await == 200
-    })
-    .await;
-    assert!(seen.is_some(), "node 1 follows the feed after the failover");
+    writes_resume_after_failover(&gw, "rf-2").await;
     // Quotas keep counting: 30 of the 50 are left, across both nodes.
     let (more, refused, other) = hammer(&gw, &token, 25).await;
     assert_eq!(other, 0);

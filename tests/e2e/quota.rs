@@ -10,8 +10,9 @@ use gateway_tests::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::ws::{Ws, connect};
 
 const LIMITATIONS: &str = "/v1/commerce/benefit/limitations";
 const FOREVER: u64 = 253_402_300_799;
@@ -279,6 +280,21 @@ async fn rules_api_has_coze_shapes_and_devices_see_their_quota() {
     assert_eq!(r.status(), 401);
 }
 
+/// A `/v1/chat` voice session of `token`'s device, configured for 16 kHz PCM input.
+async fn voice_session(
+    gw: &GatewayProcess,
+    token: &str,
+) -> (
+    futures_util::stream::SplitSink<Ws, Message>,
+    futures_util::stream::SplitStream<Ws>,
+) {
+    let ws = connect(gw, token, "/v1/chat?bot_id=b1").await.unwrap();
+    let (mut tx, rx) = ws.split();
+    tx.send(Message::text(json!({"id": "1", "event_type": "chat.update", "data": {
+        "input_audio": {"format": "pcm", "codec": "pcm", "sample_rate": 16000, "channel": 1, "bit_depth": 16}}}).to_string())).await.unwrap();
+    (tx, rx)
+}
+
 /// A voice session with 10 s of input-audio quota is cut within a second of audio of its
 /// limit: an `error` event 4028, then a close frame; nothing more is charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,15 +307,7 @@ async fn voice_session_is_cut_when_its_audio_quota_runs_out() {
     let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
     let token = gw.register_device("q-voice").await;
     add_rule(&gw, Some("q-voice"), "audio_in_ms", 10_000, "never", 0).await;
-    let mut req = format!("{}/v1/chat?bot_id=b1", gw.ws_url())
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let (mut tx, mut rx) = ws.split();
-    tx.send(Message::text(json!({"id": "1", "event_type": "chat.update", "data": {
-        "input_audio": {"format": "pcm", "codec": "pcm", "sample_rate": 16000, "channel": 1, "bit_depth": 16}}}).to_string())).await.unwrap();
+    let (mut tx, mut rx) = voice_session(&gw, &token).await;
     // 200 ms frames as fast as possible: 20 s of audio offered.
     let frame = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 6400]);
     let sender = tokio::spawn(async move {
@@ -363,16 +371,8 @@ async fn an_idle_voice_session_keeps_its_hold_past_hold_ttl() {
     let gw = GatewayProcess::start(&opts).await;
     let token = gw.register_device("q-idle").await;
     add_rule(&gw, Some("q-idle"), "audio_in_ms", 100_000, "never", 0).await;
-    let mut req = format!("{}/v1/chat?bot_id=b1", gw.ws_url())
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let (mut tx, mut rx) = ws.split();
+    let (mut tx, mut rx) = voice_session(&gw, &token).await;
     let reader = tokio::spawn(async move { while let Some(Ok(_)) = rx.next().await {} });
-    tx.send(Message::text(json!({"id": "1", "event_type": "chat.update", "data": {
-        "input_audio": {"format": "pcm", "codec": "pcm", "sample_rate": 16000, "channel": 1, "bit_depth": 16}}}).to_string())).await.unwrap();
     // Idle past hold_ttl (the sweep runs every second).
     tokio::time::sleep(Duration::from_secs(5)).await;
     // Then 3 s of audio in 200 ms frames, and a normal close.

@@ -10,10 +10,14 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-type Ws =
+pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(gw: &GatewayProcess, token: &str, path_and_query: &str) -> Result<Ws, WsError> {
+pub(crate) async fn connect(
+    gw: &GatewayProcess,
+    token: &str,
+    path_and_query: &str,
+) -> Result<Ws, WsError> {
     let mut req = format!("{}{path_and_query}", gw.ws_url())
         .into_client_request()
         .unwrap();
