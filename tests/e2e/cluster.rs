@@ -124,17 +124,9 @@ async fn devices_and_revocations_reach_every_node_within_a_second() {
     })
     .await;
     assert!(gone.is_some(), "delete replicated");
-    let bulk: Vec<_> = (0..50)
-        .map(|i| json!({"device_id": format!("cl-bulk-{i}")}))
-        .collect();
-    let r = gw[0]
-        .admin(
-            Method::POST,
-            "/admin/v1/devices",
-            Some(json!({"devices": bulk})),
-        )
+    gw[0]
+        .register_devices((0..50).map(|i| format!("cl-bulk-{i}")))
         .await;
-    assert_eq!(r.status(), 200);
     let all = within(Duration::from_secs(1), || async {
         gw[2]
             .admin(Method::GET, "/admin/v1/devices/cl-bulk-49", None)
@@ -928,17 +920,9 @@ async fn redis_cluster_shares_devices_quotas_and_revocations() {
     }
 
     // Twelve more devices, one request each: their usage keys land on more than one shard.
-    let bulk: Vec<_> = (0..12)
-        .map(|i| json!({"device_id": format!("rc-s{i}")}))
-        .collect();
-    let r = gw[0]
-        .admin(
-            Method::POST,
-            "/admin/v1/devices",
-            Some(json!({"devices": bulk})),
-        )
+    gw[0]
+        .register_devices((0..12).map(|i| format!("rc-s{i}")))
         .await;
-    assert_eq!(r.status(), 200);
     for i in 0..12 {
         add_rule(&gw[0], &format!("rc-s{i}"), "requests", 5).await;
     }

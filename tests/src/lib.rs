@@ -763,6 +763,18 @@ path = "{store}"
         self.device_token(id).await
     }
 
+    /// Registers these devices in one bulk call (`POST /admin/v1/devices`), asserting 200.
+    pub async fn register_devices(&self, ids: impl IntoIterator<Item = String>) {
+        let devices: Vec<serde_json::Value> = ids
+            .into_iter()
+            .map(|id| serde_json::json!({"device_id": id}))
+            .collect();
+        let r = self
+            .admin_post("/admin/v1/devices", serde_json::json!({"devices": devices}))
+            .await;
+        assert_eq!(r.status(), 200, "bulk register");
+    }
+
     pub async fn device_token(&self, id: &str) -> String {
         let r = self
             .admin_post(
