@@ -23,6 +23,15 @@ async fn nodes(
     out
 }
 
+/// Polls `use_token` on `node` until it answers `status`; how long that took (`None`: not
+/// within 1 s, the replication bound).
+async fn answers_within_1s(node: &GatewayProcess, token: &str, status: u16) -> Option<Duration> {
+    within(Duration::from_secs(1), || async {
+        use_token(node, token).await == status
+    })
+    .await
+}
+
 /// Polls `f` every 10 ms until true; returns how long it took (`None`: not within `limit`).
 async fn within<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
 where
@@ -49,10 +58,7 @@ async fn devices_and_revocations_reach_every_node_within_a_second() {
 
     let token = gw[0].register_device("cl-1").await;
     for (i, node) in gw.iter().enumerate() {
-        let ok = within(Duration::from_secs(1), || async {
-            use_token(node, &token).await == 200
-        })
-        .await;
+        let ok = answers_within_1s(node, &token, 200).await;
         assert!(
             ok.is_some(),
             "node {i} accepts the token of a device registered on node 0"
@@ -85,10 +91,7 @@ async fn devices_and_revocations_reach_every_node_within_a_second() {
         .await;
     assert_eq!(r.status(), 200);
     for (i, node) in gw.iter().enumerate().skip(1) {
-        let took = within(Duration::from_secs(1), || async {
-            use_token(node, &token).await == 401
-        })
-        .await;
+        let took = answers_within_1s(node, &token, 401).await;
         assert!(
             took.is_some(),
             "node {i} still accepts a token revoked on node 0 after 1 s"
@@ -104,10 +107,7 @@ async fn devices_and_revocations_reach_every_node_within_a_second() {
             Some(json!({"enabled": false})),
         )
         .await;
-    let took = within(Duration::from_secs(1), || async {
-        use_token(&gw[0], &fresh).await == 401
-    })
-    .await;
+    let took = answers_within_1s(&gw[0], &fresh, 401).await;
     assert!(took.is_some(), "disable replicated within 1 s");
 
     // Delete on node 1: gone on node 0 too; bulk registration on node 0 appears on node 2.
@@ -214,13 +214,7 @@ async fn redis_outage_keeps_serving_and_recovers() {
     )
     .await;
     let token = gw[0].register_device("cl-out").await;
-    assert!(
-        within(Duration::from_secs(1), || async {
-            use_token(&gw[1], &token).await == 200
-        })
-        .await
-        .is_some()
-    );
+    assert!(answers_within_1s(&gw[1], &token, 200).await.is_some());
 
     redis.kill();
     for node in &gw {
@@ -768,10 +762,7 @@ async fn sentinel_failover_is_followed() {
         gw.push(GatewayProcess::start(&opts).await);
     }
     let token = gw[0].register_device("sn-1").await;
-    let ok = within(Duration::from_secs(1), || async {
-        use_token(&gw[1], &token).await == 200
-    })
-    .await;
+    let ok = answers_within_1s(&gw[1], &token, 200).await;
     assert!(ok.is_some(), "device replicated through the master");
     // Let the replica catch up (replication is asynchronous), then kill the master.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -796,10 +787,7 @@ async fn sentinel_failover_is_followed() {
         .admin(Method::POST, "/admin/v1/devices/sn-1/revoke", None)
         .await;
     assert_eq!(r.status(), 200);
-    let took = within(Duration::from_secs(1), || async {
-        use_token(&gw[0], &token).await == 401
-    })
-    .await;
+    let took = answers_within_1s(&gw[0], &token, 401).await;
     assert!(took.is_some(), "revocation after the failover");
 }
 
@@ -884,10 +872,7 @@ async fn redis_cluster_shares_devices_quotas_and_revocations() {
 
     let token = gw[0].register_device("rc-1").await;
     for (i, node) in gw.iter().enumerate() {
-        let ok = within(Duration::from_secs(1), || async {
-            use_token(node, &token).await == 200
-        })
-        .await;
+        let ok = answers_within_1s(node, &token, 200).await;
         assert!(
             ok.is_some(),
             "node {i} accepts a device registered on node 0"
@@ -909,10 +894,7 @@ async fn redis_cluster_shares_devices_quotas_and_revocations() {
         .await;
     assert_eq!(r.status(), 200);
     for i in [0, 2] {
-        let took = within(Duration::from_secs(1), || async {
-            use_token(&gw[i], &token).await == 401
-        })
-        .await;
+        let took = answers_within_1s(&gw[i], &token, 401).await;
         assert!(
             took.is_some(),
             "node {i} still accepts a revoked token after 1 s"
@@ -932,10 +914,7 @@ async fn redis_cluster_shares_devices_quotas_and_revocations() {
         let id = format!("rc-s{i}");
         let t = gw[0].device_token(&id).await;
         let node = &gw[i % 3];
-        let admitted = within(Duration::from_secs(1), || async {
-            use_token(node, &t).await == 200
-        })
-        .await;
+        let admitted = answers_within_1s(node, &t, 200).await;
         assert!(admitted.is_some(), "{id} served by node {}", i % 3);
         let key = format!("fleetgate:use:{id}");
         let owner = rc.owner(&key).expect("a master serves every slot");
