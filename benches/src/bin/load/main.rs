@@ -1,9 +1,10 @@
 //! `load`: the fleetgate load harness (see `benches/README.md`).
 //!
-//! Starts the sandbox upstream, `fleetgate serve` (full policy path) and nginx (plain reverse
-//! proxy) as child processes on loopback, drives each with the same load, side by side and
-//! interleaved per repeat, and writes a JSON and a Markdown report with each figure's median
-//! over the repeats and the ratios gateway/direct and gateway/nginx.
+//! Starts the sandbox upstream, `fleetgate serve` (full policy path), nginx (plain reverse
+//! proxy) and `pingora-bare` (bare pingora reverse proxy) as child processes on loopback,
+//! drives each with the same load, side by side and interleaved per repeat, and writes a JSON
+//! and a Markdown report with each figure's median over the repeats and the ratios
+//! gateway/direct, gateway/nginx, gateway/pingora and pingora/nginx.
 
 mod procs;
 mod report;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, ValueEnum};
 
-use procs::{Gateway, Nginx, Sandbox};
+use procs::{Gateway, Nginx, PingoraBare, Sandbox};
 use report::Report;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -39,7 +40,9 @@ enum Scenario {
 }
 
 #[derive(Parser, Debug)]
-#[command(about = "fleetgate load harness: sandbox direct vs fleetgate vs nginx, side by side")]
+#[command(
+    about = "fleetgate load harness: sandbox direct vs fleetgate vs nginx vs bare pingora, side by side"
+)]
 struct Args {
     scenario: Scenario,
     /// Tiny durations and sizes (CI smoke runs); figures are not meaningful.
@@ -51,17 +54,23 @@ struct Args {
     /// Seconds per measured run. Default 5 (1 with --quick); voice 10.
     #[arg(long)]
     secs: Option<f64>,
-    /// Targets to drive, comma-separated, from direct, gateway, nginx.
-    #[arg(long, default_value = "direct,gateway,nginx", value_delimiter = ',')]
+    /// Targets to drive, comma-separated, from direct, gateway, nginx, pingora (WebSocket
+    /// scenarios skip pingora).
+    #[arg(
+        long,
+        default_value = "direct,gateway,nginx,pingora",
+        value_delimiter = ','
+    )]
     targets: Vec<String>,
-    /// Directory holding the `fleetgate` and `sandbox` release binaries (default: next to
-    /// this binary).
+    /// Directory holding the `fleetgate`, `sandbox` and `pingora-bare` release binaries
+    /// (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Where the report goes (`load-<scenario>.json` / `.md`).
     #[arg(long)]
     out_dir: Option<PathBuf>,
-    /// Gateway `server.threads`; nginx gets as many worker processes.
+    /// Gateway `server.threads`; nginx gets as many worker processes, pingora-bare as many
+    /// threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// REST: connections of the fixed-concurrency run.
@@ -112,11 +121,12 @@ pub struct Target {
     pub pid: u32,
 }
 
-/// The three processes of a run.
+/// The processes of a run.
 struct Env {
     sandbox: Sandbox,
     gateway: Gateway,
     nginx: Option<Nginx>,
+    pingora: Option<PingoraBare>,
     token: String,
 }
 
@@ -142,10 +152,16 @@ impl Env {
         } else {
             None
         };
+        let pingora = if want_pingora(args) {
+            Some(PingoraBare::start(bin_dir, &sandbox.addr, args.threads).await?)
+        } else {
+            None
+        };
         Ok(Env {
             sandbox,
             gateway,
             nginx,
+            pingora,
             token,
         })
     }
@@ -177,6 +193,14 @@ impl Env {
                 pid: n.pid,
             });
         }
+        if let (true, Some(p)) = (want("pingora"), &self.pingora) {
+            v.push(Target {
+                name: "pingora",
+                addr: p.addr.clone(),
+                auth: format!("Bearer {}", self.token),
+                pid: p.pid,
+            });
+        }
         v
     }
 
@@ -184,9 +208,23 @@ impl Env {
         if let Some(mut n) = self.nginx.take() {
             let _ = n.child.kill().await;
         }
+        if let Some(mut p) = self.pingora.take() {
+            let _ = p.child.kill().await;
+        }
         let _ = self.gateway.child.kill().await;
         let _ = self.sandbox.child.kill().await;
     }
+}
+
+/// The pingora target is driven in the REST, SSE and devices scenarios only: pingora's
+/// WebSocket tunnel is not the path fleetgate uses for WebSockets (`gateway::ws`), so a
+/// pingora column there would not explain fleetgate's cost.
+fn want_pingora(args: &Args) -> bool {
+    args.targets.iter().any(|t| t == "pingora")
+        && matches!(
+            args.scenario,
+            Scenario::Rest | Scenario::Sse | Scenario::Devices
+        )
 }
 
 fn main() -> Result<()> {
@@ -207,10 +245,14 @@ async fn run(args: Args, fds: u64) -> Result<()> {
             .ok_or_else(|| anyhow!("no parent of the current exe"))?
             .to_path_buf(),
     };
-    for b in ["fleetgate", "sandbox"] {
+    let mut needed = vec!["fleetgate", "sandbox"];
+    if want_pingora(&args) {
+        needed.push("pingora-bare");
+    }
+    for b in needed {
         if !bin_dir.join(b).is_file() {
             return Err(anyhow!(
-                "{}/{b} not found: build it (cargo build --release -p gateway --bin fleetgate -p sandbox --bin sandbox) or pass --bin-dir",
+                "{}/{b} not found: build it (cargo build --release -p gateway --bin fleetgate -p sandbox --bin sandbox -p gateway-benches --bin pingora-bare) or pass --bin-dir",
                 bin_dir.display()
             ));
         }
@@ -228,7 +270,7 @@ async fn run(args: Args, fds: u64) -> Result<()> {
         ..Report::default()
     };
     rep.notes.push(format!(
-        "{repeats} repeat(s); each repeat drives every target in turn; {secs} s per measured run; gateway threads = nginx workers = {}; fd limit {fds}",
+        "{repeats} repeat(s); each repeat drives every target in turn; {secs} s per measured run; gateway threads = nginx workers = pingora-bare threads = {}; fd limit {fds}",
         args.threads
     ));
     let tmp = procs::TempDir::new("harness")?;
@@ -315,6 +357,9 @@ async fn run_soak(args: &Args, bin_dir: &Path) -> Result<()> {
     eprintln!("soak passed");
     Ok(())
 }
+
+/// What the `pingora` column is (report note).
+const PINGORA_NOTE: &str = "pingora: pingora-bare, a bare pingora 0.9.1 reverse proxy (same version, features, allocator (mimalloc) and thread count as fleetgate; pingora's own listener and HTTP/1 proxy path, default upstream keep-alive pool of 128, Authorization set to the PAT, nothing else). gateway/pingora = what fleetgate adds on top of pingora; pingora/nginx = what pingora's proxy machinery costs against nginx.";
 
 async fn scenario_rest(
     args: &Args,
@@ -408,6 +453,9 @@ async fn scenario_rest(
         rest::PATH
     ));
     rep.notes.push("Gateway path: HS256 device token verified, per-device GCRA rate limit (1e6 rps), fleet quota rule checked and charged, PAT injected, access log off, level warn. nginx: proxy_pass with upstream keepalive, Authorization set to the PAT. direct: the sandbox itself (its CPU is in the direct column of CPU figures).".to_owned());
+    if want_pingora(args) {
+        rep.notes.push(PINGORA_NOTE.to_owned());
+    }
     env.stop().await;
     Ok(())
 }
@@ -473,6 +521,9 @@ async fn scenario_sse(
                 s.cpu_us_per_stream,
             );
         }
+    }
+    if want_pingora(args) {
+        rep.notes.push(PINGORA_NOTE.to_owned());
     }
     rep.notes.push(format!("SSE: {k} concurrent clients running POST /v3/chat stream=true back to back; sandbox --sse-delay-ms 20 --chat-deltas 16. Event gap excess = arrival − previous event's arrival − 20 ms (pooled over events 2..22; the sandbox sleeps 20 ms between events); its excess over direct is the per-event jitter the proxy adds. Time to first event is from sending the request. 0.5 s warm-up per target."));
     env.stop().await;
@@ -562,6 +613,9 @@ async fn scenario_ws(
         }
         env.stop().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if args.targets.iter().any(|t| t == "pingora") {
+        rep.notes.push("pingora (bare pingora proxy) is not driven in WebSocket scenarios: fleetgate relays WebSockets with its own relay (gateway::ws), not pingora's upgrade tunnel, so a pingora column would not explain fleetgate's cost.".to_owned());
     }
     if voice {
         rep.notes.push(format!("WS voice: {n} concurrent /v1/chat sessions for {secs} s; each sends 16 kHz 16-bit PCM in 20 ms frames (640 B, base64 in input_audio_buffer.append) and input_audio_buffer.complete every 3 s; the sandbox answers with 24 kHz PCM audio deltas paced in real time. Frame lateness = arrival − (first frame of the reply + audio already played); round trip = complete sent → completed received. CPU and RSS are the serving process's (direct: the sandbox)."));
@@ -669,7 +723,10 @@ async fn scenario_devices(
             );
         }
     }
-    rep.notes.push(format!("Devices: {n} devices registered through the bulk admin API (10,000 per call), tokens minted locally with the configured signing key, {nrules} single_device request rules (one admin call each) on top of the fleet rule; the gateway's wrk script rotates over all {n} tokens (a different device per request); direct and nginx get one token (they do not look at it)."));
+    rep.notes.push(format!("Devices: {n} devices registered through the bulk admin API (10,000 per call), tokens minted locally with the configured signing key, {nrules} single_device request rules (one admin call each) on top of the fleet rule; the gateway's wrk script rotates over all {n} tokens (a different device per request); direct, nginx and pingora get one token (they do not look at it)."));
+    if want_pingora(args) {
+        rep.notes.push(PINGORA_NOTE.to_owned());
+    }
     env.stop().await;
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The processes under test: the sandbox upstream, `fleetgate serve` and nginx, each a child
-//! process on loopback (killed on drop), plus `/proc` readers for their CPU time and RSS.
+//! The processes under test: the sandbox upstream, `fleetgate serve`, nginx and the bare
+//! pingora proxy (`pingora-bare`), each a child process on loopback (killed on drop), plus
+//! `/proc` readers for their CPU time and RSS.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -361,6 +362,90 @@ http {{
             _dir: dir,
         })
     }
+}
+
+/// `pingora-bare` (this package's bare pingora 0.9.1 reverse proxy): pingora's own HTTP/1
+/// proxy path, keep-alive pool to the sandbox, the PAT set on every request, nothing else.
+pub struct PingoraBare {
+    pub child: Child,
+    pub pid: u32,
+    pub addr: String,
+    _dir: TempDir,
+}
+
+impl PingoraBare {
+    /// pingora's listener cannot bind port 0, so a free port is picked (bind :0, read, drop)
+    /// and passed on; if the proxy does not come up on it (lost the port to someone else, or
+    /// exited), it is killed and started again on another port, three attempts in all.
+    pub async fn start(bin_dir: &Path, upstream_addr: &str, threads: usize) -> Result<PingoraBare> {
+        let dir = TempDir::new("pingora")?;
+        let bin = bin_dir.join("pingora-bare");
+        let mut last = String::new();
+        for attempt in 1..=3 {
+            let port = free_port()?;
+            let addr = format!("127.0.0.1:{port}");
+            let log = dir.0.join(format!("pingora-{attempt}.log"));
+            let mut child = Command::new(&bin)
+                .arg("--listen")
+                .arg(&addr)
+                .arg("--upstream")
+                .arg(upstream_addr)
+                .arg("--threads")
+                .arg(threads.to_string())
+                .env("PINGORA_BARE_PAT", PAT)
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(std::fs::File::create(&log)?))
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("spawning {}", bin.display()))?;
+            let pid = child
+                .id()
+                .ok_or_else(|| anyhow!("pingora-bare has no pid"))?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let up = loop {
+                if answers(&addr).await {
+                    break true;
+                }
+                if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if up {
+                return Ok(PingoraBare {
+                    child,
+                    pid,
+                    addr,
+                    _dir: dir,
+                });
+            }
+            let _ = child.kill().await;
+            last = format!(
+                "attempt {attempt} on {addr}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            eprintln!("pingora-bare did not come up ({last}); retrying on another port");
+        }
+        bail!("pingora-bare did not come up after 3 attempts; last {last}")
+    }
+}
+
+/// Whether `addr` answers an HTTP/1 request with a status line (any status): the listener is
+/// up and it is the proxy, not some other process that took the port.
+async fn answers(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await?;
+        std::io::Result::Ok(buf.starts_with(b"HTTP/1."))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe).await,
+        Ok(Ok(true))
+    )
 }
 
 fn free_port() -> Result<u16> {

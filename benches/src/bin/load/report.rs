@@ -82,8 +82,11 @@ impl Report {
                     "runs": f.runs, "median": med,
                     "gateway_over_direct": ratio(&med, "gateway", "direct"),
                     "gateway_over_nginx": ratio(&med, "gateway", "nginx"),
+                    "gateway_over_pingora": ratio(&med, "gateway", "pingora"),
+                    "pingora_over_nginx": ratio(&med, "pingora", "nginx"),
                     "gateway_minus_direct": diff(&med, "gateway", "direct"),
                     "nginx_minus_direct": diff(&med, "nginx", "direct"),
+                    "pingora_minus_direct": diff(&med, "pingora", "direct"),
                 })
             })
             .collect();
@@ -93,50 +96,69 @@ impl Report {
         })
     }
 
+    /// The Markdown table. The `pingora` columns (value, gateway/pingora, pingora/nginx,
+    /// pingora − direct, runs) appear only when some figure has a pingora value, so reports
+    /// without that target keep their old shape.
     pub fn markdown(&self) -> String {
+        let pingora = self.figures.iter().any(|f| f.runs.contains_key("pingora"));
+        let targets: &[&str] = if pingora {
+            &["direct", "gateway", "nginx", "pingora"]
+        } else {
+            &["direct", "gateway", "nginx"]
+        };
+        let ratios: &[(&str, &str)] = if pingora {
+            &[
+                ("gateway", "direct"),
+                ("gateway", "nginx"),
+                ("gateway", "pingora"),
+                ("pingora", "nginx"),
+            ]
+        } else {
+            &[("gateway", "direct"), ("gateway", "nginx")]
+        };
+        let added_over_direct = &targets[1..];
+        let mut head: Vec<String> = vec!["figure".to_owned(), "unit".to_owned()];
+        head.extend(targets.iter().map(|t| (*t).to_owned()));
+        head.extend(ratios.iter().map(|(a, b)| format!("{a}/{b}")));
+        head.extend(added_over_direct.iter().map(|t| format!("{t} − direct")));
+        head.push(format!("runs ({})", targets.join("; ")));
+
         let mut s = String::new();
         let _ = writeln!(s, "Command: `{}`  ", self.command);
         let _ = writeln!(s, "Machine: {}\n", self.machine);
-        let _ = writeln!(
-            s,
-            "| figure | unit | direct | gateway | nginx | gateway/direct | gateway/nginx | gateway − direct | nginx − direct | runs (direct; gateway; nginx) |"
-        );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "| {} |", head.join(" | "));
+        let _ = writeln!(s, "|{}", "---|".repeat(head.len()));
         for f in &self.figures {
             let med: BTreeMap<_, _> = f.runs.iter().map(|(t, v)| (t.clone(), median(v))).collect();
-            let cell = |t: &str| med.get(t).copied().flatten().map_or("–".to_owned(), fmt);
-            let r = |a: &str, b: &str| {
-                ratio(&med, a, b).map_or("–".to_owned(), |x| format!("{x:.2}×"))
-            };
-            let runs = ["direct", "gateway", "nginx"]
-                .iter()
-                .map(|t| {
-                    f.runs.get(*t).map_or("–".to_owned(), |v| {
-                        v.iter().map(|x| fmt(*x)).collect::<Vec<_>>().join(" / ")
-                    })
-                })
-                .collect::<Vec<_>>()
-                .join("; ");
-            let added = |a: &str| {
+            let mut row: Vec<String> = vec![f.name.clone(), f.unit.clone()];
+            row.extend(
+                targets
+                    .iter()
+                    .map(|t| med.get(*t).copied().flatten().map_or("–".to_owned(), fmt)),
+            );
+            row.extend(
+                ratios.iter().map(|(a, b)| {
+                    ratio(&med, a, b).map_or("–".to_owned(), |x| format!("{x:.2}×"))
+                }),
+            );
+            row.extend(added_over_direct.iter().map(|a| {
                 if f.unit != "µs" {
                     return "".to_owned();
                 }
                 diff(&med, a, "direct").map_or("–".to_owned(), fmt)
-            };
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                f.name,
-                f.unit,
-                cell("direct"),
-                cell("gateway"),
-                cell("nginx"),
-                r("gateway", "direct"),
-                r("gateway", "nginx"),
-                added("gateway"),
-                added("nginx"),
-                runs
+            }));
+            row.push(
+                targets
+                    .iter()
+                    .map(|t| {
+                        f.runs.get(*t).map_or("–".to_owned(), |v| {
+                            v.iter().map(|x| fmt(*x)).collect::<Vec<_>>().join(" / ")
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
             );
+            let _ = writeln!(s, "| {} |", row.join(" | "));
         }
         for n in &self.notes {
             let _ = writeln!(s, "\n- {n}");
