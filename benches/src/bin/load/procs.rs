@@ -110,7 +110,58 @@ pub struct Gateway {
     pub admin: String,
     pub http: reqwest::Client,
     keyring: Keyring,
+    bin_dir: PathBuf,
     _dir: TempDir,
+}
+
+/// A started `fleetgate serve`: the child and what its readiness line said.
+struct Spawned {
+    child: Child,
+    pid: u32,
+    device_addr: String,
+    admin: String,
+}
+
+/// Spawns `fleetgate serve` on the config in `dir` and waits for its readiness line (written
+/// once the store is loaded and the listeners are up).
+async fn spawn_gateway(bin_dir: &Path, dir: &Path) -> Result<Spawned> {
+    let cfg = dir.join("config.toml");
+    let log = dir.join("gateway.log");
+    let key = base64::engine::general_purpose::STANDARD.encode(SIGNING_KEY);
+    let mut child = Command::new(bin_dir.join("fleetgate"))
+        .args(["serve", "--ready-json", "-c"])
+        .arg(&cfg)
+        .env("FG_BENCH_ADMIN", ADMIN_TOKEN)
+        .env("FG_BENCH_PAT", PAT)
+        .env("FG_BENCH_KEY", key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)?,
+        ))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning {}/fleetgate", bin_dir.display()))?;
+    let pid = child.id().ok_or_else(|| anyhow!("fleetgate has no pid"))?;
+    let ready = ready_line(&mut child, "fleetgate", &log).await?;
+    let device_addr = ready["device_addr"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no device_addr in {ready}"))?
+        .to_owned();
+    let admin = format!(
+        "http://{}",
+        ready["admin_addr"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no admin_addr in {ready}"))?
+    );
+    Ok(Spawned {
+        child,
+        pid,
+        device_addr,
+        admin,
+    })
 }
 
 impl Gateway {
@@ -149,46 +200,46 @@ path = "{store}"
 "#,
             store = dir.0.join("store.redb").display(),
         );
-        let cfg = dir.0.join("config.toml");
-        std::fs::write(&cfg, config)?;
-        let log = dir.0.join("gateway.log");
-        let key = base64::engine::general_purpose::STANDARD.encode(SIGNING_KEY);
-        let mut child = Command::new(bin_dir.join("fleetgate"))
-            .args(["serve", "--ready-json", "-c"])
-            .arg(&cfg)
-            .env("FG_BENCH_ADMIN", ADMIN_TOKEN)
-            .env("FG_BENCH_PAT", PAT)
-            .env("FG_BENCH_KEY", key)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&log)?))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning {}/fleetgate", bin_dir.display()))?;
-        let pid = child.id().ok_or_else(|| anyhow!("fleetgate has no pid"))?;
-        let ready = ready_line(&mut child, "fleetgate", &log).await?;
-        let device_addr = ready["device_addr"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no device_addr in {ready}"))?
-            .to_owned();
-        let admin = format!(
-            "http://{}",
-            ready["admin_addr"]
-                .as_str()
-                .ok_or_else(|| anyhow!("no admin_addr in {ready}"))?
-        );
+        std::fs::write(dir.0.join("config.toml"), config)?;
+        let sp = spawn_gateway(bin_dir, &dir.0).await?;
         let keyring =
             Keyring::new([(KID, &SIGNING_KEY[..])], KID).map_err(|e| anyhow!("keyring: {e}"))?;
         let gw = Gateway {
-            child,
-            pid,
-            device_addr,
-            admin,
+            child: sp.child,
+            pid: sp.pid,
+            device_addr: sp.device_addr,
+            admin: sp.admin,
             http: reqwest::Client::builder().no_proxy().build()?,
             keyring,
+            bin_dir: bin_dir.to_owned(),
             _dir: dir,
         };
         gw.fleet_rule().await?;
         Ok(gw)
+    }
+
+    /// Stops the gateway (SIGTERM: a graceful shutdown that flushes the store) and starts it
+    /// again on the same config and store; returns the seconds from spawn to ready (the
+    /// start-up load of every stored device and rule).
+    pub async fn restart(&mut self) -> Result<f64> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.pid);
+        }
+        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .map_err(|_| anyhow!("fleetgate did not stop within 60 s of SIGTERM"))??;
+        let t = Instant::now();
+        let sp = spawn_gateway(&self.bin_dir, &self._dir.0).await?;
+        let secs = t.elapsed().as_secs_f64();
+        self.child = sp.child;
+        self.pid = sp.pid;
+        self.device_addr = sp.device_addr;
+        self.admin = sp.admin;
+        Ok(secs)
     }
 
     /// One `enterprise_all_devices` request quota, far above what a run can use, so every
