@@ -267,3 +267,19 @@ async fn metric_series_stay_bounded_with_10k_devices() {
         "process metrics exported"
     );
 }
+
+/// `serve` turns transparent huge pages off for its process, so khugepaged cannot grow RSS in
+/// 2 MiB steps long after warm-up (the soak's late steps; see `disable_transparent_huge_pages`).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn serve_runs_with_transparent_huge_pages_off() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let pid = gw.child.id().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .unwrap_or_else(|| panic!("no THP_enabled line (kernel < 6.0?):\n{status}"));
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
