@@ -1150,7 +1150,10 @@ mod memory_tests {
             assert!(l.finished.len() <= 1_000);
             // `capacity()` is entries + free slots: tombstones lower it for a while, and an
             // in-place rehash restores it; only a reallocation would raise it.
-            assert!(l.finished.capacity() <= map, "map reallocated at insert {i}");
+            assert!(
+                l.finished.capacity() <= map,
+                "map reallocated at insert {i}"
+            );
         }
         assert_eq!(l.finished_order.capacity(), queue, "queue reallocated");
         assert_eq!(l.remembered_ids(), 1_000);
