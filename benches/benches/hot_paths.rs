@@ -1,6 +1,6 @@
 //! Per-request policy hot paths: device token verification (`Keyring::verify`), quota check
-//! and settle (`QuotaLedger::check` / `reserve` + `settle` / `charge`) and rule lookup
-//! (`RuleSet::applicable`) with 1M single-device rules.
+//! and settle (`QuotaLedger::check` / `reserve` + `settle` / `charge`), rule lookup
+//! (`RuleSet::applicable`) and one rule change (`RuleSet::with`) with 1M single-device rules.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -92,6 +92,23 @@ fn quota(c: &mut Criterion) {
     let start = std::time::Instant::now();
     let rules = rule_set(n);
     eprintln!("RuleSet::new with {n} device rules: {:?}", start.elapsed());
+    // The naive way to change one rule (what the gateway did before `RuleSet::with`): copy
+    // every other rule and rebuild. Once, for comparison: it takes about a second.
+    let start = std::time::Instant::now();
+    let changed = rule(7, EntityType::SingleDevice, BenefitType::Requests, false);
+    let mut all: Vec<Rule> = rules
+        .iter()
+        .filter(|r| r.benefit_id != changed.benefit_id)
+        .cloned()
+        .collect();
+    all.push(changed);
+    let rebuilt = RuleSet::new(all).unwrap();
+    eprintln!(
+        "One rule changed by copying and rebuilding {} rules: {:?}",
+        rebuilt.len(),
+        start.elapsed()
+    );
+    drop(rebuilt);
     let devices: Vec<DeviceId> = (0..4096)
         .map(|i| DeviceId::parse(&device_id(i * 241 % n)).unwrap())
         .collect();
@@ -105,6 +122,41 @@ fn quota(c: &mut Criterion) {
     let unknown = DeviceId::parse("not-a-rule-device").unwrap();
     c.bench_function("rules/applicable_1M_rules_fleet_only", |b| {
         b.iter(|| rules.applicable(black_box(&unknown), NOW).count())
+    });
+    // One rule changed (admin API, cluster): the next snapshot derived from this one, and
+    // dropped again (as the gateway drops the old one after the swap).
+    let mut v = 0usize;
+    c.bench_function("rules/with_1M_rules_replace", |b| {
+        b.iter_batched(
+            || {
+                v += 1;
+                let mut r = rule(
+                    v * 241 % n,
+                    EntityType::SingleDevice,
+                    BenefitType::Requests,
+                    false,
+                );
+                r.limit = v as u64;
+                r
+            },
+            |r| drop(rules.with(r).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("rules/with_1M_rules_add", |b| {
+        b.iter_batched(
+            || {
+                v += 1;
+                rule(
+                    n + 2 + v,
+                    EntityType::SingleDevice,
+                    BenefitType::Requests,
+                    false,
+                )
+            },
+            |r| drop(rules.with(r).unwrap()),
+            BatchSize::SmallInput,
+        )
     });
 
     let mut ledger = QuotaLedger::new(LedgerPolicy::default());

@@ -264,6 +264,185 @@ fn rule_set_constraints() {
     assert!(RuleSet::new(vec![a, b, c]).is_err());
 }
 
+/// `with` is how the gateway changes one rule (admin API, cluster): the result must be the
+/// set a rebuild would give, and the snapshot it came from must not change (requests in flight
+/// still read it).
+#[test]
+fn with_adds_and_replaces_one_rule() {
+    let a = single("a", "d1", BenefitType::Requests, 5, TriggerUnit::Day);
+    let e = ent("e", BenefitType::LlmTokens, 100, TriggerUnit::Never);
+    let rs = set(vec![a.clone(), e.clone()]);
+    let names = |it: &mut dyn Iterator<Item = &Rule>| -> Vec<String> {
+        it.map(|r| r.benefit_id.clone()).collect()
+    };
+
+    // Add a rule for another device.
+    let b = single("b", "d2", BenefitType::Requests, 7, TriggerUnit::Day);
+    let rs2 = rs.with(b.clone()).unwrap();
+    assert_eq!(rs2.len(), 3);
+    assert_eq!(rs2.get("b"), Some(&b));
+    assert_eq!(ids(&rs2, &dev("d2"), T0 + 1), ["b", "e"]);
+    assert_eq!(rs.len(), 2, "the old snapshot is unchanged");
+    assert!(rs.get("b").is_none());
+    assert_eq!(ids(&rs, &dev("d2"), T0 + 1), ["e"]);
+
+    // Replace (same benefit_id): a new limit.
+    let mut a2 = a.clone();
+    a2.limit = 50;
+    let rs3 = rs2.with(a2.clone()).unwrap();
+    assert_eq!(rs3.len(), 3);
+    assert_eq!(rs3.get("a"), Some(&a2));
+    assert_eq!(rs3.for_device(&dev("d1")).collect::<Vec<_>>(), [&a2]);
+    assert_eq!(rs2.get("a"), Some(&a));
+
+    // Replace with another entity_id: the rule leaves d1 and goes after d2's own rule.
+    let mut a3 = a2.clone();
+    a3.entity_id = "d2".into();
+    a3.trigger_unit = TriggerUnit::Never;
+    let rs4 = rs3.with(a3.clone()).unwrap();
+    assert_eq!(rs4.len(), 3);
+    assert_eq!(rs4.for_device(&dev("d1")).count(), 0);
+    assert_eq!(ids(&rs4, &dev("d1"), T0 + 1), ["e"]);
+    assert_eq!(names(&mut rs4.for_device(&dev("d2"))), ["b", "a"]);
+    assert_eq!(ids(&rs4, &dev("d2"), T0 + 1), ["a", "b", "e"]);
+    assert_eq!(names(&mut rs3.for_device(&dev("d1"))), ["a"]);
+
+    // Replace with another entity type: the device rule becomes enterprise-wide, and back.
+    let a4 = ent("a", BenefitType::Requests, 9, TriggerUnit::Never);
+    let rs5 = rs4.with(a4.clone()).unwrap();
+    assert_eq!(rs5.len(), 3);
+    assert_eq!(names(&mut rs5.for_device(&dev("d2"))), ["b"]);
+    assert_eq!(names(&mut rs5.enterprise_rules()), ["e", "a"]);
+    assert_eq!(ids(&rs5, &dev("d1"), T0 + 1), ["a", "e"]);
+    let rs6 = rs5.with(a.clone()).unwrap();
+    assert_eq!(names(&mut rs6.enterprise_rules()), ["e"]);
+    assert_eq!(ids(&rs6, &dev("d1"), T0 + 1), ["a", "e"]);
+    assert_eq!(rs6.get("a"), Some(&a));
+
+    // Rules that never apply to devices are stored and replaced too.
+    let cc = rule(
+        "cc",
+        EntityType::SingleCustomConsumer,
+        "u1",
+        BenefitType::LlmTokens,
+        1,
+        TriggerUnit::Day,
+        1,
+    );
+    let rs7 = rs6.with(cc.clone()).unwrap();
+    assert_eq!(rs7.len(), 4);
+    assert_eq!(rs7.get("cc"), Some(&cc));
+    let mut cc2 = cc.clone();
+    cc2.entity_id = "u2".into();
+    let rs8 = rs7.with(cc2.clone()).unwrap();
+    assert_eq!(rs8.len(), 4);
+    assert_eq!(rs8.get("cc"), Some(&cc2));
+    assert_eq!(rs8.iter().filter(|r| r.benefit_id == "cc").count(), 1);
+
+    // Every snapshot holds exactly its rules, and rebuilds into the same set.
+    let mut all: Vec<Rule> = rs8.iter().cloned().collect();
+    all.sort_by(|x, y| x.benefit_id.cmp(&y.benefit_id));
+    assert_eq!(all, [a.clone(), b.clone(), cc2, e.clone()]);
+    let rebuilt = RuleSet::new(rs8.iter().cloned().collect()).unwrap();
+    assert_eq!(names(&mut rebuilt.for_device(&dev("d2"))), ["b"]);
+    let mut back = rs8.into_rules();
+    back.sort_by(|x, y| x.benefit_id.cmp(&y.benefit_id));
+    assert_eq!(back, all);
+    assert_eq!(rs.iter().count(), 2);
+}
+
+/// `with` refuses exactly what `admits` refuses, with the same errors (flat field names), so
+/// the admin API answers the same whichever it calls.
+#[test]
+fn with_refuses_what_admits_refuses() {
+    // Device overlaps.
+    let mut a = single("a", "d1", BenefitType::Requests, 1, TriggerUnit::Day);
+    a.ended_at = T0 + 10 * DAY;
+    let mut b = single("b", "d1", BenefitType::Requests, 1, TriggerUnit::Day);
+    b.started_at = T0 + 10 * DAY;
+    let rs = set(vec![a.clone(), b.clone()]);
+    let mut c = b.clone();
+    c.benefit_id = "c".into();
+    c.started_at = T0 + 5 * DAY;
+    let err = rs.with(c.clone()).unwrap_err();
+    assert_eq!(err, rs.admits(&c).unwrap_err());
+    assert_eq!(err.0.len(), 2, "{err}");
+    assert_eq!(err.0[0].field, "started_at");
+    assert!(matches!(
+        &err.0[0].kind,
+        RuleErrorKind::DeviceRuleOverlap { kind: "periodic", existing } if existing == "a"
+    ));
+    assert!(RuleSet::new(vec![a.clone(), b.clone(), c.clone()]).is_err());
+    // Moving b into a's time overlaps a; b does not overlap its own old version.
+    let mut b2 = b.clone();
+    b2.started_at = T0 + 9 * DAY;
+    let err = rs.with(b2.clone()).unwrap_err();
+    assert_eq!(err, rs.admits(&b2).unwrap_err());
+    assert!(matches!(
+        &err.0[..],
+        [RuleError { kind: RuleErrorKind::DeviceRuleOverlap { existing, .. }, .. }] if existing == "a"
+    ));
+    let mut b3 = b.clone();
+    b3.ended_at = T0 + 20 * DAY;
+    rs.with(b3).unwrap();
+    // Another kind or benefit type, a cancelled rule or another device do not overlap.
+    let mut other_kind = c.clone();
+    other_kind.trigger_unit = TriggerUnit::Never;
+    let mut cancelled = c.clone();
+    cancelled.status = RuleStatus::Cancel;
+    let mut elsewhere = c.clone();
+    elsewhere.entity_id = "d2".into();
+    for ok in [other_kind, cancelled, elsewhere.clone()] {
+        rs.admits(&ok).unwrap();
+        rs.with(ok).unwrap();
+    }
+    // A rule moved to another device is checked against that device's rules.
+    let rs2 = rs.with(elsewhere.clone()).unwrap();
+    let err = rs2.with(c.clone()).unwrap_err();
+    assert_eq!(err, rs2.admits(&c).unwrap_err());
+
+    // Enterprise-wide conflicts: one periodic rule per benefit type; replacing it is fine.
+    let rs = set(vec![ent(
+        "e1",
+        BenefitType::LlmTokens,
+        10,
+        TriggerUnit::Day,
+    )]);
+    let e2 = ent("e2", BenefitType::LlmTokens, 10, TriggerUnit::Hour);
+    let err = rs.with(e2.clone()).unwrap_err();
+    assert_eq!(err, rs.admits(&e2).unwrap_err());
+    assert_eq!(err.0.len(), 1);
+    assert_eq!(err.0[0].field, "trigger_unit");
+    assert!(matches!(
+        &err.0[0].kind,
+        RuleErrorKind::EnterpriseRuleConflict { existing, .. } if existing == "e1"
+    ));
+    let mut e1b = ent("e1", BenefitType::LlmTokens, 10, TriggerUnit::Hour);
+    e1b.status = RuleStatus::Frozen;
+    let rs2 = rs.with(e1b).unwrap();
+    assert!(rs2.with(e2.clone()).is_err(), "frozen still counts");
+    let mut e1c = ent("e1", BenefitType::LlmTokens, 10, TriggerUnit::Day);
+    e1c.status = RuleStatus::Cancel;
+    rs.with(e1c).unwrap().with(e2.clone()).unwrap();
+    // The custom-consumer scope is its own.
+    let mut cc = e2.clone();
+    cc.entity_type = EntityType::EnterpriseAllCustomConsumers;
+    let rs3 = rs.with(cc.clone()).unwrap();
+    cc.benefit_id = "cc2".into();
+    assert_eq!(
+        rs3.with(cc.clone()).unwrap_err(),
+        rs3.admits(&cc).unwrap_err()
+    );
+
+    // Field validation, with the flat rule's field names.
+    let mut bad = single("", "", BenefitType::Requests, 1, TriggerUnit::Day);
+    bad.trigger_time = 0;
+    let err = rs.with(bad.clone()).unwrap_err();
+    assert_eq!(err, rs.admits(&bad).unwrap_err());
+    let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["benefit_id", "entity_id", "trigger_time"]);
+}
+
 // ---------------------------------------------------------------- applicability and windows
 
 #[test]
@@ -1542,4 +1721,151 @@ fn acked_totals_allowances_and_outstanding_leases() {
     l.grant(&d, b, k, T0 + DAY, 1, T0 + DAY);
     let r = record_of(&l, &d, b, k).unwrap();
     assert_eq!((r.used, r.granted, r.acked), (0, 1, 1));
+}
+
+// ---------------------------------------------------------------- rule set changes
+
+/// A rule from a small universe (8 ids, 3 devices, 2 benefit types, 2 kinds), so that
+/// replacements, device moves, overlaps, conflicts and invalid rules all happen often.
+fn arb_rule() -> impl Strategy<Value = Rule> {
+    (
+        (0u8..8, 0u8..6, 0u8..3, any::<bool>()),
+        (0u8..6, any::<bool>(), 0u64..4, 1u64..5, 0u8..16),
+    )
+        .prop_map(|((id, et, d, tokens), (status, daily, start, days, bad))| {
+            let entity_type = match et {
+                0..=2 => EntityType::SingleDevice,
+                3 => EntityType::EnterpriseAllDevices,
+                4 => EntityType::SingleCustomConsumer,
+                _ => EntityType::EnterpriseAllCustomConsumers,
+            };
+            let started_at = T0 + start * DAY;
+            Rule {
+                benefit_id: format!("b{id}"),
+                entity_type,
+                entity_id: if entity_type.is_enterprise_wide() || bad == 0 {
+                    String::new()
+                } else {
+                    format!("d{d}")
+                },
+                benefit_type: if tokens {
+                    BenefitType::LlmTokens
+                } else {
+                    BenefitType::Requests
+                },
+                limit: 10,
+                active_mode: ActiveMode::AbsoluteTime,
+                started_at,
+                ended_at: if bad == 1 {
+                    started_at
+                } else {
+                    started_at + days * DAY
+                },
+                status: match status {
+                    0..=3 => RuleStatus::Valid,
+                    4 => RuleStatus::Frozen,
+                    _ => RuleStatus::Cancel,
+                },
+                trigger_unit: if daily {
+                    TriggerUnit::Day
+                } else {
+                    TriggerUnit::Never
+                },
+                trigger_time: 1,
+            }
+        })
+}
+
+/// Everything a caller can observe of a set, in the orders the set promises.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    len: usize,
+    sorted: Vec<Rule>,
+    by_id: Vec<Option<Rule>>,
+    per_device: Vec<Vec<String>>,
+    applicable: Vec<Vec<String>>,
+    enterprise: Vec<String>,
+}
+
+fn observe(rs: &RuleSet) -> Observed {
+    let devices: Vec<DeviceId> = (0..4).map(|d| dev(&format!("d{d}"))).collect();
+    let names = |it: &mut dyn Iterator<Item = &Rule>| -> Vec<String> {
+        it.map(|r| r.benefit_id.clone()).collect()
+    };
+    let mut sorted: Vec<Rule> = rs.iter().cloned().collect();
+    sorted.sort_by(|a, b| a.benefit_id.cmp(&b.benefit_id));
+    Observed {
+        len: rs.len(),
+        sorted,
+        by_id: (0..9).map(|i| rs.get(&format!("b{i}")).cloned()).collect(),
+        per_device: devices
+            .iter()
+            .map(|d| names(&mut rs.for_device(d)))
+            .collect(),
+        applicable: devices
+            .iter()
+            .flat_map(|d| (0..9).map(move |k| (d, T0 + k * DAY)))
+            .map(|(d, t)| names(&mut rs.applicable(d, t)))
+            .collect(),
+        enterprise: names(&mut rs.enterprise_rules()),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A sequence of `with` calls gives the set `RuleSet::new` builds from the resulting list
+    /// (the old "copy every rule and rebuild"), and refuses exactly the changes that rebuild
+    /// would refuse, with `admits`' errors.
+    #[test]
+    fn with_matches_a_rebuild(
+        initial in proptest::collection::vec(arb_rule(), 0..6),
+        changes in proptest::collection::vec(arb_rule(), 1..40),
+    ) {
+        let (mut rs, mut list) = match RuleSet::new(initial.clone()) {
+            Ok(rs) => (rs, initial),
+            Err(_) => (RuleSet::default(), Vec::new()),
+        };
+        // Every snapshot, to check at the end that later changes left it as it was.
+        let mut history = vec![(rs.clone(), observe(&rs))];
+        for rule in changes {
+            let mut next_list: Vec<Rule> = list
+                .iter()
+                .filter(|r| r.benefit_id != rule.benefit_id)
+                .cloned()
+                .collect();
+            next_list.push(rule.clone());
+            let rebuilt = RuleSet::new(next_list.clone());
+            match rs.with(rule.clone()) {
+                Ok(next) => {
+                    let rebuilt = rebuilt.map_err(|e| {
+                        TestCaseError::fail(format!("with accepted {rule:?}, rebuild refused: {e}"))
+                    })?;
+                    let observed = observe(&next);
+                    prop_assert_eq!(&observed, &observe(&rebuilt));
+                    prop_assert_eq!(next.iter().count(), next.len());
+                    let again = RuleSet::new(next.iter().cloned().collect()).unwrap();
+                    prop_assert_eq!(&observe(&again), &observed);
+                    history.push((next.clone(), observed));
+                    rs = next;
+                    list = next_list;
+                }
+                Err(e) => {
+                    prop_assert!(
+                        rebuilt.is_err(),
+                        "with refused {:?} ({}), rebuild accepted",
+                        rule,
+                        e
+                    );
+                    prop_assert_eq!(Some(e), rs.admits(&rule).err());
+                }
+            }
+        }
+        for (old, observed) in &history {
+            prop_assert_eq!(&observe(old), observed, "an older snapshot changed");
+        }
+        let mut back = rs.clone().into_rules();
+        back.sort_by(|a, b| a.benefit_id.cmp(&b.benefit_id));
+        prop_assert_eq!(back, observe(&rs).sorted);
+    }
 }
