@@ -464,6 +464,59 @@ async fn load(
     })
 }
 
+/// A rule updated on one node reaches the other as that one rule (the feed names it; the node
+/// re-reads it alone instead of every rule) and is enforced there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_update_reaches_the_other_node_as_one_rule_and_is_enforced() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let redis = RedisServer::start();
+    let gw = nodes(&up, &redis, 2, "").await;
+    let token = gw[0].register_device("cl-upd").await;
+    add_rule(&gw[0], "cl-upd", "requests", 100).await;
+    async fn limit_on(node: &GatewayProcess) -> serde_json::Value {
+        let list = "/v1/commerce/benefit/limitations?entity_type=single_device&entity_id=cl-upd";
+        let v: serde_json::Value = node
+            .admin(Method::GET, list, None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        v["data"]["benefit_infos"][0].clone()
+    }
+    let rule = limit_on(&gw[0]).await;
+    let id = rule["benefit_id"].as_str().unwrap().to_owned();
+    let put = gw[0]
+        .admin(
+            Method::PUT,
+            &format!("/v1/commerce/benefit/limitations/{id}"),
+            Some(json!({"limit": 3})),
+        )
+        .await;
+    assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
+    let seen = within(Duration::from_secs(1), || async {
+        limit_on(&gw[1]).await["limit"] == 3
+    })
+    .await;
+    assert!(seen.is_some(), "the update reached node 1 within 1 s");
+    let answers: Vec<u16> =
+        futures_util::future::join_all((0..5).map(|_| use_token(&gw[1], &token))).await;
+    assert_eq!(
+        answers.iter().filter(|&&s| s == 200).count(),
+        3,
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|&&s| s == 429).count(),
+        2,
+        "{answers:?}"
+    );
+    let log = std::fs::read_to_string(&gw[1].log_path).unwrap();
+    assert!(
+        !log.contains("reloading every rule"),
+        "node 1 fell back to a full reload:\n{log}"
+    );
+}
+
 async fn add_rule(gw: &GatewayProcess, device: &str, benefit: &str, limit: u64) {
     let body = json!({"entity_type": "single_device", "entity_id": device,
         "benefit_info": {"benefit_type": benefit, "active_mode": "absolute_time", "started_at": 0,

@@ -26,6 +26,9 @@ pub struct Feed {
 enum Message<'a> {
     Device(&'a str),
     Devices(Vec<&'a str>),
+    /// One rule changed (its benefit id).
+    Rule(&'a str),
+    /// Reload every rule (what nodes before `rule <id>` messages published).
     Rules,
 }
 
@@ -36,6 +39,7 @@ fn parse(payload: &str) -> Option<(u64, Message<'_>)> {
     let msg = match what {
         "dev" => Message::Device(arg),
         "devs" => Message::Devices(arg.split('\n').filter(|s| !s.is_empty()).collect()),
+        "rule" if !arg.is_empty() => Message::Rule(arg),
         "rules" => Message::Rules,
         _ => return None,
     };
@@ -91,6 +95,24 @@ impl Feed {
         Ok(())
     }
 
+    /// Re-reads one rule and derives the next set with it (a shard copy, not a rebuild). A
+    /// rule Redis does not have, or one that does not fit the current set, falls back to a
+    /// full reload of the rules.
+    async fn apply_rule(&self, benefit_id: &str) -> Result<(), ClusterError> {
+        let Some(rule) = self.cluster.load_rule(benefit_id).await? else {
+            tracing::warn!(
+                benefit_id,
+                "A changed rule is not in Redis; reloading every rule."
+            );
+            return self.reload_rules().await;
+        };
+        if let Err(e) = self.state.quotas.apply_rule(&rule) {
+            tracing::warn!(error = %e, benefit_id, "A changed rule does not fit this node's set; reloading every rule.");
+            return self.reload_rules().await;
+        }
+        Ok(())
+    }
+
     async fn handle(&self, payload: &str, applied: &mut u64) -> Result<(), ClusterError> {
         let Some((ver, msg)) = parse(payload) else {
             tracing::warn!("Ignoring an unreadable cluster change message.");
@@ -115,6 +137,7 @@ impl Feed {
                     self.apply_device(id).await?;
                 }
             }
+            Message::Rule(id) => self.apply_rule(id).await?,
             Message::Rules => self.reload_rules().await?,
         }
         *applied = ver;
@@ -202,6 +225,12 @@ mod tests {
             Some((8, Message::Devices(vec!["a", "b"])))
         );
         assert_eq!(parse("9 rules"), Some((9, Message::Rules)));
+        assert_eq!(
+            parse("10 rule 7400000000000000001"),
+            Some((10, Message::Rule("7400000000000000001")))
+        );
+        assert_eq!(parse("11 rule "), None);
+        assert_eq!(parse("11 rule"), None);
         assert_eq!(parse("x dev a"), None);
         assert_eq!(parse("9 what"), None);
         assert_eq!(parse(""), None);

@@ -34,7 +34,7 @@
 //! | `{p}:devs` | set | every device id |
 //! | `{p}:rules` | hash | benefit id → rule JSON (admin-created rules) |
 //! | `{p}:ver` | integer | change counter |
-//! | `{p}:changes` | channel | `"<ver> dev <id>"`, `"<ver> devs <id>\n<id>…"`, `"<ver> rules"` |
+//! | `{p}:changes` | channel | `"<ver> dev <id>"`, `"<ver> devs <id>\n<id>…"`, `"<ver> rule <benefit id>"` (`"<ver> rules"`, reload all, is still understood) |
 //! | `p:use:<id>` | hash | quota counters and leases per node (see [`leases`]) |
 //! | `p:jti:<id>:<jti>` | string | a used assertion id, expiring with the assertion |
 //!

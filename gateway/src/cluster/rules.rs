@@ -6,11 +6,12 @@ use redis::Script;
 
 use super::{Cluster, ClusterError};
 
-/// KEYS: rules hash, ver. ARGV: channel, benefit id, rule JSON.
+/// KEYS: rules hash, ver. ARGV: channel, benefit id, rule JSON. The message names the rule,
+/// so nodes re-read that one rule, not the whole hash.
 const PUT: &str = r#"
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 local v = redis.call('INCR', KEYS[2])
-redis.call('PUBLISH', ARGV[1], v .. ' rules')
+redis.call('PUBLISH', ARGV[1], v .. ' rule ' .. ARGV[2])
 return v
 "#;
 
@@ -27,6 +28,22 @@ impl Cluster {
             .arg(json);
         let _: u64 = self.script(&inv).await?;
         Ok(())
+    }
+
+    /// One stored rule, if Redis has it.
+    pub async fn load_rule(&self, benefit_id: &str) -> Result<Option<Rule>, ClusterError> {
+        let json: Option<String> = self
+            .run(
+                redis::cmd("HGET")
+                    .arg(self.registry_key("rules"))
+                    .arg(benefit_id),
+            )
+            .await?;
+        json.map(|j| {
+            serde_json::from_str(&j)
+                .map_err(|e| ClusterError::Corrupt(format!("rule {benefit_id}: {e}")))
+        })
+        .transpose()
     }
 
     /// Every stored rule.
