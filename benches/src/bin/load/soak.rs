@@ -40,8 +40,10 @@ const MIB: f64 = 1_048_576.0;
 pub const RSS_MAX_GROWTH_FRACTION: f64 = 0.10;
 /// ... and by at most this many bytes (both must hold).
 pub const RSS_MAX_GROWTH_BYTES: f64 = 8.0 * MIB;
-/// fd criterion: fds at the end may exceed the baseline by at most this many, all of them
-/// sockets to the upstream (the gateway's keep-alive pool, which expires after 60 s idle).
+/// fd criterion without a drain wait (`--soak-drain-secs 0`): fds at the end may exceed the
+/// baseline by at most this many, all of them sockets to the upstream (the gateway's
+/// keep-alive pool, which expires after 60 s idle). With a drain wait the pool is not guessed
+/// at: after its idle timeout every upstream socket must be gone.
 pub const FD_POOL_ALLOWANCE: i64 = 16;
 /// fd criterion: fds other than upstream sockets may differ from the baseline by at most this.
 pub const FD_OTHER_ALLOWANCE: i64 = 2;
@@ -850,18 +852,40 @@ pub async fn run(
     let other = |f: &FdSnapshot| f.total - up(f) - f.get("tcp admin client");
     let d_total = end_fds.total - baseline_fds.total;
     let d_other = other(&end_fds) - other(&baseline_fds);
-    check(
-        "fds back to baseline",
-        d_total <= FD_POOL_ALLOWANCE && d_other.abs() <= FD_OTHER_ALLOWANCE,
-        format!(
-            "baseline {} → end {} ({d_total:+}); upstream sockets {} → {} (allowed ≤ +{FD_POOL_ALLOWANCE} in total: keep-alive pool); all other fds except the harness's admin connection {d_other:+} (allowed ±{FD_OTHER_ALLOWANCE}); device-client sockets at the end: {}",
-            baseline_fds.total,
-            end_fds.total,
-            up(&baseline_fds),
-            up(&end_fds),
-            end_fds.get("tcp device client")
-        ),
+    let end_detail = format!(
+        "baseline {} → end {} ({d_total:+}); upstream sockets {} → {}; all other fds except the harness's admin connection {d_other:+} (allowed ±{FD_OTHER_ALLOWANCE}); device-client sockets at the end: {}",
+        baseline_fds.total,
+        end_fds.total,
+        up(&baseline_fds),
+        up(&end_fds),
+        end_fds.get("tcp device client")
     );
+    match &drained_fds {
+        // The leak check proper: once the pool's idle timeout has passed, nothing but the
+        // baseline is left (the pooled upstream sockets included).
+        Some(d) => {
+            let d_drained = other(d) - other(&baseline_fds);
+            check(
+                "fds back to baseline",
+                d_other.abs() <= FD_OTHER_ALLOWANCE
+                    && up(d) <= up(&baseline_fds)
+                    && d_drained.abs() <= FD_OTHER_ALLOWANCE,
+                format!(
+                    "{end_detail}; after the pool idle timeout: {} fds, upstream sockets {} (allowed ≤ {}), all other fds except the harness's admin connection {d_drained:+} (allowed ±{FD_OTHER_ALLOWANCE})",
+                    d.total,
+                    up(d),
+                    up(&baseline_fds)
+                ),
+            );
+        }
+        None => check(
+            "fds back to baseline",
+            d_total <= FD_POOL_ALLOWANCE && d_other.abs() <= FD_OTHER_ALLOWANCE,
+            format!(
+                "{end_detail}; upstream sockets allowed ≤ +{FD_POOL_ALLOWANCE} in total (keep-alive pool; no drain wait)"
+            ),
+        ),
+    }
     let pass = checks.iter().all(|c| c.pass);
     let rss_json = serde_json::json!({
         "criterion": format!("warm-up = first 20 % of the run; reference = median RSS of the samples in 20–33 % of the run; final = median of the samples in the last third; pass if final − reference ≤ min({:.0} % of reference, {:.0} MiB) and the least-squares slope over all post-warm-up samples × their span ≤ the same bound", RSS_MAX_GROWTH_FRACTION * 100.0, RSS_MAX_GROWTH_BYTES / MIB),
