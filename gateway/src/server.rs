@@ -266,11 +266,7 @@ pub fn run(
         svc.threads = Some(1);
         server.add_service(svc);
     }
-    state
-        .metrics
-        .quota_rules
-        .with_label_values(&["local"])
-        .set(state.quotas.rules().len() as i64);
+    crate::quota_api::publish_rule_count(&state);
 
     let ready = Ready {
         device_addr,

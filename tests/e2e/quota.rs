@@ -211,6 +211,12 @@ async fn rules_api_has_coze_shapes_and_devices_see_their_quota() {
         page_token = v["data"]["page_token"].as_str().unwrap().to_owned();
     }
     assert_eq!(seen, 25);
+    assert!(
+        gw.metrics()
+            .await
+            .contains("fleetgate_quota_rules{source=\"local\"} 26"),
+        "the rule gauge follows admin changes (1 fleet + 25 device rules; 2 refused)"
+    );
 
     for _ in 0..3 {
         assert_eq!(

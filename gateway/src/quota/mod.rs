@@ -129,6 +129,17 @@ impl Quotas {
         crate::locks::snapshot(&self.rules)
     }
 
+    /// Rules in effect that did not come from the upstream (admin API, or Redis in cluster
+    /// mode).
+    pub fn local_rule_count(&self) -> usize {
+        let synced = self
+            .synced_ids
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        self.rules().len().saturating_sub(synced)
+    }
+
     /// What admission holds for a request of this route class.
     pub fn estimate(&self, class: RouteClass) -> Consumption {
         let s = &self.settings;
