@@ -207,7 +207,7 @@ impl Env {
 
     async fn stop(mut self) {
         if let Some(mut n) = self.nginx.take() {
-            let _ = n.child.kill().await;
+            n.stop().await;
         }
         if let Some(mut p) = self.pingora.take() {
             let _ = p.child.kill().await;

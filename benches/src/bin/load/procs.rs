@@ -222,16 +222,7 @@ path = "{store}"
     /// again on the same config and store; returns the seconds from spawn to ready (the
     /// start-up load of every stored device and rule).
     pub async fn restart(&mut self) -> Result<f64> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status()
-            .await?;
-        if !status.success() {
-            bail!("kill -TERM {} failed", self.pid);
-        }
-        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .map_err(|_| anyhow!("fleetgate did not stop within 60 s of SIGTERM"))??;
+        terminate(&mut self.child, self.pid, "fleetgate").await?;
         let t = Instant::now();
         let sp = spawn_gateway(&self.bin_dir, &self._dir.0).await?;
         let secs = t.elapsed().as_secs_f64();
@@ -318,6 +309,22 @@ path = "{store}"
     }
 }
 
+/// Sends SIGTERM to `pid` and waits (60 s at most) for `child` to exit: a graceful stop
+/// (fleetgate flushes its store; nginx's master stops its workers, which SIGKILL would orphan).
+async fn terminate(child: &mut Child, pid: u32, what: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("kill -TERM {pid} ({what}) failed");
+    }
+    tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .map_err(|_| anyhow!("{what} did not stop within 60 s of SIGTERM"))??;
+    Ok(())
+}
+
 pub struct Nginx {
     pub child: Child,
     pub pid: u32,
@@ -326,6 +333,13 @@ pub struct Nginx {
 }
 
 impl Nginx {
+    /// Stops the master and its workers (killing only the master would orphan the workers).
+    pub async fn stop(&mut self) {
+        if terminate(&mut self.child, self.pid, "nginx").await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+
     /// `nginx` on PATH (or /usr/sbin/nginx), if installed.
     pub fn binary() -> Option<PathBuf> {
         std::env::var_os("PATH")
