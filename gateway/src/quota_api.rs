@@ -78,25 +78,13 @@ const MAX_PAGE: usize = 200;
 /// Installs a rule: in the embedded store, or (cluster mode) in Redis, which tells every node.
 async fn commit(state: &GatewayState, rule: Rule) -> Result<Rule, RuleChangeError> {
     let Some(cluster) = &state.cluster else {
-        let rule = state.quotas.install(&state.store, rule)?;
-        publish_rule_count(state);
-        return Ok(rule);
+        return state.quotas.install(&state.store, rule);
     };
     state.quotas.validate_with(&rule)?;
     cluster.put_rule(&rule).await?;
     // Visible here at once; the change feed brings it to the other nodes (and here again).
     state.quotas.apply_rule(&rule)?;
-    publish_rule_count(state);
     Ok(rule)
-}
-
-/// `fleetgate_quota_rules{source="local"}`: set after every change of the local rules.
-pub(crate) fn publish_rule_count(state: &GatewayState) {
-    state
-        .metrics
-        .quota_rules
-        .with_label_values(&["local"])
-        .set(state.quotas.local_rule_count() as i64);
 }
 
 pub async fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {

@@ -266,7 +266,6 @@ pub fn run(
         svc.threads = Some(1);
         server.add_service(svc);
     }
-    crate::quota_api::publish_rule_count(&state);
 
     let ready = Ready {
         device_addr,

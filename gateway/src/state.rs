@@ -57,7 +57,11 @@ impl GatewayState {
             crate::ws::tls_client_config(),
             metrics.clone(),
         )?;
-        let quotas = crate::quota::Quotas::load(&store, &config.quota)?;
+        let quotas = crate::quota::Quotas::load(
+            &store,
+            &config.quota,
+            metrics.quota_rules.with_label_values(&["local"]),
+        )?;
         Ok(GatewayState {
             rate_limits: std::sync::RwLock::new(Arc::new(crate::ratelimit::RateLimits::new(
                 &config.rate_limits,

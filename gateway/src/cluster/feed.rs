@@ -92,7 +92,6 @@ impl Feed {
         if let Err(e) = self.state.quotas.replace_local_rules(rules) {
             tracing::error!(error = %e, "Rules in Redis are inconsistent; keeping the current set.");
         }
-        crate::quota_api::publish_rule_count(&self.state);
         Ok(())
     }
 
@@ -111,7 +110,6 @@ impl Feed {
             tracing::warn!(error = %e, benefit_id, "A changed rule does not fit this node's set; reloading every rule.");
             return self.reload_rules().await;
         }
-        crate::quota_api::publish_rule_count(&self.state);
         Ok(())
     }
 

@@ -39,11 +39,7 @@ impl Cluster {
                     .arg(benefit_id),
             )
             .await?;
-        json.map(|j| {
-            serde_json::from_str(&j)
-                .map_err(|e| ClusterError::Corrupt(format!("rule {benefit_id}: {e}")))
-        })
-        .transpose()
+        json.map(|j| decode(benefit_id, &j)).transpose()
     }
 
     /// Every stored rule.
@@ -52,10 +48,12 @@ impl Cluster {
             .run(redis::cmd("HGETALL").arg(self.registry_key("rules")))
             .await?;
         rows.into_iter()
-            .map(|(id, json)| {
-                serde_json::from_str(&json)
-                    .map_err(|e| ClusterError::Corrupt(format!("rule {id}: {e}")))
-            })
+            .map(|(id, json)| decode(&id, &json))
             .collect()
     }
+}
+
+/// A stored rule's JSON.
+fn decode(benefit_id: &str, json: &str) -> Result<Rule, ClusterError> {
+    serde_json::from_str(json).map_err(|e| ClusterError::Corrupt(format!("rule {benefit_id}: {e}")))
 }

@@ -75,6 +75,8 @@ pub struct Quotas {
     settings: QuotaSettings,
     /// Cluster mode: admission against leases from Redis (see [`leased`]).
     leasing: std::sync::OnceLock<leased::Leasing>,
+    /// `fleetgate_quota_rules{source="local"}`, set on every swap of the rule set.
+    local_rules_gauge: prometheus::IntGauge,
 }
 
 /// Why a rule change was refused.
@@ -91,8 +93,13 @@ pub enum RuleChangeError {
 }
 
 impl Quotas {
-    /// Loads rules and usage counters from the store.
-    pub fn load(store: &Store, settings: &QuotaSettings) -> Result<Quotas, String> {
+    /// Loads rules and usage counters from the store. `local_rules_gauge` follows the number
+    /// of rules in effect that did not come from the upstream.
+    pub fn load(
+        store: &Store,
+        settings: &QuotaSettings,
+        local_rules_gauge: prometheus::IntGauge,
+    ) -> Result<Quotas, String> {
         let mut rules: Vec<Rule> = store.load_all(RULES).map_err(|e| e.to_string())?;
         let synced: Vec<Rule> = store.load_all(SYNCED_RULES).map_err(|e| e.to_string())?;
         let synced_ids: std::collections::HashSet<String> =
@@ -114,7 +121,7 @@ impl Quotas {
             enabled: settings.sync.is_some(),
             ..SyncStatus::default()
         };
-        Ok(Quotas {
+        let quotas = Quotas {
             rules: RwLock::new(Arc::new(set)),
             synced_ids: RwLock::new(synced_ids),
             sync_status: Mutex::new(status),
@@ -122,22 +129,32 @@ impl Quotas {
             ledger: Mutex::new(ledger),
             settings: settings.clone(),
             leasing: std::sync::OnceLock::new(),
-        })
+            local_rules_gauge,
+        };
+        quotas.publish_local_count();
+        Ok(quotas)
     }
 
     pub fn rules(&self) -> Arc<RuleSet> {
         crate::locks::snapshot(&self.rules)
     }
 
-    /// Rules in effect that did not come from the upstream (admin API, or Redis in cluster
-    /// mode).
-    pub fn local_rule_count(&self) -> usize {
+    /// Sets the gauge of rules in effect that did not come from the upstream (admin API, or
+    /// Redis in cluster mode).
+    fn publish_local_count(&self) {
         let synced = self
             .synced_ids
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .len();
-        self.rules().len().saturating_sub(synced)
+        let local = self.rules().len().saturating_sub(synced);
+        self.local_rules_gauge.set(local as i64);
+    }
+
+    /// Swaps in `next` (only local rules changed) and updates the gauge.
+    fn swap_rules(&self, next: RuleSet) {
+        crate::locks::replace(&self.rules, Arc::new(next));
+        self.publish_local_count();
     }
 
     /// What admission holds for a request of this route class.
@@ -330,6 +347,7 @@ impl Quotas {
             .map_err(|e| e.to_string())?;
         crate::locks::replace(&self.rules, Arc::new(next));
         crate::locks::replace(&self.synced_ids, ids);
+        self.publish_local_count();
         Ok(n)
     }
 
@@ -344,7 +362,7 @@ impl Quotas {
             .collect();
         all.extend(local);
         let next = RuleSet::new(all).map_err(|e| e.to_string())?;
-        crate::locks::replace(&self.rules, Arc::new(next));
+        self.swap_rules(next);
         Ok(())
     }
 
@@ -365,7 +383,7 @@ impl Quotas {
     /// the set as it is now, so a change the feed applied meanwhile is kept.
     pub fn apply_rule(&self, rule: &Rule) -> Result<(), RuleChangeError> {
         let next = self.set_with(rule)?;
-        crate::locks::replace(&self.rules, Arc::new(next));
+        self.swap_rules(next);
         Ok(())
     }
 
@@ -373,7 +391,7 @@ impl Quotas {
     pub fn install(&self, store: &Store, rule: Rule) -> Result<Rule, RuleChangeError> {
         let next = self.set_with(&rule)?;
         store.put_all(RULES, &[(rule.benefit_id.clone(), rule.clone())])?;
-        crate::locks::replace(&self.rules, Arc::new(next));
+        self.swap_rules(next);
         Ok(rule)
     }
 }
