@@ -433,7 +433,7 @@ pub struct WebSocketConfig {
     /// Ping the upstream after this long without upstream traffic (0 disables).
     #[serde(default = "d_ping", with = "humantime_serde")]
     pub ping_interval: Duration,
-    /// Per-direction relay buffer, bytes.
+    /// Largest relay read, bytes (buffers are lent per read, not held per session).
     #[serde(default = "d_ws_buf")]
     pub buffer_bytes: usize,
     /// Longest time for the upstream WebSocket handshake.

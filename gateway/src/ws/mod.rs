@@ -14,10 +14,12 @@
 //! no extension is ever negotiated and frame payloads are the application's bytes (exact
 //! metering, no per-session inflate state).
 //!
-//! Memory per idle session: two `buffer_bytes` relay buffers (4 KiB each by default), the two
-//! sockets' user-space state and this task; the handshake buffers are freed before relaying.
+//! Memory per idle session: the two sockets' user-space state and this task. Relay read
+//! buffers (`websocket.buffer_bytes`) are lent per read from a per-thread pool ([`lent`]), so
+//! an idle session holds none; the handshake buffers are freed before relaying.
 
 pub mod frames;
+pub mod lent;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -453,8 +455,6 @@ impl WsRelay {
             }
         }
         drop((early_up, early_down));
-        let mut dbuf = vec![0u8; cfg.buffer_bytes];
-        let mut ubuf = vec![0u8; cfg.buffer_bytes];
         let mut phase = self.state.watch_phase();
         let mut revocations = self.state.devices.watch_revocations();
         let mut closing = (*phase.borrow() == Phase::Draining).then_some(Closing::Drain);
@@ -510,30 +510,29 @@ impl WsRelay {
             let ping_at = ping_every.map(|p| last_up_rx + p);
             let deadline = close_deadline;
             tokio::select! {
-                r = device.read(&mut dbuf) => {
-                    let n = match r { Ok(0) | Err(_) => {
+                r = lent::read_lent(device, cfg.buffer_bytes) => {
+                    let chunk = match r { Ok(c) if !c.is_empty() => c, _ => {
                         close(up).await;
                         return closing.map_or(EndedBy::Device, Closing::ended_by);
-                    } Ok(n) => n };
-                    let chunk = dbuf.get(..n).unwrap_or_default();
+                    } };
                     if sent_close_up {
                         // The gateway closed the upstream side (drain, revocation, quota):
                         // nothing more may follow its close frame; the device's bytes are
                         // dropped while its own close is awaited.
                         continue;
                     }
-                    upc.feed(chunk);
-                    counters.uplink(chunk);
+                    upc.feed(&chunk);
+                    counters.uplink(&chunk);
                     if closing.is_none() && self.quota_exhausted(logid, &admission.device, counters, &mut last_checked, voice, started).await {
                         closing = Some(Closing::QuotaExhausted);
                     }
-                    if up.write_all(chunk).await.is_err() || up.flush().await.is_err() {
+                    if up.write_all(&chunk).await.is_err() || up.flush().await.is_err() {
                         close(device).await;
                         return EndedBy::Upstream;
                     }
                 }
-                r = up.read(&mut ubuf) => {
-                    let n = match r { Ok(0) | Err(_) => {
+                r = lent::read_lent(up, cfg.buffer_bytes) => {
+                    let chunk = match r { Ok(c) if !c.is_empty() => c, _ => {
                         // The upstream went away without a close frame: tell the device
                         // properly (1011) when the stream is between frames.
                         if !downc.saw_close && !sent_close_down && downc.at_boundary() {
@@ -544,15 +543,14 @@ impl WsRelay {
                         }
                         close(device).await;
                         return closing.map_or(EndedBy::Upstream, Closing::ended_by);
-                    } Ok(n) => n };
+                    } };
                     last_up_rx = tokio::time::Instant::now();
-                    let chunk = ubuf.get(..n).unwrap_or_default();
-                    downc.feed(chunk);
-                    counters.downlink(chunk);
+                    downc.feed(&chunk);
+                    counters.downlink(&chunk);
                     if closing.is_none() && self.quota_exhausted(logid, &admission.device, counters, &mut last_checked, voice, started).await {
                         closing = Some(Closing::QuotaExhausted);
                     }
-                    if device.write_all(chunk).await.is_err() || device.flush().await.is_err() {
+                    if device.write_all(&chunk).await.is_err() || device.flush().await.is_err() {
                         close(up).await;
                         return EndedBy::Device;
                     }
