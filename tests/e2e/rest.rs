@@ -23,7 +23,7 @@ async fn assert_envelope(r: reqwest::Response, status: u16, code: i64) -> Value 
 }
 
 /// A device's REST call reaches the upstream with the vendor's credentials and the device's
-/// attribution, and the answer comes back unchanged.
+/// attribution (replacing any the device sent), and the answer comes back unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_round_trip_is_attributed_to_the_device() {
     let (up, gw) = setup().await;
@@ -32,6 +32,8 @@ async fn rest_round_trip_is_attributed_to_the_device() {
         .http
         .post(format!("{}/v1/conversation/create", gw.device))
         .bearer_auth(&token)
+        // A device cannot attribute its call to another device.
+        .header("x-coze-deviceinfo", r#"{"device_id":"someone-else"}"#)
         .json(&json!({"bot_id": "b1"}))
         .send()
         .await

@@ -34,7 +34,19 @@ pub fn peer(up: &ResolvedUpstream, settings: &UpstreamSettings, path: &str) -> B
 /// `{"device_id":"<id>"}` for `X-Coze-DeviceInfo`. Device ids are validated to contain no
 /// characters that need JSON escaping, but serialise properly anyway.
 pub fn device_info_header(device: &str) -> String {
-    serde_json::json!({ "device_id": device }).to_string()
+    // Built by hand on every proxied call: no JSON value tree for one field.
+    if device
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        let mut s = String::with_capacity(device.len() + 17);
+        s.push_str("{\"device_id\":\"");
+        s.push_str(device);
+        s.push_str("\"}");
+        s
+    } else {
+        serde_json::json!({ "device_id": device }).to_string()
+    }
 }
 
 /// Replaces the device's credentials with the upstream's and attributes the call (PAT mode:
@@ -46,15 +58,36 @@ pub fn rewrite(
     auth: &Authorization,
     admission: &Admission,
 ) -> Result<()> {
-    req.remove_header("authorization");
-    req.remove_header("x-coze-deviceinfo");
-    req.insert_header("authorization", auth.header.as_ref())?;
+    // `insert_header` replaces every value of the name: the device's own credentials and
+    // attribution never reach the upstream.
+    req.insert_header(http::header::AUTHORIZATION, auth.header.as_ref())?;
     if auth.device_info_header {
         req.insert_header(
             "x-coze-deviceinfo",
             device_info_header(admission.device.as_str()),
         )?;
+    } else {
+        req.remove_header("x-coze-deviceinfo");
     }
-    req.insert_header("host", up.target.authority())?;
+    req.insert_header(http::header::HOST, up.target.authority())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_info_header;
+
+    #[test]
+    fn device_info_is_the_json_object_serde_would_write() {
+        for id in [
+            "speaker-001",
+            "a:b.c_d~1",
+            "x\"y",
+            "back\\slash",
+            "caf\u{e9}",
+        ] {
+            let expected = serde_json::json!({ "device_id": id }).to_string();
+            assert_eq!(device_info_header(id), expected, "{id}");
+        }
+    }
 }
