@@ -34,19 +34,8 @@ pub fn peer(up: &ResolvedUpstream, settings: &UpstreamSettings, path: &str) -> B
 /// `{"device_id":"<id>"}` for `X-Coze-DeviceInfo`. Device ids are validated to contain no
 /// characters that need JSON escaping, but serialise properly anyway.
 pub fn device_info_header(device: &str) -> String {
-    // Built by hand on every proxied call: no JSON value tree for one field.
-    if device
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    {
-        let mut s = String::with_capacity(device.len() + 17);
-        s.push_str("{\"device_id\":\"");
-        s.push_str(device);
-        s.push_str("\"}");
-        s
-    } else {
-        serde_json::json!({ "device_id": device }).to_string()
-    }
+    // On every proxied call: serde escapes the one string, no object map is built.
+    format!("{{\"device_id\":{}}}", serde_json::Value::from(device))
 }
 
 /// Replaces the device's credentials with the upstream's and attributes the call (PAT mode:
