@@ -1020,6 +1020,7 @@ impl JsonScanner {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use proptest::prelude::*;
 
     proptest! {
@@ -1027,7 +1028,7 @@ mod tests {
         /// (blocks plus tail).
         #[test]
         fn count_span_matches_the_table(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            prop_assert_eq!(super::count_span(&bytes), super::count_span_table(&bytes));
+            prop_assert_eq!(count_span(&bytes), count_span_table(&bytes));
         }
     }
 
@@ -1035,11 +1036,9 @@ mod tests {
     fn count_span_counts_every_byte_value() {
         let all: Vec<u8> = (0..=255u8).collect();
         // 66 base64 characters (A-Z a-z 0-9 + / - _) and 128 + 64 scalar starts.
-        assert_eq!(super::count_span(&all), (66, 192));
-        assert_eq!(super::count_span(&all), super::count_span_table(&all));
+        assert_eq!(count_span(&all), (66, 192));
+        assert_eq!(count_span(&all), count_span_table(&all));
     }
-
-    use super::*;
 
     fn scan_env(s: &str) -> JsonScanner {
         let mut j = JsonScanner::envelope();
