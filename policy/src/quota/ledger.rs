@@ -3,6 +3,7 @@
 //! See the [module docs](super) for the model; this file holds the mechanics.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
 
@@ -338,9 +339,12 @@ pub struct QuotaLedger {
     open: HashMap<String, Open>,
     /// Admit against granted leases instead of rule limits (see [`QuotaLedger::set_leased`]).
     leased: bool,
-    /// Finished ids by [`fingerprint`], with the order they finished in (for eviction).
-    finished: HashMap<[u64; 2], Finish>,
-    finished_order: VecDeque<([u64; 2], u64)>,
+    /// Finished ids by [`fingerprint`], with the order they finished in (for eviction). An id
+    /// is never open and finished at once (`reserve` refuses finished ids; finishing removes
+    /// the open entry first), so the finishing calls look in `open` (small, hot) first and
+    /// touch this large table only for ids that are not open.
+    finished: HashMap<Fingerprint, Finish, BuildHasherDefault<FingerprintHasher>>,
+    finished_order: VecDeque<(Fingerprint, u64)>,
 }
 
 /// How a finished request id is remembered: a 128-bit fingerprint (two SipHash passes with
@@ -350,15 +354,47 @@ pub struct QuotaLedger {
 /// stored twice on the heap. Two distinct ids share
 /// a fingerprint with probability ~n²/2¹²⁹: negligible, and the gateway's ids are its own
 /// random log ids, never chosen by a client.
-fn fingerprint(request_id: &str) -> [u64; 2] {
-    use std::hash::{Hash, Hasher};
+fn fingerprint(request_id: &str) -> Fingerprint {
     let half = |salt: u8| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         salt.hash(&mut h);
         request_id.hash(&mut h);
         h.finish()
     };
-    [half(0), half(1)]
+    Fingerprint([half(0), half(1)])
+}
+
+/// A finished id's [`fingerprint`]. Its bits are already a SipHash of the id (and the ids are
+/// the gateway's own random log ids, so nobody can aim them at one bucket), so the table
+/// hashes it by taking its first half ([`FingerprintHasher`]) instead of running SipHash over
+/// it a third time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint([u64; 2]);
+
+impl Hash for Fingerprint {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0[0]);
+    }
+}
+
+/// The hasher of the finished-id table: passes a [`Fingerprint`]'s first half through.
+#[derive(Default)]
+struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+    /// Only [`Fingerprint`] is hashed with this; any other input is folded in FNV-1a style
+    /// rather than ignored.
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
 }
 
 type Counters = HashMap<DeviceId, Vec<Slot>>;
@@ -435,7 +471,7 @@ impl QuotaLedger {
             dirty: HashSet::new(),
             open: HashMap::new(),
             leased: false,
-            finished: HashMap::new(),
+            finished: HashMap::default(),
             finished_order: VecDeque::new(),
         }
     }
@@ -513,9 +549,6 @@ impl QuotaLedger {
         rules: &RuleSet,
         now_s: u64,
     ) -> Result<Reservation, ReserveError> {
-        if self.finished.contains_key(&fingerprint(request_id)) {
-            return Err(ReserveError::RequestIdReused);
-        }
         if let Some(open) = self.open.get(request_id) {
             if &open.device != device {
                 return Err(ReserveError::RequestIdReused);
@@ -525,6 +558,9 @@ impl QuotaLedger {
                 device: device.clone(),
                 expires_at_s: open.expires_at,
             });
+        }
+        if self.finished.contains_key(&fingerprint(request_id)) {
+            return Err(ReserveError::RequestIdReused);
         }
         self.check(rules, device, now_s)
             .map_err(ReserveError::Denied)?;
@@ -645,11 +681,11 @@ impl QuotaLedger {
     /// at `now_s`. Idempotent per request id while it is remembered. An id with no reservation
     /// is [`SettleOutcome::Unknown`] and charges nothing: use [`QuotaLedger::charge`].
     pub fn settle(&mut self, request_id: &str, actual: &Consumption, now_s: u64) -> SettleOutcome {
-        if let Some(&how) = self.finished.get(&fingerprint(request_id)) {
-            return SettleOutcome::AlreadySettled(how);
-        }
         let Some(open) = self.open.remove(request_id) else {
-            return SettleOutcome::Unknown;
+            return match self.finished.get(&fingerprint(request_id)) {
+                Some(&how) => SettleOutcome::AlreadySettled(how),
+                None => SettleOutcome::Unknown,
+            };
         };
         let prices = self.policy.prices;
         for hold in &open.holds {
@@ -681,11 +717,11 @@ impl QuotaLedger {
         rules: &RuleSet,
         now_s: u64,
     ) -> SettleOutcome {
-        if let Some(&how) = self.finished.get(&fingerprint(request_id)) {
-            return SettleOutcome::AlreadySettled(how);
-        }
         if self.open.contains_key(request_id) {
             return self.settle(request_id, actual, now_s);
+        }
+        if let Some(&how) = self.finished.get(&fingerprint(request_id)) {
+            return SettleOutcome::AlreadySettled(how);
         }
         let prices = self.policy.prices;
         for rule in rules.applicable(device, now_s) {
@@ -711,11 +747,11 @@ impl QuotaLedger {
     /// Drop a reservation without charging (upstream refused the request). Idempotent. Do not
     /// refund a request that consumed anything: settle it.
     pub fn refund(&mut self, request_id: &str, now_s: u64) -> RefundOutcome {
-        if let Some(&how) = self.finished.get(&fingerprint(request_id)) {
-            return RefundOutcome::AlreadySettled(how);
-        }
         let Some(open) = self.open.remove(request_id) else {
-            return RefundOutcome::Unknown;
+            return match self.finished.get(&fingerprint(request_id)) {
+                Some(&how) => RefundOutcome::AlreadySettled(how),
+                None => RefundOutcome::Unknown,
+            };
         };
         self.release(&open);
         self.remember(request_id, Finish::Refunded, now_s);
