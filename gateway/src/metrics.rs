@@ -1,10 +1,16 @@
 //! Prometheus metrics, registered on a registry passed in (no globals). Label values come
 //! from closed enums only; device ids never become labels. The catalog is `docs/metrics.md`.
 
+use std::sync::{Arc, OnceLock};
+
+use policy::route::RouteClass;
+use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
+
+use crate::proxy::ctx::Protocol;
 
 /// Latency buckets in seconds: 100 µs .. 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -74,6 +80,8 @@ pub struct Metrics {
     pub devices: IntGauge,
     /// `fleetgate_config_reloads_total`
     pub reloads: IntCounter,
+    /// The children of the vectors above that every proxied request updates.
+    pub per_request: Arc<PerRequest>,
     /// `process_*` (standard names), refreshed from `/proc/self` at every scrape.
     process: ProcessMetrics,
 }
@@ -185,36 +193,63 @@ fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
 impl Metrics {
     pub fn register(registry: Registry) -> prometheus::Result<Metrics> {
         let r = &registry;
+        let requests = counter_vec(
+            r,
+            "fleetgate_requests_total",
+            "Device requests and WebSocket sessions by route class, protocol and status class.",
+            &["route", "protocol", "status_class"],
+        )?;
+        let duration = histogram_vec(
+            r,
+            "fleetgate_request_duration_seconds",
+            "Device-observed request duration (REST/SSE; WebSocket: session length).",
+            &["route", "protocol"],
+        )?;
+        let first_byte = histogram_vec(
+            r,
+            "fleetgate_upstream_first_byte_seconds",
+            "Time from admission to the upstream's response header.",
+            &["route", "protocol"],
+        )?;
+        let overhead = histogram_vec(
+            r,
+            "fleetgate_gateway_overhead_seconds",
+            "Time the gateway spends before sending a request upstream (admission, limits, quota hold, upstream credential).",
+            &["route"],
+        )?;
+        let relayed_bytes = counter_vec(
+            r,
+            "fleetgate_relayed_bytes_total",
+            "Bytes relayed, by direction (uplink = device to upstream).",
+            &["direction"],
+        )?;
+        let metered = counter_vec(
+            r,
+            "fleetgate_metered_units_total",
+            "Metered consumption, by meter (llm_input_tokens, llm_output_tokens, audio_in_ms, audio_out_ms, tts_chars, voice_session_ms, requests).",
+            &["meter"],
+        )?;
+        let per_request = Arc::new(PerRequest::new(
+            &requests,
+            &duration,
+            &first_byte,
+            &overhead,
+            &relayed_bytes,
+            &metered,
+        ));
         let m = Metrics {
-            requests: counter_vec(
-                r,
-                "fleetgate_requests_total",
-                "Device requests and WebSocket sessions by route class, protocol and status class.",
-                &["route", "protocol", "status_class"],
-            )?,
+            requests,
+            duration,
+            first_byte,
+            overhead,
+            relayed_bytes,
+            metered,
+            per_request,
             denials: counter_vec(
                 r,
                 "fleetgate_denials_total",
                 "Requests refused by the gateway, by deny reason.",
                 &["reason"],
-            )?,
-            duration: histogram_vec(
-                r,
-                "fleetgate_request_duration_seconds",
-                "Device-observed request duration (REST/SSE; WebSocket: session length).",
-                &["route", "protocol"],
-            )?,
-            first_byte: histogram_vec(
-                r,
-                "fleetgate_upstream_first_byte_seconds",
-                "Time from admission to the upstream's response header.",
-                &["route", "protocol"],
-            )?,
-            overhead: histogram_vec(
-                r,
-                "fleetgate_gateway_overhead_seconds",
-                "Time the gateway spends before sending a request upstream (admission, limits, quota hold, upstream credential).",
-                &["route"],
             )?,
             ws_frames: counter_vec(
                 r,
@@ -228,12 +263,6 @@ impl Metrics {
                 "Open WebSocket sessions.",
             )?,
             sse_streams: gauge(r, "fleetgate_sse_streams", "Open SSE streams.")?,
-            relayed_bytes: counter_vec(
-                r,
-                "fleetgate_relayed_bytes_total",
-                "Bytes relayed, by direction (uplink = device to upstream).",
-                &["direction"],
-            )?,
             tokens_issued: counter_vec(
                 r,
                 "fleetgate_tokens_issued_total",
@@ -302,12 +331,6 @@ impl Metrics {
                 "fleetgate_cluster_redis_up",
                 "Cluster mode: 1 while the last Redis command succeeded, 0 while Redis is unreachable.",
             )?,
-            metered: counter_vec(
-                r,
-                "fleetgate_metered_units_total",
-                "Metered consumption, by meter (llm_input_tokens, llm_output_tokens, audio_in_ms, audio_out_ms, tts_chars, voice_session_ms, requests).",
-                &["meter"],
-            )?,
             usage_missing: counter_vec(
                 r,
                 "fleetgate_usage_missing_total",
@@ -373,30 +396,165 @@ impl Metrics {
 
 /// Adds a request's consumption to `fleetgate_metered_units_total`.
 pub fn record_usage(m: &Metrics, u: &policy::metering::Usage, voice_session_ms: u64) {
-    for (meter, v) in [
-        ("llm_input_tokens", u.llm_input_tokens),
-        ("llm_output_tokens", u.llm_output_tokens),
-        ("audio_in_ms", u.audio_in_ms),
-        ("audio_out_ms", u.audio_out_ms),
-        ("tts_chars", u.tts_chars),
-        ("voice_session_ms", voice_session_ms),
-    ] {
+    let values = [
+        u.llm_input_tokens,
+        u.llm_output_tokens,
+        u.audio_in_ms,
+        u.audio_out_ms,
+        u.tts_chars,
+        voice_session_ms,
+        1, // requests
+    ];
+    for (i, (meter, v)) in METERS.iter().zip(values).enumerate() {
         if v > 0 {
-            m.metered.with_label_values(&[meter]).inc_by(v);
+            m.per_request.metered.with(i, &[meter], |c| c.inc_by(v));
         }
     }
-    m.metered.with_label_values(&["requests"]).inc();
+}
+
+/// `fleetgate_metered_units_total{meter}` values, in [`record_usage`]'s order.
+const METERS: [&str; 7] = [
+    "llm_input_tokens",
+    "llm_output_tokens",
+    "audio_in_ms",
+    "audio_out_ms",
+    "tts_chars",
+    "voice_session_ms",
+    "requests",
+];
+
+/// `status_class` label values, indexed by [`status_class_index`].
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+fn status_class_index(status: u16) -> usize {
+    match status {
+        100..=599 => usize::from(status / 100 - 1),
+        _ => 5,
+    }
 }
 
 /// `2xx`, `4xx`, ... for a status code.
 pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "none",
+    STATUS_CLASSES
+        .get(status_class_index(status))
+        .copied()
+        .unwrap_or("none")
+}
+
+/// A metric vector's children, resolved once per label combination on first use (so `/metrics`
+/// still shows only the series that happened) instead of a label-map lookup per update, which
+/// hashes every label value, takes a read lock and clones an `Arc`. Combinations are numbered
+/// by the caller from closed enums; the labels passed with an index must always be the same.
+pub struct Children<M> {
+    resolve: Resolve<M>,
+    cells: Box<[OnceLock<M>]>,
+}
+
+/// `with_label_values` of the vector a [`Children`] caches.
+type Resolve<M> = Box<dyn Fn(&[&str]) -> M + Send + Sync>;
+
+impl<M: Send + Sync + 'static> Children<M> {
+    fn new<B>(vec: &MetricVec<B>, combinations: usize) -> Children<M>
+    where
+        B: MetricVecBuilder<M = M> + 'static,
+    {
+        let vec = vec.clone();
+        Children {
+            resolve: Box::new(move |labels| vec.with_label_values(labels)),
+            cells: (0..combinations).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// Runs `f` on the child for combination `index`, whose label values are `labels`.
+    pub fn with(&self, index: usize, labels: &[&str], f: impl FnOnce(&M)) {
+        match self.cells.get(index) {
+            Some(cell) => f(cell.get_or_init(|| (self.resolve)(labels))),
+            // Not a numbered combination: the plain lookup.
+            None => f(&(self.resolve)(labels)),
+        }
+    }
+}
+
+type CounterChildren = Children<IntCounter>;
+type HistogramChildren = Children<prometheus::Histogram>;
+
+/// Route labels: `none` (refused before a route was known), then every [`RouteClass`].
+const ROUTES: usize = 1 + RouteClass::ALL.len();
+const PROTOCOLS: usize = 2;
+
+fn route_index(route: Option<RouteClass>) -> usize {
+    route.map_or(0, |c| 1 + c as usize)
+}
+
+fn route_label(route: Option<RouteClass>) -> &'static str {
+    route.map_or("none", RouteClass::as_str)
+}
+
+/// What the REST/SSE proxy path updates on every request, as [`Children`].
+pub struct PerRequest {
+    requests: CounterChildren,
+    duration: HistogramChildren,
+    first_byte: HistogramChildren,
+    overhead: HistogramChildren,
+    relayed_bytes: CounterChildren,
+    metered: CounterChildren,
+}
+
+impl PerRequest {
+    fn new(
+        requests: &IntCounterVec,
+        duration: &HistogramVec,
+        first_byte: &HistogramVec,
+        overhead: &HistogramVec,
+        relayed_bytes: &IntCounterVec,
+        metered: &IntCounterVec,
+    ) -> PerRequest {
+        PerRequest {
+            requests: Children::new(requests, ROUTES * PROTOCOLS * STATUS_CLASSES.len()),
+            duration: Children::new(duration, ROUTES * PROTOCOLS),
+            first_byte: Children::new(first_byte, ROUTES * PROTOCOLS),
+            overhead: Children::new(overhead, ROUTES),
+            relayed_bytes: Children::new(relayed_bytes, 2),
+            metered: Children::new(metered, METERS.len()),
+        }
+    }
+
+    /// `fleetgate_requests_total{route,protocol,status_class}` += 1.
+    pub fn count(&self, route: Option<RouteClass>, proto: Protocol, status: u16) {
+        let class = status_class_index(status);
+        let index =
+            (route_index(route) * PROTOCOLS + proto as usize) * STATUS_CLASSES.len() + class;
+        let labels = [route_label(route), proto.as_str(), status_class(status)];
+        self.requests.with(index, &labels, IntCounter::inc);
+    }
+
+    /// `fleetgate_request_duration_seconds{route,protocol}`.
+    pub fn duration(&self, route: Option<RouteClass>, proto: Protocol, seconds: f64) {
+        let index = route_index(route) * PROTOCOLS + proto as usize;
+        let labels = [route_label(route), proto.as_str()];
+        self.duration.with(index, &labels, |h| h.observe(seconds));
+    }
+
+    /// `fleetgate_upstream_first_byte_seconds{route,protocol}`.
+    pub fn first_byte(&self, route: Option<RouteClass>, proto: Protocol, seconds: f64) {
+        let index = route_index(route) * PROTOCOLS + proto as usize;
+        let labels = [route_label(route), proto.as_str()];
+        self.first_byte.with(index, &labels, |h| h.observe(seconds));
+    }
+
+    /// `fleetgate_gateway_overhead_seconds{route}`.
+    pub fn overhead(&self, route: RouteClass, seconds: f64) {
+        let index = route_index(Some(route));
+        self.overhead
+            .with(index, &[route.as_str()], |h| h.observe(seconds));
+    }
+
+    /// `fleetgate_relayed_bytes_total{direction}`.
+    pub fn relayed(&self, uplink: u64, downlink: u64) {
+        self.relayed_bytes
+            .with(0, &["uplink"], |c| c.inc_by(uplink));
+        self.relayed_bytes
+            .with(1, &["downlink"], |c| c.inc_by(downlink));
     }
 }
 
@@ -450,5 +608,84 @@ mod tests {
                 "{documented} is documented but not registered"
             );
         }
+    }
+
+    #[test]
+    fn status_classes() {
+        for (status, class) in [
+            (0, "none"),
+            (99, "none"),
+            (101, "1xx"),
+            (200, "2xx"),
+            (299, "2xx"),
+            (304, "3xx"),
+            (429, "4xx"),
+            (502, "5xx"),
+            (599, "5xx"),
+            (600, "none"),
+        ] {
+            assert_eq!(status_class(status), class, "{status}");
+        }
+    }
+
+    /// The cached children land on the same series `with_label_values` names, every
+    /// combination a distinct one, and only combinations that happened are exported.
+    #[test]
+    fn per_request_children_are_the_labelled_series() {
+        let m = Metrics::register(Registry::new()).unwrap();
+        let per = &m.per_request;
+        let routes = std::iter::once(None).chain(RouteClass::ALL.map(Some));
+        let mut n = 0;
+        for route in routes {
+            for proto in [Protocol::Rest, Protocol::Sse] {
+                for status in [101, 200, 302, 404, 503, 0] {
+                    n += 1;
+                    for _ in 0..n {
+                        per.count(route, proto, status);
+                    }
+                    let labels = [route_label(route), proto.as_str(), status_class(status)];
+                    assert_eq!(m.requests.with_label_values(&labels).get(), n, "{labels:?}");
+                }
+                per.duration(route, proto, 0.5);
+                per.first_byte(route, proto, 0.25);
+                let labels = [route_label(route), proto.as_str()];
+                assert_eq!(m.duration.with_label_values(&labels).get_sample_count(), 1);
+                assert_eq!(
+                    m.first_byte.with_label_values(&labels).get_sample_sum(),
+                    0.25
+                );
+            }
+        }
+        per.overhead(RouteClass::Voice, 0.001);
+        assert_eq!(
+            m.overhead.with_label_values(&["voice"]).get_sample_count(),
+            1
+        );
+        per.relayed(3, 5);
+        per.relayed(1, 1);
+        assert_eq!(m.relayed_bytes.with_label_values(&["uplink"]).get(), 4);
+        assert_eq!(m.relayed_bytes.with_label_values(&["downlink"]).get(), 6);
+    }
+
+    #[test]
+    fn usage_is_recorded_per_meter_and_unused_meters_are_not_exported() {
+        let m = Metrics::register(Registry::new()).unwrap();
+        let usage = policy::metering::Usage {
+            llm_output_tokens: 7,
+            tts_chars: 3,
+            ..Default::default()
+        };
+        record_usage(&m, &usage, 0);
+        record_usage(&m, &usage, 40);
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(text.contains("fleetgate_metered_units_total{meter=\"llm_output_tokens\"} 14"));
+        assert!(text.contains("fleetgate_metered_units_total{meter=\"tts_chars\"} 6"));
+        assert!(text.contains("fleetgate_metered_units_total{meter=\"voice_session_ms\"} 40"));
+        assert!(text.contains("fleetgate_metered_units_total{meter=\"requests\"} 2"));
+        assert!(!text.contains("meter=\"audio_in_ms\""), "{text}");
+        assert!(
+            !text.contains("fleetgate_gateway_overhead_seconds"),
+            "untouched vectors stay empty"
+        );
     }
 }

@@ -171,9 +171,8 @@ impl ProxyHttp for Gateway {
             })?;
         self.state
             .metrics
-            .overhead
-            .with_label_values(&[admission.route.class.as_str()])
-            .observe(ctx.started.elapsed().as_secs_f64());
+            .per_request
+            .overhead(admission.route.class, ctx.started.elapsed().as_secs_f64());
         upstream::rewrite(req, &self.rest, &auth, admission)
     }
 

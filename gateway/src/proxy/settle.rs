@@ -9,7 +9,6 @@
 use pingora::prelude::*;
 
 use super::ctx::RequestCtx;
-use crate::metrics::status_class;
 use crate::state::GatewayState;
 
 /// The upstream body is complete: finish the meter and settle the quota now.
@@ -64,29 +63,20 @@ pub fn finish(
 ) {
     let m = &state.metrics;
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    let class = ctx.admission.as_ref().map(|a| a.route.class);
     let route = ctx.route_label();
     let proto = ctx.protocol.as_str();
-    m.requests
-        .with_label_values(&[route, proto, status_class(status)])
-        .inc();
+    let per = &m.per_request;
+    per.count(class, ctx.protocol, status);
     if let Some(reason) = ctx.denied {
         m.denials.with_label_values(&[reason.code()]).inc();
     }
     let elapsed = ctx.started.elapsed();
-    m.duration
-        .with_label_values(&[route, proto])
-        .observe(elapsed.as_secs_f64());
+    per.duration(class, ctx.protocol, elapsed.as_secs_f64());
     if let Some(fb) = ctx.first_byte_at {
-        m.first_byte
-            .with_label_values(&[route, proto])
-            .observe((fb - ctx.started).as_secs_f64());
+        per.first_byte(class, ctx.protocol, (fb - ctx.started).as_secs_f64());
     }
-    m.relayed_bytes
-        .with_label_values(&["uplink"])
-        .inc_by(ctx.request_bytes);
-    m.relayed_bytes
-        .with_label_values(&["downlink"])
-        .inc_by(ctx.response_bytes);
+    per.relayed(ctx.request_bytes, ctx.response_bytes);
     let metered = match ctx.metered.take() {
         Some(done) => done,
         None => std::mem::take(&mut ctx.meter).finish(),
