@@ -40,8 +40,8 @@ pub struct DeviceApp {
 
 /// Outcome of reading a request head.
 enum Head {
-    /// A complete head (and possibly bytes after it).
-    Complete(BytesMut),
+    /// A complete head (and possibly bytes after it); `websocket` when it asks for an upgrade.
+    Complete { buf: BytesMut, websocket: bool },
     /// Bytes that are not a parseable head; pingora answers them (400/431).
     Unparsed(BytesMut),
     /// Connection closed, timed out idle, or shutting down.
@@ -65,7 +65,10 @@ async fn read_head(stream: &mut Stream, shutdown: &ShutdownWatch) -> Head {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => return Head::Complete(buf),
+            Ok(httparse::Status::Complete(_)) => {
+                let websocket = is_websocket_upgrade(&req);
+                return Head::Complete { buf, websocket };
+            }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
             _ => return Head::Unparsed(buf),
         }
@@ -90,20 +93,16 @@ async fn read_head(stream: &mut Stream, shutdown: &ShutdownWatch) -> Head {
     }
 }
 
-/// True when the head is a WebSocket upgrade request (`GET` + `Upgrade: websocket`).
-pub fn is_websocket_upgrade(head: &[u8]) -> bool {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) || req.method != Some("GET") {
-        return false;
-    }
-    req.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("upgrade")
-            && std::str::from_utf8(h.value).is_ok_and(|v| {
-                v.split(',')
-                    .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
-            })
-    })
+/// True when a parsed head is a WebSocket upgrade request (`GET` + `Upgrade: websocket`).
+fn is_websocket_upgrade(req: &httparse::Request<'_, '_>) -> bool {
+    req.method == Some("GET")
+        && req.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("upgrade")
+                && std::str::from_utf8(h.value).is_ok_and(|v| {
+                    v.split(',')
+                        .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+                })
+        })
 }
 
 #[async_trait]
@@ -120,11 +119,14 @@ impl ServerApp for DeviceApp {
         let mut persistent: Option<HttpPersistentSettings> = None;
         loop {
             let prefix = match read_head(&mut stream, shutdown).await {
-                Head::Complete(buf) if is_websocket_upgrade(&buf) => {
+                Head::Complete {
+                    buf,
+                    websocket: true,
+                } => {
                     self.ws.serve(stream, buf).await;
                     return None;
                 }
-                Head::Complete(buf) | Head::Unparsed(buf) => buf,
+                Head::Complete { buf, .. } | Head::Unparsed(buf) => buf,
                 Head::Closed => return None,
             };
             let mut session = ServerSession::new_http1(stream);
@@ -153,19 +155,55 @@ impl ServerApp for DeviceApp {
 mod tests {
     use super::*;
 
+    fn upgrade(head: &[u8]) -> bool {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        assert!(matches!(req.parse(head), Ok(httparse::Status::Complete(_))));
+        is_websocket_upgrade(&req)
+    }
+
     #[test]
     fn detects_websocket_upgrades_only() {
-        assert!(is_websocket_upgrade(
+        assert!(upgrade(
             b"GET /v1/chat?bot_id=1 HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\r\n"
         ));
-        assert!(!is_websocket_upgrade(
+        assert!(upgrade(
+            b"GET /v1/chat HTTP/1.1\r\nUpgrade: h2c, websocket\r\n\r\n"
+        ));
+        assert!(!upgrade(
             b"POST /v1/chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"
         ));
-        assert!(!is_websocket_upgrade(
-            b"GET /v3/chat HTTP/1.1\r\nHost: x\r\n\r\n"
-        ));
-        assert!(!is_websocket_upgrade(
-            b"GET /v1/chat HTTP/1.1\r\nUpgrade: websocket\r\n"
-        ));
+        assert!(!upgrade(b"GET /v3/chat HTTP/1.1\r\nHost: x\r\n\r\n"));
+    }
+
+    /// A head that arrives in pieces is read whole, with the bytes after it, and classified.
+    #[tokio::test]
+    async fn reads_split_heads_whole() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let head = b"GET /v1/chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\nEXTRA";
+        let client = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            for part in head.chunks(7) {
+                c.write_all(part).await.unwrap();
+                c.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            c
+        });
+        let (s, _) = listener.accept().await.unwrap();
+        let mut stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(s));
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        match read_head(&mut stream, &rx).await {
+            Head::Complete { buf, websocket } => {
+                assert!(websocket);
+                // The whole head, and whatever of the bytes after it came with its last piece.
+                let end = head.len() - "EXTRA".len();
+                assert!(buf.len() >= end && head.starts_with(&buf), "{buf:?}");
+            }
+            _ => panic!("head not read whole"),
+        }
+        drop(client.await.unwrap());
     }
 }
