@@ -35,6 +35,7 @@ pub fn new_logid(unix_ms: u64) -> String {
     out.iter().map(|&b| char::from(b)).collect()
 }
 
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);

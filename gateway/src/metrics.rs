@@ -486,8 +486,17 @@ fn route_index(route: Option<RouteClass>) -> usize {
     route.map_or(0, |c| 1 + c as usize)
 }
 
-fn route_label(route: Option<RouteClass>) -> &'static str {
+/// The `route` label: the route class, or `none` when admission resolved none.
+pub fn route_label(route: Option<RouteClass>) -> &'static str {
     route.map_or("none", RouteClass::as_str)
+}
+
+/// The combination number and label values of a (`route`, `protocol`) pair.
+fn route_protocol(route: Option<RouteClass>, proto: Protocol) -> (usize, [&'static str; 2]) {
+    (
+        route_index(route) * PROTOCOLS + proto as usize,
+        [route_label(route), proto.as_str()],
+    )
 }
 
 /// What the REST/SSE proxy path updates on every request, as [`Children`].
@@ -521,24 +530,21 @@ impl PerRequest {
 
     /// `fleetgate_requests_total{route,protocol,status_class}` += 1.
     pub fn count(&self, route: Option<RouteClass>, proto: Protocol, status: u16) {
-        let class = status_class_index(status);
-        let index =
-            (route_index(route) * PROTOCOLS + proto as usize) * STATUS_CLASSES.len() + class;
-        let labels = [route_label(route), proto.as_str(), status_class(status)];
+        let (pair, [route, proto]) = route_protocol(route, proto);
+        let index = pair * STATUS_CLASSES.len() + status_class_index(status);
+        let labels = [route, proto, status_class(status)];
         self.requests.with(index, &labels, IntCounter::inc);
     }
 
     /// `fleetgate_request_duration_seconds{route,protocol}`.
     pub fn duration(&self, route: Option<RouteClass>, proto: Protocol, seconds: f64) {
-        let index = route_index(route) * PROTOCOLS + proto as usize;
-        let labels = [route_label(route), proto.as_str()];
+        let (index, labels) = route_protocol(route, proto);
         self.duration.with(index, &labels, |h| h.observe(seconds));
     }
 
     /// `fleetgate_upstream_first_byte_seconds{route,protocol}`.
     pub fn first_byte(&self, route: Option<RouteClass>, proto: Protocol, seconds: f64) {
-        let index = route_index(route) * PROTOCOLS + proto as usize;
-        let labels = [route_label(route), proto.as_str()];
+        let (index, labels) = route_protocol(route, proto);
         self.first_byte.with(index, &labels, |h| h.observe(seconds));
     }
 

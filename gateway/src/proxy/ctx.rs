@@ -76,9 +76,8 @@ impl RequestCtx {
         }
     }
 
-    pub fn route_label(&self) -> &'static str {
-        self.admission
-            .as_ref()
-            .map_or("none", |a| a.route.class.as_str())
+    /// The route class, once admission resolved one.
+    pub fn route_class(&self) -> Option<policy::route::RouteClass> {
+        self.admission.as_ref().map(|a| a.route.class)
     }
 }

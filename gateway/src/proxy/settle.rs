@@ -63,8 +63,8 @@ pub fn finish(
 ) {
     let m = &state.metrics;
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
-    let class = ctx.admission.as_ref().map(|a| a.route.class);
-    let route = ctx.route_label();
+    let class = ctx.route_class();
+    let route = crate::metrics::route_label(class);
     let proto = ctx.protocol.as_str();
     let per = &m.per_request;
     per.count(class, ctx.protocol, status);
