@@ -6,6 +6,7 @@
 //! and a Markdown report with each figure's median over the repeats and the ratios
 //! gateway/direct, gateway/nginx, gateway/pingora and pingora/nginx.
 
+mod instr;
 mod procs;
 mod report;
 mod rest;
@@ -35,6 +36,9 @@ enum Scenario {
     WsVoice,
     /// Many distinct devices (tokens, rules), requests spread across them.
     Devices,
+    /// Instructions and allocations per REST request, counted under valgrind's callgrind
+    /// (gateway and pingora-bare): deterministic where the timed figures are noisy.
+    Instr,
     /// Gateway only: steady mixed REST + SSE + WebSocket load for `--minutes`, asserting flat
     /// RSS after warm-up, fds back to baseline and zero errors (exit code 1 otherwise).
     Soak,
@@ -80,6 +84,9 @@ struct Args {
     /// REST: requests per second of the open-loop run.
     #[arg(long, default_value_t = 3000.0)]
     rate: f64,
+    /// Instr: requests counted per repeat (default 20000; quick 500).
+    #[arg(long)]
+    requests: Option<u64>,
     /// SSE: concurrent streams.
     #[arg(long, default_value_t = 32)]
     streams: usize,
@@ -134,7 +141,15 @@ struct Env {
 impl Env {
     async fn start(args: &Args, bin_dir: &Path) -> Result<Env> {
         let sandbox = Sandbox::start(bin_dir, 20, 16).await?;
-        let gateway = Gateway::start(bin_dir, &sandbox.base_url, args.threads).await?;
+        let wrap = |name: &str| -> Vec<String> {
+            if args.scenario == Scenario::Instr {
+                instr::valgrind(&out_dir(args), name)
+            } else {
+                Vec::new()
+            }
+        };
+        let gateway =
+            Gateway::start(bin_dir, &sandbox.base_url, args.threads, &wrap("gateway")).await?;
         let token = gateway
             .register(&["bench-0".to_owned()])
             .await?
@@ -154,7 +169,7 @@ impl Env {
             None
         };
         let pingora = if want_pingora(args) {
-            Some(PingoraBare::start(bin_dir, &sandbox.addr, args.threads).await?)
+            Some(PingoraBare::start(bin_dir, &sandbox.addr, args.threads, &wrap("pingora")).await?)
         } else {
             None
         };
@@ -224,7 +239,7 @@ fn want_pingora(args: &Args) -> bool {
     args.targets.iter().any(|t| t == "pingora")
         && matches!(
             args.scenario,
-            Scenario::Rest | Scenario::Sse | Scenario::Devices
+            Scenario::Rest | Scenario::Sse | Scenario::Devices | Scenario::Instr
         )
 }
 
@@ -289,6 +304,10 @@ async fn run(args: Args, fds: u64) -> Result<()> {
         }
         Scenario::Devices => {
             scenario_devices(&args, &bin_dir, &tmp.0, repeats, secs, &mut rep).await?
+        }
+        Scenario::Instr => {
+            let n = args.requests.unwrap_or(if q { 500 } else { 20_000 });
+            scenario_instr(&args, &bin_dir, repeats, n, &mut rep).await?
         }
         Scenario::Soak => unreachable!("handled above"),
     }
@@ -457,6 +476,57 @@ async fn scenario_rest(
     if want_pingora(args) {
         rep.notes.push(PINGORA_NOTE.to_owned());
     }
+    env.stop().await;
+    Ok(())
+}
+
+async fn scenario_instr(
+    args: &Args,
+    bin_dir: &Path,
+    repeats: usize,
+    requests: u64,
+    rep: &mut Report,
+) -> Result<()> {
+    instr::check_tools()?;
+    std::fs::create_dir_all(out_dir(args).join("callgrind"))?;
+    let env = Env::start(args, bin_dir).await?;
+    let targets: Vec<Target> = env
+        .targets(&args.targets)
+        .into_iter()
+        .filter(|t| matches!(t.name, "gateway" | "pingora"))
+        .collect();
+    if targets.is_empty() {
+        return Err(anyhow!("instr measures --targets gateway and/or pingora"));
+    }
+    let c = args.concurrency;
+    for r in 0..repeats {
+        for t in &targets {
+            eprintln!("[instr] repeat {}/{repeats}: {}", r + 1, t.name);
+            let m = instr::run(t, &out_dir(args), requests, c).await?;
+            let n = t.name;
+            rep.record(
+                "instructions per request",
+                "Ir",
+                "lower",
+                n,
+                m.ir_per_request,
+            );
+            rep.record(
+                "allocations per request",
+                "count",
+                "lower",
+                n,
+                m.allocs_per_request,
+            );
+        }
+    }
+    rep.notes.push(format!(
+        "Instr: GET {} through each proxy running under `{}`; {requests} requests at concurrency {c} (keep-alive) between a `callgrind_control --zero` and a `--dump`, after a warm-up of {} requests. Instructions (callgrind Ir) and allocator calls (mi_malloc/zalloc/realloc_aligned) of the proxy process, divided by the requests; the dumps are in {}/callgrind/ (read them with callgrind_annotate).",
+        rest::PATH,
+        instr::valgrind(Path::new("<out>"), "<target>").join(" "),
+        instr::WARMUP,
+        out_dir(args).display(),
+    ));
     env.stop().await;
     Ok(())
 }

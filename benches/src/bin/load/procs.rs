@@ -111,6 +111,7 @@ pub struct Gateway {
     pub http: reqwest::Client,
     keyring: Keyring,
     bin_dir: PathBuf,
+    wrap: Vec<String>,
     _dir: TempDir,
 }
 
@@ -122,13 +123,25 @@ struct Spawned {
     admin: String,
 }
 
+/// `bin` as a command, or `wrap[0] wrap[1..] bin` when a wrapper (e.g. valgrind) is given.
+fn command(wrap: &[String], bin: &Path) -> Command {
+    match wrap.split_first() {
+        None => Command::new(bin),
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+    }
+}
+
 /// Spawns `fleetgate serve` on the config in `dir` and waits for its readiness line (written
 /// once the store is loaded and the listeners are up).
-async fn spawn_gateway(bin_dir: &Path, dir: &Path) -> Result<Spawned> {
+async fn spawn_gateway(bin_dir: &Path, dir: &Path, wrap: &[String]) -> Result<Spawned> {
     let cfg = dir.join("config.toml");
     let log = dir.join("gateway.log");
     let key = base64::engine::general_purpose::STANDARD.encode(SIGNING_KEY);
-    let mut child = Command::new(bin_dir.join("fleetgate"))
+    let mut child = command(wrap, &bin_dir.join("fleetgate"))
         .args(["serve", "--ready-json", "-c"])
         .arg(&cfg)
         .env("FG_BENCH_ADMIN", ADMIN_TOKEN)
@@ -167,7 +180,13 @@ async fn spawn_gateway(bin_dir: &Path, dir: &Path) -> Result<Spawned> {
 impl Gateway {
     /// `fleetgate serve` on the full policy path: token verification, rate limit (enabled,
     /// high), quota check and charge (one generous fleet-wide rule), PAT injection, metering.
-    pub async fn start(bin_dir: &Path, upstream: &str, threads: usize) -> Result<Gateway> {
+    /// `wrap`: a command the binary runs under (empty: none), e.g. valgrind.
+    pub async fn start(
+        bin_dir: &Path,
+        upstream: &str,
+        threads: usize,
+        wrap: &[String],
+    ) -> Result<Gateway> {
         let dir = TempDir::new("gateway")?;
         let config = format!(
             r#"
@@ -201,7 +220,7 @@ path = "{store}"
             store = dir.0.join("store.redb").display(),
         );
         std::fs::write(dir.0.join("config.toml"), config)?;
-        let sp = spawn_gateway(bin_dir, &dir.0).await?;
+        let sp = spawn_gateway(bin_dir, &dir.0, wrap).await?;
         let keyring =
             Keyring::new([(KID, &SIGNING_KEY[..])], KID).map_err(|e| anyhow!("keyring: {e}"))?;
         let gw = Gateway {
@@ -212,6 +231,7 @@ path = "{store}"
             http: reqwest::Client::builder().no_proxy().build()?,
             keyring,
             bin_dir: bin_dir.to_owned(),
+            wrap: wrap.to_vec(),
             _dir: dir,
         };
         gw.fleet_rule().await?;
@@ -224,7 +244,7 @@ path = "{store}"
     pub async fn restart(&mut self) -> Result<f64> {
         terminate(&mut self.child, self.pid, "fleetgate").await?;
         let t = Instant::now();
-        let sp = spawn_gateway(&self.bin_dir, &self._dir.0).await?;
+        let sp = spawn_gateway(&self.bin_dir, &self._dir.0, &self.wrap).await?;
         let secs = t.elapsed().as_secs_f64();
         self.child = sp.child;
         self.pid = sp.pid;
@@ -442,7 +462,13 @@ impl PingoraBare {
     /// pingora's listener cannot bind port 0, so a free port is picked (bind :0, read, drop)
     /// and passed on; if the proxy does not come up on it (lost the port to someone else, or
     /// exited), it is killed and started again on another port, three attempts in all.
-    pub async fn start(bin_dir: &Path, upstream_addr: &str, threads: usize) -> Result<PingoraBare> {
+    /// `wrap` as for [`Gateway::start`].
+    pub async fn start(
+        bin_dir: &Path,
+        upstream_addr: &str,
+        threads: usize,
+        wrap: &[String],
+    ) -> Result<PingoraBare> {
         let dir = TempDir::new("pingora")?;
         let bin = bin_dir.join("pingora-bare");
         let mut last = String::new();
@@ -450,7 +476,7 @@ impl PingoraBare {
             let port = free_port()?;
             let addr = format!("127.0.0.1:{port}");
             let log = dir.0.join(format!("pingora-{attempt}.log"));
-            let mut child = Command::new(&bin)
+            let mut child = command(wrap, &bin)
                 .arg("--listen")
                 .arg(&addr)
                 .arg("--upstream")
@@ -466,7 +492,9 @@ impl PingoraBare {
             let pid = child
                 .id()
                 .ok_or_else(|| anyhow!("pingora-bare has no pid"))?;
-            let deadline = Instant::now() + Duration::from_secs(10);
+            // Under a wrapper such as valgrind start-up is many times slower.
+            let wait = if wrap.is_empty() { 10 } else { 60 };
+            let deadline = Instant::now() + Duration::from_secs(wait);
             let up = loop {
                 if answers(&addr).await {
                     break true;
