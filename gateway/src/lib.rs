@@ -35,4 +35,5 @@ pub mod telemetry;
 pub mod tokens;
 pub mod upstream;
 pub mod upstream_auth;
+pub mod verifier;
 pub mod ws;

@@ -80,13 +80,21 @@ pub fn reload(state: &GatewayState) -> Result<ReloadReport, ConfigErrors> {
         return Ok(ReloadReport::default());
     };
     let new = config::load_file(&path, &config::process_env)?;
-    state.set_keyring(new.tokens.keyring.clone());
+    state.set_verifier(crate::verifier::TokenVerifier::new(
+        new.tokens.keyring.clone(),
+        new.tokens.verify_cache_entries,
+    ));
     state.set_routes(new.routes.clone());
     state.set_rate_limits(crate::ratelimit::RateLimits::new(&new.rate_limits));
     state.metrics.reloads.inc();
     let report = ReloadReport {
         source: Some(path.display().to_string()),
-        applied: vec!["tokens.signing_keys", "routes", "rate_limits"],
+        applied: vec![
+            "tokens.signing_keys",
+            "tokens.verify_cache_entries",
+            "routes",
+            "rate_limits",
+        ],
         needs_restart: restart_only_changes(&state.config, &new),
     };
     tracing::info!(

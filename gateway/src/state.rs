@@ -22,8 +22,9 @@ pub enum Phase {
 
 pub struct GatewayState {
     pub config: GatewayConfig,
-    /// The token signing keys, swapped as a whole on reload (SIGHUP) for key rotation.
-    keyring: std::sync::RwLock<Arc<policy::token::Keyring>>,
+    /// The token signing keys and the memo of tokens they verified, swapped as a whole on
+    /// reload (SIGHUP) for key rotation.
+    verifier: std::sync::RwLock<Arc<crate::verifier::TokenVerifier>>,
     pub devices: DeviceRegistry,
     /// Durable copy of the registry, written by the admin API before the in-memory change.
     pub store: crate::store::Store,
@@ -69,7 +70,10 @@ impl GatewayState {
             routes: std::sync::RwLock::new(Arc::new(config.routes.clone())),
             quotas,
             upstream_auth,
-            keyring: std::sync::RwLock::new(Arc::new(config.tokens.keyring.clone())),
+            verifier: std::sync::RwLock::new(Arc::new(crate::verifier::TokenVerifier::new(
+                config.tokens.keyring.clone(),
+                config.tokens.verify_cache_entries,
+            ))),
             config,
             devices: DeviceRegistry::default(),
             store,
@@ -97,14 +101,15 @@ impl GatewayState {
         crate::locks::replace(&self.routes, Arc::new(r));
     }
 
-    /// The current signing keys (cheap: an `Arc` clone under a read lock).
-    pub fn keyring(&self) -> Arc<policy::token::Keyring> {
-        crate::locks::snapshot(&self.keyring)
+    /// The current signing keys and their verification memo (cheap: an `Arc` clone under a
+    /// read lock).
+    pub fn verifier(&self) -> Arc<crate::verifier::TokenVerifier> {
+        crate::locks::snapshot(&self.verifier)
     }
 
-    /// Installs new signing keys (reload).
-    pub fn set_keyring(&self, k: policy::token::Keyring) {
-        crate::locks::replace(&self.keyring, Arc::new(k));
+    /// Installs new signing keys (reload), with an empty verification memo.
+    pub fn set_verifier(&self, v: crate::verifier::TokenVerifier) {
+        crate::locks::replace(&self.verifier, Arc::new(v));
     }
 
     pub fn phase(&self) -> Phase {

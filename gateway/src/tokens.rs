@@ -60,7 +60,7 @@ pub fn mint_for_device(
         .with_label_values(&[grant])
         .inc();
     Ok(Minted {
-        access_token: state.keyring().mint(&claims),
+        access_token: state.verifier().keyring().mint(&claims),
         expires_in: claims.exp,
     })
 }

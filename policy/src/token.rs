@@ -89,13 +89,13 @@ pub struct DeviceStatus {
     pub credential_present: bool,
 }
 
-/// Checks verified claims against the device's current status.
-pub fn check_device(claims: &Claims, device: Option<DeviceStatus>) -> Result<(), TokenError> {
+/// Checks a verified token's device `generation` claim against the device's current status.
+pub fn check_device(generation: u64, device: Option<DeviceStatus>) -> Result<(), TokenError> {
     let d = device.ok_or(TokenError::UnknownDevice)?;
     if !d.enabled {
         return Err(TokenError::DeviceDisabled);
     }
-    if claims.generation != d.generation || !d.credential_present {
+    if generation != d.generation || !d.credential_present {
         return Err(TokenError::Revoked);
     }
     Ok(())
@@ -347,11 +347,14 @@ mod tests {
             generation: 3,
             credential_present: true,
         };
-        assert_eq!(check_device(&c, Some(ok)), Ok(()));
-        assert_eq!(check_device(&c, None), Err(TokenError::UnknownDevice));
+        assert_eq!(check_device(c.generation, Some(ok)), Ok(()));
+        assert_eq!(
+            check_device(c.generation, None),
+            Err(TokenError::UnknownDevice)
+        );
         assert_eq!(
             check_device(
-                &c,
+                c.generation,
                 Some(DeviceStatus {
                     enabled: false,
                     ..ok
@@ -361,7 +364,7 @@ mod tests {
         );
         assert_eq!(
             check_device(
-                &c,
+                c.generation,
                 Some(DeviceStatus {
                     generation: 4,
                     ..ok
@@ -371,7 +374,7 @@ mod tests {
         );
         assert_eq!(
             check_device(
-                &c,
+                c.generation,
                 Some(DeviceStatus {
                     credential_present: false,
                     ..ok

@@ -24,7 +24,9 @@ async fn call(gw: &GatewayProcess, token: &str) -> u16 {
 }
 
 /// Revoking, disabling or deleting a device makes every token issued before that moment fail
-/// on the very next request; re-enabling does not resurrect old tokens.
+/// on the very next request; re-enabling does not resurrect old tokens. Each token is used
+/// before the change, so it sits in the gateway's verified-token memo (`verifier`): the memo
+/// must never outlive a revocation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_disable_and_delete_invalidate_tokens_at_once() {
     let up = sandbox_upstream(SandboxConfig::default()).await;
@@ -385,7 +387,7 @@ async fn signing_keys_rotate_on_sighup() {
     assert_eq!(
         call(&gw, &old).await,
         401,
-        "tokens of the dropped key stop working"
+        "tokens of the dropped key stop working, although the memo had verified this one"
     );
     assert_eq!(call(&gw, &new).await, 200);
 }

@@ -244,6 +244,8 @@ pub struct TokenSettings {
     pub audience_from_host: bool,
     pub max_assertion_lifetime: Duration,
     pub max_assertion_skew: Duration,
+    /// Slots of the verified-token memo (`crate::verifier`); 0 turns it off.
+    pub verify_cache_entries: usize,
 }
 
 /// Validated `[rate_limits]` (0 = off).
@@ -840,6 +842,12 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
     if f.tokens.max_assertion_skew > Duration::from_secs(600) {
         c.err("tokens.max_assertion_skew", "must be at most 10m");
     }
+    if f.tokens.verify_cache_entries > crate::verifier::MAX_ENTRIES {
+        c.err(
+            "tokens.verify_cache_entries",
+            format!("must be at most {}", crate::verifier::MAX_ENTRIES),
+        );
+    }
     if !f.tokens.audience_from_host && f.tokens.audiences.is_empty() {
         c.err(
             "tokens.audiences",
@@ -954,6 +962,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             audience_from_host: f.tokens.audience_from_host,
             max_assertion_lifetime: f.tokens.max_assertion_lifetime,
             max_assertion_skew: f.tokens.max_assertion_skew,
+            verify_cache_entries: f.tokens.verify_cache_entries,
         },
         log: LogSettings {
             format: f.log.format,
@@ -1067,6 +1076,26 @@ mod tests {
             .iter()
             .map(|x| x.path.clone())
             .collect()
+    }
+
+    #[test]
+    fn verify_cache_entries_default_off_and_bound() {
+        assert_eq!(
+            load_str(MINIMAL, &env).unwrap().tokens.verify_cache_entries,
+            65_536
+        );
+        let with = |n: usize| format!("{MINIMAL}\nverify_cache_entries = {n}");
+        assert_eq!(
+            load_str(&with(0), &env)
+                .unwrap()
+                .tokens
+                .verify_cache_entries,
+            0
+        );
+        assert_eq!(
+            error_paths(&with(crate::verifier::MAX_ENTRIES + 1)),
+            ["tokens.verify_cache_entries"]
+        );
     }
 
     #[test]

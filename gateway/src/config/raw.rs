@@ -486,6 +486,13 @@ pub struct TokensConfig {
     /// Clock skew tolerated on assertion `iat`.
     #[serde(default = "d_skew", with = "humantime_serde")]
     pub max_assertion_skew: Duration,
+    /// Slots of the memo of verified access tokens (0: off).
+    #[serde(default = "d_verify_cache_entries")]
+    pub verify_cache_entries: usize,
+}
+
+fn d_verify_cache_entries() -> usize {
+    65_536
 }
 
 impl Default for TokensConfig {
@@ -498,6 +505,7 @@ impl Default for TokensConfig {
             audiences: Vec::new(),
             audience_from_host: true,
             max_assertion_lifetime: d_assertion_lifetime(),
+            verify_cache_entries: d_verify_cache_entries(),
             max_assertion_skew: d_skew(),
         }
     }

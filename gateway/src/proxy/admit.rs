@@ -73,27 +73,27 @@ fn token_denial(e: TokenError) -> Denial {
     Denial::new(DenyReason::InvalidToken, msg)
 }
 
-/// Verifies a device token with no I/O: signature, lifetime, then the device's current
-/// status in the in-memory registry.
+/// Verifies a device token with no I/O: signature and lifetime (remembered per token, see
+/// `verifier`), then the device's current status in the in-memory registry (every time).
 pub fn verify_token(
     state: &GatewayState,
     token: &str,
     now_s: u64,
 ) -> Result<(DeviceId, TokenPermit), Denial> {
-    let claims = state
-        .keyring()
+    let v = state
+        .verifier()
         .verify(token, now_s, IAT_LEEWAY_S)
         .map_err(token_denial)?;
     let status = state
         .devices
-        .get(&claims.sub)
-        .map(|d| d.status_for(claims.cred.as_deref()));
-    token::check_device(&claims, status).map_err(token_denial)?;
+        .get(&v.device)
+        .map(|d| d.status_for(v.cred.as_deref()));
+    token::check_device(v.generation, status).map_err(token_denial)?;
     let permit = TokenPermit {
-        generation: claims.generation,
-        cred: claims.cred,
+        generation: v.generation,
+        cred: v.cred,
     };
-    Ok((claims.sub, permit))
+    Ok((v.device, permit))
 }
 
 /// Whether an admitted session's token still holds (not revoked, device not disabled or
