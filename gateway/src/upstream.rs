@@ -12,6 +12,8 @@ use crate::config::UpstreamTarget;
 #[derive(Debug)]
 pub struct ResolvedUpstream {
     pub target: UpstreamTarget,
+    /// `Host` for proxied requests (`target.authority()`), built once.
+    pub host_header: http::HeaderValue,
     addr: RwLock<SocketAddr>,
 }
 
@@ -40,8 +42,15 @@ fn resolve(t: &UpstreamTarget) -> Result<SocketAddr, ResolveError> {
 impl ResolvedUpstream {
     pub fn new(target: UpstreamTarget) -> Result<Arc<ResolvedUpstream>, ResolveError> {
         let addr = resolve(&target)?;
+        let host_header =
+            http::HeaderValue::try_from(target.authority()).map_err(|_| ResolveError {
+                host: target.host.clone(),
+                port: target.port,
+                reason: "not a valid Host header value".into(),
+            })?;
         let me = Arc::new(ResolvedUpstream {
             target,
+            host_header,
             addr: RwLock::new(addr),
         });
         if me.target.host.parse::<std::net::IpAddr>().is_err() {

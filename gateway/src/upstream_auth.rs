@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use http::HeaderValue;
 use policy::ids::DeviceId;
 
 use crate::config::{UpstreamAuth, UpstreamJwt, UpstreamSettings};
@@ -37,8 +38,9 @@ use crate::state::now_ms;
 /// What to send upstream for one device.
 #[derive(Clone, Debug)]
 pub struct Authorization {
-    /// The full `Authorization` header value (`Bearer …`).
-    pub header: Arc<str>,
+    /// The full `Authorization` header value (`Bearer …`), marked sensitive. Built once per
+    /// credential: a clone is a reference count, not a copy.
+    pub header: HeaderValue,
     /// Add `X-Coze-DeviceInfo` (PAT mode: the token itself carries no device).
     pub device_info_header: bool,
 }
@@ -71,7 +73,9 @@ impl UpstreamCredentials {
     ) -> Result<UpstreamCredentials, String> {
         let mode = match &settings.auth {
             UpstreamAuth::Pat(pat) => Mode::Pat(Authorization {
-                header: Arc::from(format!("Bearer {}", pat.expose())),
+                header: bearer_value(pat.expose()).ok_or_else(|| {
+                    "upstream.pat: not a valid HTTP header value (control characters?)".to_owned()
+                })?,
                 device_info_header: true,
             }),
             UpstreamAuth::Jwt(j) => Mode::Jwt(Arc::new(Minter::new(settings, j, tls, metrics)?)),
@@ -95,7 +99,7 @@ impl UpstreamCredentials {
 }
 
 struct Cached {
-    header: Arc<str>,
+    header: HeaderValue,
     /// Unix milliseconds.
     expires_at_ms: u64,
 }
@@ -111,12 +115,20 @@ struct Entry {
 }
 
 impl Entry {
-    fn current(&self, now: u64) -> Option<(Arc<str>, u64)> {
+    fn current(&self, now: u64) -> Option<(HeaderValue, u64)> {
         let c = self.cached.read().unwrap_or_else(|p| p.into_inner());
         c.as_ref()
             .filter(|c| c.expires_at_ms > now + SAFETY_MS)
             .map(|c| (c.header.clone(), c.expires_at_ms))
     }
+}
+
+/// `Bearer <token>` as a header value marked sensitive (kept out of `Debug` output and
+/// HPACK tables); `None` if the token has bytes a header cannot carry.
+fn bearer_value(token: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::try_from(format!("Bearer {token}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 /// A token is not used in its last seconds (requests take time to reach the upstream).
@@ -193,7 +205,7 @@ impl Minter {
         e
     }
 
-    async fn get(self: &Arc<Self>, device: &DeviceId) -> Result<Arc<str>, UpstreamAuthError> {
+    async fn get(self: &Arc<Self>, device: &DeviceId) -> Result<HeaderValue, UpstreamAuthError> {
         let now = now_ms();
         let entry = self.entry(device, now);
         if let Some((header, expires)) = entry.current(now) {
@@ -234,7 +246,7 @@ impl Minter {
         &self,
         entry: &Entry,
         device: &DeviceId,
-    ) -> Result<Arc<str>, UpstreamAuthError> {
+    ) -> Result<HeaderValue, UpstreamAuthError> {
         match self.exchange(device).await {
             Ok(c) => {
                 let header = c.header.clone();
@@ -338,8 +350,12 @@ impl Minter {
             return Err(UpstreamAuthError::Refused { status, code });
         };
         // `expires_in` is an absolute unix time in seconds (Coze's contract).
+        let header = bearer_value(token).ok_or(UpstreamAuthError::Refused {
+            status,
+            code: "token_not_a_header_value".to_owned(),
+        })?;
         Ok(Cached {
-            header: Arc::from(format!("Bearer {token}")),
+            header,
             expires_at_ms: expires_in.saturating_mul(1000),
         })
     }

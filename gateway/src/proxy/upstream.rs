@@ -34,7 +34,19 @@ pub fn peer(up: &ResolvedUpstream, settings: &UpstreamSettings, path: &str) -> B
 /// `{"device_id":"<id>"}` for `X-Coze-DeviceInfo`. Device ids are validated to contain no
 /// characters that need JSON escaping, but serialise properly anyway.
 pub fn device_info_header(device: &str) -> String {
-    // On every proxied call: serde escapes the one string, no object map is built.
+    const HEAD: &str = "{\"device_id\":\"";
+    // On every proxied call: ids with nothing to escape (all valid ones) are copied as they
+    // are; anything else goes through serde's string escaping.
+    if device
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        let mut s = String::with_capacity(HEAD.len() + device.len() + 2);
+        s.push_str(HEAD);
+        s.push_str(device);
+        s.push_str("\"}");
+        return s;
+    }
     format!("{{\"device_id\":{}}}", serde_json::Value::from(device))
 }
 
@@ -49,7 +61,7 @@ pub fn rewrite(
 ) -> Result<()> {
     // `insert_header` replaces every value of the name: the device's own credentials and
     // attribution never reach the upstream.
-    req.insert_header(http::header::AUTHORIZATION, auth.header.as_ref())?;
+    req.insert_header(http::header::AUTHORIZATION, auth.header.clone())?;
     if auth.device_info_header {
         req.insert_header(
             "x-coze-deviceinfo",
@@ -58,7 +70,7 @@ pub fn rewrite(
     } else {
         req.remove_header("x-coze-deviceinfo");
     }
-    req.insert_header(http::header::HOST, up.target.authority())?;
+    req.insert_header(http::header::HOST, up.host_header.clone())?;
     Ok(())
 }
 

@@ -197,7 +197,9 @@ impl WsRelay {
             .authorization(&admission.device)
             .await
         {
-            Ok(a) => a,
+            // Boxed: it lives across the handshake's await, and the session future's size is
+            // part of the per-session memory budget (`session_future_stays_small`).
+            Ok(a) => Box::new(a),
             Err(e) => {
                 self.state.quotas.settle(
                     &logid,
