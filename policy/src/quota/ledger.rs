@@ -322,6 +322,8 @@ struct Hold {
 
 #[derive(Clone, Debug)]
 struct Open {
+    /// The id's [`fingerprint`], computed once at admission for the finished-id table.
+    fingerprint: Fingerprint,
     device: DeviceId,
     estimate: Consumption,
     observed: Consumption,
@@ -559,7 +561,8 @@ impl QuotaLedger {
                 expires_at_s: open.expires_at,
             });
         }
-        if self.finished.contains_key(&fingerprint(request_id)) {
+        let fp = fingerprint(request_id);
+        if self.finished.contains_key(&fp) {
             return Err(ReserveError::RequestIdReused);
         }
         self.check(rules, device, now_s)
@@ -590,6 +593,7 @@ impl QuotaLedger {
         self.open.insert(
             request_id.to_owned(),
             Open {
+                fingerprint: fp,
                 device: device.clone(),
                 estimate: *estimate,
                 observed: Consumption::default(),
@@ -702,7 +706,7 @@ impl QuotaLedger {
                 Some(now_s),
             );
         }
-        self.remember(request_id, Finish::Settled, now_s);
+        self.remember(open.fingerprint, Finish::Settled, now_s);
         SettleOutcome::Settled
     }
 
@@ -720,7 +724,8 @@ impl QuotaLedger {
         if self.open.contains_key(request_id) {
             return self.settle(request_id, actual, now_s);
         }
-        if let Some(&how) = self.finished.get(&fingerprint(request_id)) {
+        let fp = fingerprint(request_id);
+        if let Some(&how) = self.finished.get(&fp) {
             return SettleOutcome::AlreadySettled(how);
         }
         let prices = self.policy.prices;
@@ -740,7 +745,7 @@ impl QuotaLedger {
                 Some(now_s),
             );
         }
-        self.remember(request_id, Finish::Charged, now_s);
+        self.remember(fp, Finish::Charged, now_s);
         SettleOutcome::Settled
     }
 
@@ -754,7 +759,7 @@ impl QuotaLedger {
             };
         };
         self.release(&open);
-        self.remember(request_id, Finish::Refunded, now_s);
+        self.remember(open.fingerprint, Finish::Refunded, now_s);
         RefundOutcome::Refunded
     }
 
@@ -803,7 +808,7 @@ impl QuotaLedger {
                     None,
                 );
             }
-            self.remember(&id, Finish::Swept, now_s);
+            self.remember(open.fingerprint, Finish::Swept, now_s);
             out.push(Swept {
                 request_id: id,
                 device: open.device,
@@ -814,7 +819,7 @@ impl QuotaLedger {
         out
     }
 
-    fn remember(&mut self, request_id: &str, how: Finish, now_s: u64) {
+    fn remember(&mut self, key: Fingerprint, how: Finish, now_s: u64) {
         self.evict(now_s, 1);
         if self.finished.capacity() == 0 {
             // Sized once for the bound, at twice the entries: at the bound every insert follows
@@ -826,7 +831,6 @@ impl QuotaLedger {
             self.finished.reserve(max.saturating_mul(2));
             self.finished_order.reserve(max);
         }
-        let key = fingerprint(request_id);
         self.finished.insert(key, how);
         self.finished_order.push_back((key, now_s));
     }
@@ -1178,11 +1182,11 @@ mod memory_tests {
             remember_finished_max: 1_000,
             ..LedgerPolicy::default()
         });
-        l.remember("first", Finish::Refunded, 0);
+        l.remember(fingerprint("first"), Finish::Refunded, 0);
         let (map, queue) = (l.finished.capacity(), l.finished_order.capacity());
         assert!(map >= 2_000, "map reserved for the bound: {map}");
         for i in 0..50_000u32 {
-            l.remember(&format!("req-{i}"), Finish::Refunded, 0);
+            l.remember(fingerprint(&format!("req-{i}")), Finish::Refunded, 0);
             assert!(l.finished.len() <= 1_000);
             // `capacity()` is entries + free slots: tombstones lower it for a while, and an
             // in-place rehash restores it; only a reallocation would raise it.
