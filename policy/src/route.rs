@@ -162,27 +162,34 @@ fn matches_prefix(path: &str, prefix: &str) -> bool {
 /// True for origin-form paths with no dot segments, empty segments, backslashes, or encoded
 /// separators/dots/percent signs.
 pub fn is_canonical(path: &str) -> bool {
-    if !path.starts_with('/') || path.len() > 2048 {
+    // One pass, no allocation: this runs on every request.
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') || b.len() > 2048 {
         return false;
     }
-    if path.bytes().any(|b| b == b'\\' || !b.is_ascii_graphic()) {
-        return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%2e")
-        || lower.contains("%25")
-    {
-        return false;
-    }
-    let mut segments = path.split('/').skip(1).peekable();
-    while let Some(seg) = segments.next() {
-        if seg == "." || seg == ".." {
+    let mut seg_start = 1;
+    for i in 1..=b.len() {
+        let Some(&c) = b.get(i) else {
+            // The last segment may be empty ("/v1/files/"), not a dot segment.
+            return !matches!(&b[seg_start..], b"." | b"..");
+        };
+        if c == b'\\' || !c.is_ascii_graphic() {
             return false;
         }
-        if seg.is_empty() && segments.peek().is_some() {
-            return false;
+        if c == b'%' {
+            let code = [b.get(i + 1), b.get(i + 2)].map(|x| x.map(u8::to_ascii_lowercase));
+            if matches!(
+                code,
+                [Some(b'2'), Some(b'f' | b'e' | b'5')] | [Some(b'5'), Some(b'c')]
+            ) {
+                return false;
+            }
+        }
+        if c == b'/' {
+            if matches!(&b[seg_start..i], b"" | b"." | b"..") {
+                return false;
+            }
+            seg_start = i + 1;
         }
     }
     true
@@ -191,6 +198,75 @@ pub fn is_canonical(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The straightforward statement of [`is_canonical`] (lowercase copy, substring search,
+    /// split on `/`) that the one-pass version must agree with.
+    fn canonical_reference(path: &str) -> bool {
+        if !path.starts_with('/') || path.len() > 2048 {
+            return false;
+        }
+        if path.bytes().any(|b| b == b'\\' || !b.is_ascii_graphic()) {
+            return false;
+        }
+        let lower = path.to_ascii_lowercase();
+        if ["%2f", "%5c", "%2e", "%25"]
+            .iter()
+            .any(|e| lower.contains(e))
+        {
+            return false;
+        }
+        let mut segments = path.split('/').skip(1).peekable();
+        while let Some(seg) = segments.next() {
+            if seg == "." || seg == ".." || (seg.is_empty() && segments.peek().is_some()) {
+                return false;
+            }
+        }
+        true
+    }
+
+    #[test]
+    fn canonical_paths_by_example() {
+        for ok in [
+            "/",
+            "/v3/chat",
+            "/v1/files/",
+            "/v1/a.b/..c/c..",
+            "/x%20y",
+            "/%41",
+        ] {
+            assert!(is_canonical(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "v3/chat",
+            "//v3",
+            "/v3//chat",
+            "/v3/./chat",
+            "/v3/../x",
+            "/v3/..",
+            "/.",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5Cb",
+            "/%2e%2e/x",
+            "/a%25",
+            "/a\\b",
+            "/a b",
+            "/a\u{e9}",
+        ] {
+            assert!(!is_canonical(bad), "{bad}");
+        }
+        assert!(!is_canonical(&format!("/{}", "a".repeat(2048))));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn canonical_agrees_with_the_reference(
+            path in "(/|/?[a-zA-Z0-9._%/\\\\ ~-]{0,24})(%[0-9a-fA-F]{0,2}|[./]{0,3})[a-z/.]{0,6}"
+        ) {
+            proptest::prop_assert_eq!(is_canonical(&path), canonical_reference(&path), "{:?}", path);
+        }
+    }
 
     fn table() -> RouteTable {
         RouteTable::new(RouteTable::default_prefixes(), 15 << 20, 20 << 20)
