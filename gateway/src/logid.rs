@@ -32,7 +32,10 @@ pub fn new_logid(unix_ms: u64) -> String {
         *slot = HEX[(r & 0xF) as usize];
         r >>= 4;
     }
-    out.iter().map(|&b| char::from(b)).collect()
+    // ASCII digits only, so this never falls back.
+    std::str::from_utf8(&out)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
