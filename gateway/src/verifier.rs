@@ -26,7 +26,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 
 use policy::ids::DeviceId;
-use policy::token::{Keyring, TokenError};
+use policy::token::{self, Keyring, TokenError};
 
 /// What admission needs from a verified token.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,7 +89,8 @@ impl TokenVerifier {
             .filter(|e| e.tag == tag)
             .map(|e| e.verified.clone());
         if let Some(v) = hit {
-            return lifetime(v, now, leeway);
+            token::check_lifetime(v.iat, v.exp, now, leeway)?;
+            return Ok(v);
         }
         let v = self.verify_fully(token, now, leeway)?;
         *crate::locks::lock(slot) = Some(Entry {
@@ -109,17 +110,6 @@ impl TokenVerifier {
             exp: c.exp,
         })
     }
-}
-
-/// The lifetime checks of [`Keyring::verify`], for a remembered token.
-fn lifetime(v: Verified, now: u64, leeway: u64) -> Result<Verified, TokenError> {
-    if now >= v.exp {
-        return Err(TokenError::Expired);
-    }
-    if v.iat > now.saturating_add(leeway) {
-        return Err(TokenError::NotYetValid);
-    }
-    Ok(v)
 }
 
 impl Memo {
@@ -159,6 +149,14 @@ mod tests {
         }
     }
 
+    /// A verifier with `entries` memo slots and a token of `dev-1` minted at 1000 (valid
+    /// until 1600) by its keyring.
+    fn with_token(entries: usize) -> (TokenVerifier, String) {
+        let k = ring("k1", 1);
+        let t = k.mint(&claims("dev-1", 1000));
+        (TokenVerifier::new(k, entries), t)
+    }
+
     fn filled(v: &TokenVerifier) -> usize {
         let memo = v.memo.as_ref().unwrap();
         memo.slots
@@ -169,9 +167,7 @@ mod tests {
 
     #[test]
     fn a_hit_gives_what_the_full_check_gives() {
-        let k = ring("k1", 1);
-        let t = k.mint(&claims("dev-1", 1000));
-        let v = TokenVerifier::new(k, 64);
+        let (v, t) = with_token(64);
         let first = v.verify(&t, 1000, 0).unwrap();
         assert_eq!(filled(&v), 1);
         let again = v.verify(&t, 1001, 0).unwrap();
@@ -182,9 +178,7 @@ mod tests {
 
     #[test]
     fn failures_are_not_remembered() {
-        let k = ring("k1", 1);
-        let t = k.mint(&claims("dev-1", 1000));
-        let v = TokenVerifier::new(k, 64);
+        let (v, t) = with_token(64);
         // One signature character changed (not the last: its low bits are padding).
         let i = t.len() - 10;
         let c = if &t[i..i + 1] == "A" { "B" } else { "A" };
@@ -201,9 +195,7 @@ mod tests {
 
     #[test]
     fn lifetime_is_checked_on_every_hit() {
-        let k = ring("k1", 1);
-        let t = k.mint(&claims("dev-1", 1000));
-        let v = TokenVerifier::new(k, 64);
+        let (v, t) = with_token(64);
         assert!(v.verify(&t, 1599, 0).is_ok());
         assert_eq!(v.verify(&t, 1600, 0), Err(TokenError::Expired));
         // A clock stepped back before `iat` (beyond the leeway) is refused on a hit too.
@@ -241,9 +233,7 @@ mod tests {
 
     #[test]
     fn zero_entries_turns_the_memo_off() {
-        let k = ring("k1", 1);
-        let t = k.mint(&claims("dev-1", 1000));
-        let v = TokenVerifier::new(k, 0);
+        let (v, t) = with_token(0);
         assert!(v.memo.is_none());
         assert_eq!(v.verify(&t, 1000, 0).unwrap().device.as_str(), "dev-1");
     }

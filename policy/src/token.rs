@@ -242,14 +242,22 @@ impl Keyring {
         if claims.iss != ISSUER {
             return Err(TokenError::Issuer);
         }
-        if now >= claims.exp {
-            return Err(TokenError::Expired);
-        }
-        if claims.iat > now.saturating_add(leeway) {
-            return Err(TokenError::NotYetValid);
-        }
+        check_lifetime(claims.iat, claims.exp, now, leeway)?;
         Ok(claims)
     }
+}
+
+/// The lifetime part of [`Keyring::verify`]: expired at `exp` exactly, `iat` in the future by
+/// more than `leeway` seconds refused. Also used by callers that remember verified claims and
+/// must re-check them against the clock on every use.
+pub fn check_lifetime(iat: u64, exp: u64, now: u64, leeway: u64) -> Result<(), TokenError> {
+    if now >= exp {
+        return Err(TokenError::Expired);
+    }
+    if iat > now.saturating_add(leeway) {
+        return Err(TokenError::NotYetValid);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

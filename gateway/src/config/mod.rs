@@ -1079,7 +1079,7 @@ mod tests {
     }
 
     #[test]
-    fn verify_cache_entries_default_off_and_bound() {
+    fn verify_cache_entries_has_a_default_an_off_switch_and_a_bound() {
         assert_eq!(
             load_str(MINIMAL, &env).unwrap().tokens.verify_cache_entries,
             65_536

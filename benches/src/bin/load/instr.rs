@@ -55,7 +55,8 @@ pub struct Counted {
     pub allocs_per_request: f64,
 }
 
-/// Warm-up, zero, `requests` at `concurrency`, dump; reads the new dump.
+/// Warm-up, zero, `requests` at `concurrency`, dump; reads the new dump. The dump directory
+/// (`<out_dir>/callgrind`) exists already: valgrind needed it to start.
 pub async fn run(
     target: &Target,
     out_dir: &Path,
@@ -63,7 +64,6 @@ pub async fn run(
     concurrency: usize,
 ) -> Result<Counted> {
     let dir = out_dir.join("callgrind");
-    std::fs::create_dir_all(&dir)?;
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(concurrency)
