@@ -1,14 +1,19 @@
 //! Identifier newtypes.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 /// A device id: 1–128 visible ASCII characters, no whitespace, no `/`, no `?`, no `#`, no `%`
 /// (it appears in admin paths unescaped).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct DeviceId(String);
+///
+/// Shared, not owned: a request's id is cloned into its admission, its quota hold and the
+/// ledger's dirty set, and the verified-token memo hands out a clone on every hit, so a clone
+/// is a reference-count increment rather than an allocation. It hashes, compares and
+/// serializes as the plain string.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(Arc<str>);
 
 /// Why a string is not a valid [`DeviceId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,7 +31,7 @@ impl DeviceId {
 
     pub fn parse(s: &str) -> Result<DeviceId, DeviceIdError> {
         Self::validate(s)?;
-        Ok(DeviceId(s.to_owned()))
+        Ok(DeviceId(Arc::from(s)))
     }
 
     /// Check `s` without allocating (what [`DeviceId::parse`] checks).
@@ -48,6 +53,12 @@ impl DeviceId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl Serialize for DeviceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 
@@ -78,5 +89,18 @@ mod tests {
             DeviceId::parse(&"x".repeat(129)),
             Err(DeviceIdError::TooLong(129))
         );
+    }
+
+    #[test]
+    fn serializes_as_the_plain_string_and_checks_on_the_way_in() {
+        let id = DeviceId::parse("SN-0001").unwrap();
+        assert_eq!(serde_json::to_string(&id).unwrap(), r#""SN-0001""#);
+        let back: DeviceId = serde_json::from_str(r#""SN-0001""#).unwrap();
+        assert_eq!(back, id);
+        assert!(serde_json::from_str::<DeviceId>(r#""a/b""#).is_err());
+        // A clone shares the text; equality and order are by the text, not the pointer.
+        let other = DeviceId::parse("SN-0001").unwrap();
+        assert_eq!(id.clone(), other);
+        assert!(DeviceId::parse("a").unwrap() < DeviceId::parse("b").unwrap());
     }
 }
