@@ -55,23 +55,16 @@ pub enum Finish {
     Swept,
 }
 
-/// Proof that a reservation is held. Finish it with `settle` or `refund` (by request id);
-/// otherwise `sweep` charges it after `expires_at_s`.
+/// Proof that a reservation is held. Finish it with `settle` or `refund` (by the request id it
+/// was reserved under); otherwise `sweep` charges it after `expires_at_s`. It holds no copy of
+/// the id or the device: admission makes one per request, and the caller has both.
 #[must_use = "a reservation must be settled or refunded"]
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reservation {
-    request_id: String,
-    device: DeviceId,
     expires_at_s: u64,
 }
 
 impl Reservation {
-    pub fn request_id(&self) -> &str {
-        &self.request_id
-    }
-    pub fn device(&self) -> &DeviceId {
-        &self.device
-    }
     /// When `sweep` would charge it if nothing else happens (`progress` pushes this out).
     pub fn expires_at_s(&self) -> u64 {
         self.expires_at_s
@@ -320,10 +313,12 @@ struct Hold {
     held: u64,
 }
 
+/// An open reservation, in `QuotaLedger::open` under its id's [`fingerprint`].
 #[derive(Clone, Debug)]
 struct Open {
-    /// The id's [`fingerprint`], computed once at admission for the finished-id table.
-    fingerprint: Fingerprint,
+    /// The id itself: for [`Swept`], and to tell two ids apart should their fingerprints ever
+    /// collide.
+    request_id: Box<str>,
     device: DeviceId,
     estimate: Consumption,
     observed: Consumption,
@@ -337,15 +332,19 @@ struct Open {
 pub struct QuotaLedger {
     policy: LedgerPolicy,
     counters: HashMap<DeviceId, Vec<Slot>>,
+    /// Devices with a dirty slot: a device is here exactly when one of its slots has `dirty`
+    /// set (so a charge need not look it up here when the device already had one).
     dirty: HashSet<DeviceId>,
-    open: HashMap<String, Open>,
+    /// Open reservations by their id's [`fingerprint`]: each finishing call fingerprints the
+    /// id once and every table lookup after that is free of string hashing.
+    open: FingerprintMap<Open>,
     /// Admit against granted leases instead of rule limits (see [`QuotaLedger::set_leased`]).
     leased: bool,
     /// Finished ids by [`fingerprint`], with the order they finished in (for eviction). An id
     /// is never open and finished at once (`reserve` refuses finished ids; finishing removes
     /// the open entry first), so the finishing calls look in `open` (small, hot) first and
     /// touch this large table only for ids that are not open.
-    finished: HashMap<Fingerprint, Finish, BuildHasherDefault<FingerprintHasher>>,
+    finished: FingerprintMap<Finish>,
     finished_order: VecDeque<(Fingerprint, u64)>,
 }
 
@@ -366,10 +365,10 @@ fn fingerprint(request_id: &str) -> Fingerprint {
     Fingerprint([half(0), half(1)])
 }
 
-/// A finished id's [`fingerprint`]. Its bits are already a SipHash of the id (and the ids are
-/// the gateway's own random log ids, so nobody can aim them at one bucket), so the table
-/// hashes it by taking its first half ([`FingerprintHasher`]) instead of running SipHash over
-/// it a third time.
+/// A request id's [`fingerprint`]. Its bits are already a SipHash of the id (and the ids are
+/// the gateway's own random log ids, so nobody can aim them at one bucket), so the tables keyed
+/// by it hash it by taking its first half ([`FingerprintHasher`]) instead of running SipHash
+/// over it a third time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Fingerprint([u64; 2]);
 
@@ -379,7 +378,10 @@ impl Hash for Fingerprint {
     }
 }
 
-/// The hasher of the finished-id table: passes a [`Fingerprint`]'s first half through.
+/// A table keyed by request-id [`Fingerprint`]s.
+type FingerprintMap<V> = HashMap<Fingerprint, V, BuildHasherDefault<FingerprintHasher>>;
+
+/// The hasher of the [`FingerprintMap`]s: passes a [`Fingerprint`]'s first half through.
 #[derive(Default)]
 struct FingerprintHasher(u64);
 
@@ -405,18 +407,15 @@ fn find<'a>(c: &'a Counters, d: &DeviceId, b: BenefitType, k: RuleKind) -> Optio
     c.get(d)?.iter().find(|s| s.benefit == b && s.kind == k)
 }
 
-/// The slot for a key, created empty if missing. `None` never happens (the map holds the
-/// device after the insert); it only spares an `unwrap`.
-fn find_mut<'a>(
-    c: &'a mut Counters,
-    d: &DeviceId,
-    b: BenefitType,
-    k: RuleKind,
-) -> Option<&'a mut Slot> {
-    if !c.contains_key(d) {
-        c.insert(d.clone(), Vec::with_capacity(2));
-    }
-    let slots = c.get_mut(d)?;
+/// The device's slots, created empty if missing: one hash of the id (the clone for the entry is
+/// a reference count). Call it only with something to hold or charge, so that a device with no
+/// applicable rule gets no entry.
+fn slots_mut<'a>(c: &'a mut Counters, d: &DeviceId) -> &'a mut Vec<Slot> {
+    c.entry(d.clone()).or_insert_with(|| Vec::with_capacity(2))
+}
+
+/// The slot for `(b, k)` among a device's slots, created empty if missing.
+fn slot_mut(slots: &mut Vec<Slot>, b: BenefitType, k: RuleKind) -> &mut Slot {
     let i = match slots.iter().position(|s| s.benefit == b && s.kind == k) {
         Some(i) => i,
         None => {
@@ -434,34 +433,72 @@ fn find_mut<'a>(
             slots.len() - 1
         }
     };
-    slots.get_mut(i)
+    &mut slots[i]
 }
 
-/// Change a key's held amount by `release` down and `hold` up, charge `amount` to the window
-/// starting at `window_start` (when `Some`), and record activity at `touch` (when `Some`).
-#[allow(clippy::too_many_arguments)] // private plumbing; every call site names its arguments
-fn apply(
+/// What one call does to one of a device's counters.
+#[derive(Clone, Copy)]
+struct Change {
+    /// Held amount to let go of.
+    release: u64,
+    /// Held amount to add.
+    hold: u64,
+    /// `(window_start, amount)` to charge.
+    charge: Option<(u64, u64)>,
+    /// Activity to record at this `now_s`.
+    touch: Option<u64>,
+}
+
+/// Applies `change` to the counter `(b, k)` of a device. Returns whether the device has to
+/// join the dirty set: it is charged now and had no dirty slot before.
+fn apply(slots: &mut Vec<Slot>, b: BenefitType, k: RuleKind, change: Change) -> bool {
+    let newly_dirty = change.charge.is_some() && !slots.iter().any(|s| s.dirty);
+    let slot = slot_mut(slots, b, k);
+    slot.reserved = slot
+        .reserved
+        .saturating_sub(change.release)
+        .saturating_add(change.hold);
+    if let Some(now_s) = change.touch {
+        slot.touch(now_s);
+    }
+    if let Some((window_start, amount)) = change.charge {
+        slot.charge(window_start, amount);
+    }
+    newly_dirty
+}
+
+/// Applies one change per hold of `open` to its device's counters (release what each holds,
+/// charge `charge(hold)` when `Some`), marking the device dirty when that is new.
+fn apply_holds(
     c: &mut Counters,
     dirty: &mut HashSet<DeviceId>,
-    d: &DeviceId,
-    b: BenefitType,
-    k: RuleKind,
-    release: u64,
-    hold: u64,
-    charge: Option<(u64, u64)>,
-    touch: Option<u64>,
+    open: &Open,
+    mut change: impl FnMut(&Hold) -> Change,
 ) {
-    if let Some(slot) = find_mut(c, d, b, k) {
-        slot.reserved = slot.reserved.saturating_sub(release).saturating_add(hold);
-        if let Some(now_s) = touch {
-            slot.touch(now_s);
-        }
-        if let Some((window_start, amount)) = charge {
-            slot.charge(window_start, amount);
-            if !dirty.contains(d) {
-                dirty.insert(d.clone());
-            }
-        }
+    if open.holds.is_empty() {
+        return;
+    }
+    let slots = slots_mut(c, &open.device);
+    let mut newly_dirty = false;
+    for hold in &open.holds {
+        newly_dirty |= apply(slots, hold.benefit, hold.kind, change(hold));
+    }
+    if newly_dirty {
+        dirty.insert(open.device.clone());
+    }
+}
+
+/// The open reservation under `request_id`, if any.
+fn open_mut<'a>(open: &'a mut FingerprintMap<Open>, request_id: &str) -> Option<&'a mut Open> {
+    open.get_mut(&fingerprint(request_id))
+        .filter(|o| &*o.request_id == request_id)
+}
+
+/// Takes the open reservation under `request_id` (fingerprinted as `fp`) out of `open`, if any.
+fn take_open(open: &mut FingerprintMap<Open>, fp: Fingerprint, request_id: &str) -> Option<Open> {
+    match open.get(&fp) {
+        Some(o) if &*o.request_id == request_id => open.remove(&fp),
+        _ => None,
     }
 }
 
@@ -471,7 +508,7 @@ impl QuotaLedger {
             policy,
             counters: HashMap::new(),
             dirty: HashSet::new(),
-            open: HashMap::new(),
+            open: HashMap::default(),
             leased: false,
             finished: HashMap::default(),
             finished_order: VecDeque::new(),
@@ -551,59 +588,49 @@ impl QuotaLedger {
         rules: &RuleSet,
         now_s: u64,
     ) -> Result<Reservation, ReserveError> {
-        if let Some(open) = self.open.get(request_id) {
-            if &open.device != device {
+        let fp = fingerprint(request_id);
+        if let Some(open) = self.open.get(&fp) {
+            // A different id under the same 128-bit fingerprint (odds ~2⁻¹²⁸) is refused like
+            // a reuse rather than mistaken for this one.
+            if &open.device != device || &*open.request_id != request_id {
                 return Err(ReserveError::RequestIdReused);
             }
             return Ok(Reservation {
-                request_id: request_id.to_owned(),
-                device: device.clone(),
                 expires_at_s: open.expires_at,
             });
         }
-        let fp = fingerprint(request_id);
         if self.finished.contains_key(&fp) {
             return Err(ReserveError::RequestIdReused);
         }
         self.check(rules, device, now_s)
             .map_err(ReserveError::Denied)?;
         let prices = self.policy.prices;
-        let mut holds = Vec::new();
-        for rule in rules.applicable(device, now_s) {
-            let held = estimate.amount(rule.benefit_type, &prices);
-            apply(
-                &mut self.counters,
-                &mut self.dirty,
-                device,
-                rule.benefit_type,
-                rule.kind(),
-                0,
-                held,
-                None,
-                Some(now_s),
-            );
-            holds.push(Hold {
+        let holds: Vec<Hold> = rules
+            .applicable(device, now_s)
+            .map(|rule| Hold {
                 benefit: rule.benefit_type,
                 kind: rule.kind(),
                 spec: rule.spec(),
-                held,
-            });
-        }
+                held: estimate.amount(rule.benefit_type, &prices),
+            })
+            .collect();
         let expires_at = now_s.saturating_add(self.policy.reservation_ttl_s);
-        self.open.insert(
-            request_id.to_owned(),
-            Open {
-                fingerprint: fp,
-                device: device.clone(),
-                estimate: *estimate,
-                observed: Consumption::default(),
-                holds,
-                expires_at,
-            },
-        );
-        Ok(Reservation {
-            request_id: request_id.to_owned(),
+        let open = Open {
+            request_id: request_id.into(),
             device: device.clone(),
+            estimate: *estimate,
+            observed: Consumption::default(),
+            holds,
+            expires_at,
+        };
+        apply_holds(&mut self.counters, &mut self.dirty, &open, |h| Change {
+            release: 0,
+            hold: h.held,
+            charge: None,
+            touch: Some(now_s),
+        });
+        self.open.insert(fp, open);
+        Ok(Reservation {
             expires_at_s: expires_at,
         })
     }
@@ -628,28 +655,21 @@ impl QuotaLedger {
         rules: &RuleSet,
         now_s: u64,
     ) -> Progress {
-        let Some(open) = self.open.get_mut(request_id) else {
+        let Some(open) = open_mut(&mut self.open, request_id) else {
             return Progress::Unknown;
         };
         let prices = self.policy.prices;
         open.observed = open.observed.max(so_far);
         open.expires_at = now_s.saturating_add(self.policy.reservation_ttl_s);
         let basis = open.estimate.max(&open.observed);
+        apply_holds(&mut self.counters, &mut self.dirty, open, |h| Change {
+            release: 0,
+            hold: basis.amount(h.benefit, &prices).saturating_sub(h.held),
+            charge: None,
+            touch: Some(now_s),
+        });
         for hold in &mut open.holds {
-            let want = basis.amount(hold.benefit, &prices);
-            let grow = want.saturating_sub(hold.held);
-            apply(
-                &mut self.counters,
-                &mut self.dirty,
-                &open.device,
-                hold.benefit,
-                hold.kind,
-                0,
-                grow,
-                None,
-                Some(now_s),
-            );
-            hold.held = hold.held.saturating_add(grow);
+            hold.held = hold.held.max(basis.amount(hold.benefit, &prices));
         }
         let mut worst: Option<Exhausted> = None;
         for rule in rules.applicable(&open.device, now_s) {
@@ -685,29 +705,30 @@ impl QuotaLedger {
     /// at `now_s`. Idempotent per request id while it is remembered. An id with no reservation
     /// is [`SettleOutcome::Unknown`] and charges nothing: use [`QuotaLedger::charge`].
     pub fn settle(&mut self, request_id: &str, actual: &Consumption, now_s: u64) -> SettleOutcome {
-        let Some(open) = self.open.remove(request_id) else {
-            return match self.finished.get(&fingerprint(request_id)) {
+        let fp = fingerprint(request_id);
+        let Some(open) = take_open(&mut self.open, fp, request_id) else {
+            return match self.finished.get(&fp) {
                 Some(&how) => SettleOutcome::AlreadySettled(how),
                 None => SettleOutcome::Unknown,
             };
         };
-        let prices = self.policy.prices;
-        for hold in &open.holds {
-            let w = hold.spec.window_clamped(now_s);
-            apply(
-                &mut self.counters,
-                &mut self.dirty,
-                &open.device,
-                hold.benefit,
-                hold.kind,
-                hold.held,
-                0,
-                Some((w.start, actual.amount(hold.benefit, &prices))),
-                Some(now_s),
-            );
-        }
-        self.remember(open.fingerprint, Finish::Settled, now_s);
+        self.settle_open(fp, &open, actual, now_s);
         SettleOutcome::Settled
+    }
+
+    /// Charges `actual` for an open reservation just taken out of `open`, releasing its holds.
+    fn settle_open(&mut self, fp: Fingerprint, open: &Open, actual: &Consumption, now_s: u64) {
+        let prices = self.policy.prices;
+        apply_holds(&mut self.counters, &mut self.dirty, open, |h| Change {
+            release: h.held,
+            hold: 0,
+            charge: Some((
+                h.spec.window_clamped(now_s).start,
+                actual.amount(h.benefit, &prices),
+            )),
+            touch: Some(now_s),
+        });
+        self.remember(fp, Finish::Settled, now_s);
     }
 
     /// Charge a request that was never reserved (short REST calls admitted with `check`) against
@@ -721,10 +742,11 @@ impl QuotaLedger {
         rules: &RuleSet,
         now_s: u64,
     ) -> SettleOutcome {
-        if self.open.contains_key(request_id) {
-            return self.settle(request_id, actual, now_s);
-        }
         let fp = fingerprint(request_id);
+        if let Some(open) = take_open(&mut self.open, fp, request_id) {
+            self.settle_open(fp, &open, actual, now_s);
+            return SettleOutcome::Settled;
+        }
         if let Some(&how) = self.finished.get(&fp) {
             return SettleOutcome::AlreadySettled(how);
         }
@@ -733,17 +755,16 @@ impl QuotaLedger {
             let Some(w) = rule.window(now_s) else {
                 continue;
             };
-            apply(
-                &mut self.counters,
-                &mut self.dirty,
-                device,
-                rule.benefit_type,
-                rule.kind(),
-                0,
-                0,
-                Some((w.start, actual.amount(rule.benefit_type, &prices))),
-                Some(now_s),
-            );
+            let change = Change {
+                release: 0,
+                hold: 0,
+                charge: Some((w.start, actual.amount(rule.benefit_type, &prices))),
+                touch: Some(now_s),
+            };
+            let slots = slots_mut(&mut self.counters, device);
+            if apply(slots, rule.benefit_type, rule.kind(), change) {
+                self.dirty.insert(device.clone());
+            }
         }
         self.remember(fp, Finish::Charged, now_s);
         SettleOutcome::Settled
@@ -752,65 +773,47 @@ impl QuotaLedger {
     /// Drop a reservation without charging (upstream refused the request). Idempotent. Do not
     /// refund a request that consumed anything: settle it.
     pub fn refund(&mut self, request_id: &str, now_s: u64) -> RefundOutcome {
-        let Some(open) = self.open.remove(request_id) else {
-            return match self.finished.get(&fingerprint(request_id)) {
+        let fp = fingerprint(request_id);
+        let Some(open) = take_open(&mut self.open, fp, request_id) else {
+            return match self.finished.get(&fp) {
                 Some(&how) => RefundOutcome::AlreadySettled(how),
                 None => RefundOutcome::Unknown,
             };
         };
-        self.release(&open);
-        self.remember(open.fingerprint, Finish::Refunded, now_s);
+        apply_holds(&mut self.counters, &mut self.dirty, &open, |h| Change {
+            release: h.held,
+            hold: 0,
+            charge: None,
+            touch: None,
+        });
+        self.remember(fp, Finish::Refunded, now_s);
         RefundOutcome::Refunded
-    }
-
-    fn release(&mut self, open: &Open) {
-        for hold in &open.holds {
-            apply(
-                &mut self.counters,
-                &mut self.dirty,
-                &open.device,
-                hold.benefit,
-                hold.kind,
-                hold.held,
-                0,
-                None,
-                None,
-            );
-        }
     }
 
     /// Charge every reservation whose expiry is `≤ now_s` its held amount (estimate, or what
     /// `progress` reported if more) and forget finished ids past their memory bound. Call it
     /// periodically (e.g. every few seconds); cost is O(open reservations).
     pub fn sweep(&mut self, now_s: u64) -> Vec<Swept> {
-        let expired: Vec<String> = self
+        let expired: Vec<Fingerprint> = self
             .open
             .iter()
             .filter(|(_, o)| o.expires_at <= now_s)
-            .map(|(id, _)| id.clone())
+            .map(|(&fp, _)| fp)
             .collect();
         let mut out = Vec::with_capacity(expired.len());
-        for id in expired {
-            let Some(open) = self.open.remove(&id) else {
+        for fp in expired {
+            let Some(open) = self.open.remove(&fp) else {
                 continue;
             };
-            for hold in &open.holds {
-                let w = hold.spec.window_clamped(now_s);
-                apply(
-                    &mut self.counters,
-                    &mut self.dirty,
-                    &open.device,
-                    hold.benefit,
-                    hold.kind,
-                    hold.held,
-                    0,
-                    Some((w.start, hold.held)),
-                    None,
-                );
-            }
-            self.remember(open.fingerprint, Finish::Swept, now_s);
+            apply_holds(&mut self.counters, &mut self.dirty, &open, |h| Change {
+                release: h.held,
+                hold: 0,
+                charge: Some((h.spec.window_clamped(now_s).start, h.held)),
+                touch: None,
+            });
+            self.remember(fp, Finish::Swept, now_s);
             out.push(Swept {
-                request_id: id,
+                request_id: open.request_id.into(),
                 device: open.device,
                 charged: open.estimate.max(&open.observed),
             });
@@ -960,12 +963,15 @@ impl QuotaLedger {
     /// unless the device is active first).
     pub fn import(&mut self, records: impl IntoIterator<Item = CounterRecord>) {
         for r in records {
-            if let Some(slot) = find_mut(&mut self.counters, &r.device, r.benefit_type, r.kind) {
-                slot.window_start = r.window_start;
-                slot.used = r.used;
-                slot.granted = r.granted;
-                slot.acked = r.acked;
-            }
+            let slot = slot_mut(
+                slots_mut(&mut self.counters, &r.device),
+                r.benefit_type,
+                r.kind,
+            );
+            slot.window_start = r.window_start;
+            slot.used = r.used;
+            slot.granted = r.granted;
+            slot.acked = r.acked;
         }
     }
 
@@ -1067,9 +1073,7 @@ impl QuotaLedger {
         from_store: bool,
         now_s: u64,
     ) {
-        let Some(slot) = find_mut(&mut self.counters, device, benefit, kind) else {
-            return;
-        };
+        let slot = slot_mut(slots_mut(&mut self.counters, device), benefit, kind);
         if slot.window_start > window_start {
             return;
         }
