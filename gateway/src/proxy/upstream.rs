@@ -18,7 +18,9 @@ fn may_stream(path: &str) -> bool {
 /// The peer for a proxied request, with per-route timeouts.
 pub fn peer(up: &ResolvedUpstream, settings: &UpstreamSettings, path: &str) -> Box<HttpPeer> {
     let t = &up.target;
-    let mut peer = HttpPeer::new(up.addr(), t.tls, t.host.clone());
+    // The SNI only matters for TLS; plain upstreams skip the copy of the host name.
+    let sni = if t.tls { t.host.clone() } else { String::new() };
+    let mut peer = HttpPeer::new(up.addr(), t.tls, sni);
     peer.options.connection_timeout = Some(settings.connect_timeout);
     peer.options.total_connection_timeout = Some(settings.connect_timeout);
     peer.options.read_timeout = Some(if may_stream(path) {
