@@ -521,11 +521,12 @@ async fn scenario_instr(
         }
     }
     rep.notes.push(format!(
-        "Instr: GET {} through each proxy running under `{}`; {requests} requests at concurrency {c} (keep-alive) between a `callgrind_control --zero` and a `--dump`, after a warm-up of {} requests. Instructions (callgrind Ir) and allocator calls (mi_malloc/zalloc/realloc_aligned) of the proxy process, divided by the requests; the dumps are in {}/callgrind/ (read them with callgrind_annotate).",
+        "Instr: GET {} through each proxy running under `{}`; {requests} requests at concurrency {c} (keep-alive) between a `callgrind_control --zero` and a `--dump`, after a warm-up of {} requests. Instructions (callgrind Ir) and allocator calls (mi_malloc/zalloc/realloc_aligned) of the proxy process, divided by the requests; the dumps are in {}/callgrind/ (read them with callgrind_annotate). Under valgrind (~50× slower) the gateway flushes usage to its store every {} instead of 100 ms, so the flush weighs per request what it does at full speed.",
         rest::PATH,
         instr::valgrind(Path::new("<out>"), "<target>").join(" "),
         instr::WARMUP,
         out_dir(args).display(),
+        procs::WRAPPED_PERSIST_INTERVAL,
     ));
     env.stop().await;
     Ok(())
