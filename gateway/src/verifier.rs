@@ -9,9 +9,10 @@
 //! What keeps that safe (each point has a test below):
 //! - **Only successes are remembered.** A token that fails is checked in full every time and
 //!   never stored, so an invalid token cannot put anything into the memo.
-//! - **Entries are found by a 128-bit tag** of the whole token: SipHash under two random keys
-//!   drawn per process, never exposed. Matching another token's tag without the keys is
-//!   guessing 128 bits. The token itself is not stored.
+//! - **Entries are found by a 128-bit tag** of the whole token: SipHash-1-3 with 128-bit
+//!   output (the rounds Rust's `HashMap` uses) under a random 128-bit key drawn per process,
+//!   never exposed. Matching another token's tag without the key is guessing 128 bits. The
+//!   token itself is not stored.
 //! - **Lifetime is checked on every hit**, exactly as on a miss (`exp`, and `iat` against the
 //!   leeway).
 //! - **Device status is not memoised.** Admission checks the registry (disabled, revoked
@@ -22,8 +23,10 @@
 //!   taken replaces the entry. With more active tokens than slots it degrades to misses (the
 //!   full check plus one hash), never to growth.
 
-use std::hash::{BuildHasher, Hasher};
+use std::hash::Hasher as _;
 use std::sync::Mutex;
+
+use siphasher::sip128::{Hasher128 as _, SipHasher13};
 
 use policy::ids::DeviceId;
 use policy::token::{self, Keyring, TokenError};
@@ -47,7 +50,8 @@ pub struct TokenVerifier {
 }
 
 struct Memo {
-    keys: [std::collections::hash_map::RandomState; 2],
+    /// The tag's SipHash key.
+    key: (u64, u64),
     slots: Box<[Mutex<Option<Entry>>]>,
 }
 
@@ -66,7 +70,7 @@ impl TokenVerifier {
         let memo = (entries > 0).then(|| {
             let n = entries.min(MAX_ENTRIES).next_power_of_two();
             Memo {
-                keys: Default::default(),
+                key: rand::random(),
                 slots: (0..n).map(|_| Mutex::new(None)).collect(),
             }
         });
@@ -114,11 +118,10 @@ impl TokenVerifier {
 
 impl Memo {
     fn tag(&self, token: &str) -> [u64; 2] {
-        self.keys.each_ref().map(|k| {
-            let mut h = k.build_hasher();
-            h.write(token.as_bytes());
-            h.finish()
-        })
+        let mut h = SipHasher13::new_with_keys(self.key.0, self.key.1);
+        h.write(token.as_bytes());
+        let t = h.finish128();
+        [t.h1, t.h2]
     }
 
     fn slot(&self, tag: [u64; 2]) -> &Mutex<Option<Entry>> {
