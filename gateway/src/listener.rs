@@ -38,6 +38,10 @@ pub struct DeviceApp {
     pub ws: Arc<WsRelay>,
 }
 
+/// The end of a request head (built once: building a searcher costs more than a search).
+static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+
 /// Outcome of reading a request head.
 enum Head {
     /// A complete head (and possibly bytes after it); `websocket` when it asks for an upgrade.
@@ -62,6 +66,16 @@ async fn read_head(stream: &mut Stream, shutdown: &ShutdownWatch) -> Head {
     }
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     loop {
+        if let Some(end) = HEAD_END.find(&buf) {
+            // A complete head that never says "websocket" cannot be an upgrade: pingora parses
+            // it anyway, so skip a full parse here (and answer it 400 if it is malformed).
+            if !mentions_websocket(&buf[..end]) {
+                return Head::Complete {
+                    buf,
+                    websocket: false,
+                };
+            }
+        }
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
@@ -91,6 +105,19 @@ async fn read_head(stream: &mut Stream, shutdown: &ShutdownWatch) -> Head {
             }
         }
     }
+}
+
+/// Whether `head` contains `websocket` in any letter case: every upgrade request does (in its
+/// `Upgrade` header), so a head without it is not one. One pass over the bytes looking for
+/// `k`/`K` (rare in heads), then a look at the word around each; cheaper than a full parse.
+fn mentions_websocket(head: &[u8]) -> bool {
+    const WORD: &[u8] = b"websocket";
+    const K: usize = 6; // WORD[K] == b'k'
+    memchr::memchr2_iter(b'k', b'K', head).any(|i| {
+        i.checked_sub(K)
+            .and_then(|start| head.get(start..start + WORD.len()))
+            .is_some_and(|w| w.eq_ignore_ascii_case(WORD))
+    })
 }
 
 /// True when a parsed head is a WebSocket upgrade request (`GET` + `Upgrade: websocket`).
@@ -174,6 +201,112 @@ mod tests {
             b"POST /v1/chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"
         ));
         assert!(!upgrade(b"GET /v3/chat HTTP/1.1\r\nHost: x\r\n\r\n"));
+    }
+
+    #[test]
+    fn finds_websocket_in_any_case_and_nothing_else() {
+        for yes in [
+            &b"Upgrade: websocket"[..],
+            b"upgrade: WebSocket\r\n",
+            b"websocket",
+            b"xWEBSOCKETx",
+            b"k websocKet",
+        ] {
+            assert!(mentions_websocket(yes), "{}", String::from_utf8_lossy(yes));
+        }
+        for no in [
+            &b""[..],
+            b"k",
+            b"ebsocket",
+            b"websocke",
+            b"web socket",
+            b"Connection: keep-alive",
+        ] {
+            assert!(!mentions_websocket(no), "{}", String::from_utf8_lossy(no));
+        }
+    }
+
+    proptest::proptest! {
+        /// The pre-filter never hides an upgrade: a complete head it lets through as "not
+        /// websocket" is never one by the full parse, whatever the case of the word and
+        /// wherever it sits.
+        #[test]
+        fn the_filter_never_hides_an_upgrade(
+            method in proptest::sample::select(vec!["GET", "POST", "get"]),
+            names in proptest::collection::vec("[A-Za-z-]{1,12}", 0..6),
+            values in proptest::collection::vec("[ -~]{0,24}", 0..6),
+            upgrade_at in proptest::option::of(0usize..6),
+            word_case in proptest::collection::vec(proptest::bool::ANY, 9),
+            value_case in proptest::collection::vec(proptest::bool::ANY, 7),
+        ) {
+            let word: String = "websocket"
+                .chars()
+                .zip(&word_case)
+                .map(|(c, up)| if *up { c.to_ascii_uppercase() } else { c })
+                .collect();
+            let upgrade_name: String = "upgrade"
+                .chars()
+                .zip(&value_case)
+                .map(|(c, up)| if *up { c.to_ascii_uppercase() } else { c })
+                .collect();
+            let mut head = format!("{method} /v1/chat HTTP/1.1\r\n");
+            for (i, (n, v)) in names.iter().zip(&values).enumerate() {
+                if upgrade_at == Some(i) {
+                    head.push_str(&format!("{upgrade_name}: h2c, {word}\r\n"));
+                }
+                head.push_str(&format!("{n}: {}\r\n", v.trim()));
+            }
+            if upgrade_at.is_some_and(|i| i >= names.len().min(values.len())) {
+                head.push_str(&format!("{upgrade_name}: {word}\r\n"));
+            }
+            head.push_str("\r\n");
+            let bytes = head.as_bytes();
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = req.parse(bytes) {
+                if is_websocket_upgrade(&req) {
+                    proptest::prop_assert!(mentions_websocket(bytes));
+                }
+                proptest::prop_assert_eq!(
+                    is_websocket_upgrade(&req),
+                    upgrade_at.is_some() && method == "GET"
+                );
+            }
+        }
+    }
+
+    /// A complete head without the word is classified without a parse; one with it is parsed.
+    #[tokio::test]
+    async fn plain_heads_skip_the_parse_and_upgrades_do_not() {
+        use tokio::io::AsyncWriteExt;
+        for (head, websocket) in [
+            (
+                &b"GET /v1/audio/voices HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+                false,
+            ),
+            // Mentions the word but is no upgrade (not an Upgrade header): parsed, then no.
+            (b"GET /v1/chat HTTP/1.1\r\nX-Note: websocket\r\n\r\n", false),
+            (b"GET /v1/chat HTTP/1.1\r\nUpgrade: WEBSOCKET\r\n\r\n", true),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let client = tokio::spawn(async move {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                c.write_all(head).await.unwrap();
+                c
+            });
+            let (s, _) = listener.accept().await.unwrap();
+            let mut stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(s));
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            match read_head(&mut stream, &rx).await {
+                Head::Complete { buf, websocket: w } => {
+                    assert_eq!(w, websocket, "{}", String::from_utf8_lossy(head));
+                    assert_eq!(&buf[..], head);
+                }
+                _ => panic!("head not read"),
+            }
+            drop(client.await.unwrap());
+        }
     }
 
     /// A head that arrives in pieces is read whole, with the bytes after it, and classified.
