@@ -27,6 +27,9 @@ pub struct RequestCtx {
     /// The gateway's log id for this request (`X-Tt-Logid` unless upstream sent one).
     pub logid: String,
     pub started: Instant,
+    /// Wall clock at `started`, unix milliseconds: the time admission (token lifetime, rate
+    /// limit, quota windows) judges the request at, read once with the log id's.
+    pub started_unix_ms: u64,
     pub admission: Option<Admission>,
     pub denied: Option<DenyReason>,
     pub protocol: Protocol,
@@ -54,10 +57,12 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    pub fn new(logid: String) -> RequestCtx {
+    /// A request that started at `unix_ms` (wall clock), logged under `logid`.
+    pub fn new(logid: String, unix_ms: u64) -> RequestCtx {
         RequestCtx {
             logid,
             started: Instant::now(),
+            started_unix_ms: unix_ms,
             admission: None,
             denied: None,
             protocol: Protocol::Rest,

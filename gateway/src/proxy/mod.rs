@@ -61,7 +61,8 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(crate::logid::new_logid(now_ms()))
+        let now_ms = now_ms();
+        RequestCtx::new(crate::logid::new_logid(now_ms), now_ms)
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -79,22 +80,23 @@ impl ProxyHttp for Gateway {
                 .get(http::header::AUTHORIZATION)
                 .map(|v| v.as_bytes()),
         );
-        let path = req.uri.path().to_owned();
+        let path = req.uri.path();
         if path == "/v1/gateway/quota" {
             let token = token.map(str::to_owned);
             return crate::quota_api::device_quota(&self.state, session, ctx, token.as_deref())
                 .await;
         }
-        let now_s = now_ms() / 1000;
-        let admission = match admit::admit(&self.state, &path, token, content_length, now_s) {
+        let capture_request = path == "/v1/audio/speech";
+        let now_s = ctx.started_unix_ms / 1000;
+        let admission = match admit::admit(&self.state, path, token, content_length, now_s) {
             Ok(a) => a,
             Err(denial) => return self.deny(session, ctx, denial).await,
         };
-        if let Err(denial) =
-            self.state
-                .rate_limits()
-                .admit(&admission.device, admission.route.class, now_ms())
-        {
+        if let Err(denial) = self.state.rate_limits().admit(
+            &admission.device,
+            admission.route.class,
+            ctx.started_unix_ms,
+        ) {
             ctx.admission = Some(admission);
             return self.deny(session, ctx, denial).await;
         }
@@ -108,7 +110,7 @@ impl ProxyHttp for Gateway {
             return self.deny(session, ctx, denial).await;
         }
         ctx.quota_held = true;
-        ctx.capture_request = path == "/v1/audio/speech";
+        ctx.capture_request = capture_request;
         ctx.admission = Some(admission);
         Ok(false)
     }
