@@ -66,7 +66,15 @@ async fn read_head(stream: &mut Stream, shutdown: &ShutdownWatch) -> Head {
     }
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     loop {
-        if let Some(end) = HEAD_END.find(&buf) {
+        // Usually the head is all that arrived, so it ends the buffer. Any `\r\n\r\n`
+        // means the head is complete; scanning past the first one only adds bytes to look
+        // for the word in (a false "maybe" costs the full parse below, never a wrong answer).
+        let end = if buf.ends_with(b"\r\n\r\n") {
+            Some(buf.len())
+        } else {
+            HEAD_END.find(&buf)
+        };
+        if let Some(end) = end {
             // A complete head that never says "websocket" cannot be an upgrade: pingora parses
             // it anyway, so skip a full parse here (and answer it 400 if it is malformed).
             if !mentions_websocket(&buf[..end]) {
