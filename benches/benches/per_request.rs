@@ -1,6 +1,7 @@
 //! The gateway's own bookkeeping on every proxied request, beside the spelling it replaced:
 //! metric updates through `metrics::PerRequest` (children resolved once) against
-//! `with_label_values` per update; and `logid::new_logid`.
+//! `with_label_values` per update; `logid::new_logid`; and token verification through the
+//! verified-token memo (`gateway::verifier`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -57,5 +58,46 @@ fn logid(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, metrics, logid);
+/// Token verification through `gateway::verifier`: a memo hit (the common case: a device sends
+/// the same token on every request), the full check with the memo off, and a miss in a memo
+/// whose one slot another token keeps taking (the worst case: more active tokens than slots).
+fn verifier(c: &mut Criterion) {
+    use gateway::verifier::TokenVerifier;
+    use policy::ids::DeviceId;
+    use policy::token::{Claims, ISSUER, Keyring};
+    const NOW: u64 = 1_795_239_134;
+    let ring = || Keyring::new([("k1", &[7u8; 32][..])], "k1").unwrap();
+    let mint = |device: &str| {
+        ring().mint(&Claims {
+            iss: ISSUER.to_owned(),
+            sub: DeviceId::parse(device).unwrap(),
+            iat: NOW - 60,
+            exp: NOW + 3600,
+            generation: 3,
+            cred: Some("cred-1".to_owned()),
+            jti: format!("{:032x}", 0x1234_5678_9abc_u128),
+        })
+    };
+    let (a, b) = (mint("speaker-0001234"), mint("speaker-0001235"));
+    let memo = TokenVerifier::new(ring(), 65_536);
+    memo.verify(&a, NOW, 60).unwrap();
+    c.bench_function("verifier/memo_hit", |bn| {
+        bn.iter(|| memo.verify(black_box(&a), NOW, 60).unwrap())
+    });
+    let off = TokenVerifier::new(ring(), 0);
+    c.bench_function("verifier/memo_off", |bn| {
+        bn.iter(|| off.verify(black_box(&a), NOW, 60).unwrap())
+    });
+    let one_slot = TokenVerifier::new(ring(), 1);
+    let mut turn = false;
+    c.bench_function("verifier/memo_miss_thrashing", |bn| {
+        bn.iter(|| {
+            turn = !turn;
+            let t = if turn { &a } else { &b };
+            one_slot.verify(black_box(t), NOW, 60).unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, metrics, logid, verifier);
 criterion_main!(benches);
