@@ -213,25 +213,30 @@ mod tests {
 
     #[test]
     fn finds_websocket_in_any_case_and_nothing_else() {
-        for yes in [
-            &b"Upgrade: websocket"[..],
-            b"upgrade: WebSocket\r\n",
-            b"websocket",
-            b"xWEBSOCKETx",
-            b"k websocKet",
+        for (text, mentions) in [
+            (&b"Upgrade: websocket"[..], true),
+            (b"upgrade: WebSocket\r\n", true),
+            (b"websocket", true),
+            (b"xWEBSOCKETx", true),
+            (b"k websocKet", true),
+            (b"", false),
+            (b"k", false),
+            (b"ebsocket", false),
+            (b"websocke", false),
+            (b"web socket", false),
+            (b"Connection: keep-alive", false),
         ] {
-            assert!(mentions_websocket(yes), "{}", String::from_utf8_lossy(yes));
+            let shown = String::from_utf8_lossy(text);
+            assert_eq!(mentions_websocket(text), mentions, "{shown}");
         }
-        for no in [
-            &b""[..],
-            b"k",
-            b"ebsocket",
-            b"websocke",
-            b"web socket",
-            b"Connection: keep-alive",
-        ] {
-            assert!(!mentions_websocket(no), "{}", String::from_utf8_lossy(no));
-        }
+    }
+
+    /// `word` with the letters whose flag is set in upper case.
+    fn mixed_case(word: &str, upper: &[bool]) -> String {
+        word.chars()
+            .zip(upper.iter().chain(std::iter::repeat(&false)))
+            .map(|(c, up)| if *up { c.to_ascii_uppercase() } else { c })
+            .collect()
     }
 
     proptest::proptest! {
@@ -245,18 +250,10 @@ mod tests {
             values in proptest::collection::vec("[ -~]{0,24}", 0..6),
             upgrade_at in proptest::option::of(0usize..6),
             word_case in proptest::collection::vec(proptest::bool::ANY, 9),
-            value_case in proptest::collection::vec(proptest::bool::ANY, 7),
+            name_case in proptest::collection::vec(proptest::bool::ANY, 7),
         ) {
-            let word: String = "websocket"
-                .chars()
-                .zip(&word_case)
-                .map(|(c, up)| if *up { c.to_ascii_uppercase() } else { c })
-                .collect();
-            let upgrade_name: String = "upgrade"
-                .chars()
-                .zip(&value_case)
-                .map(|(c, up)| if *up { c.to_ascii_uppercase() } else { c })
-                .collect();
+            let word = mixed_case("websocket", &word_case);
+            let upgrade_name = mixed_case("upgrade", &name_case);
             let mut head = format!("{method} /v1/chat HTTP/1.1\r\n");
             for (i, (n, v)) in names.iter().zip(&values).enumerate() {
                 if upgrade_at == Some(i) {
