@@ -55,9 +55,12 @@ enum Head {
 async fn read_head(stream: &mut Stream, shutdown: &ShutdownWatch) -> Head {
     let mut buf = BytesMut::with_capacity(4096);
     let mut shutdown = shutdown.clone();
-    // Wait for the first byte: idle keep-alive, ended early by shutdown.
+    // Wait for the first byte: idle keep-alive, ended early by shutdown. pingora's timer, not
+    // tokio's: arming a tokio timer on every request wakes the worker parked on the I/O
+    // driver (an eventfd write and a context switch per request at low concurrency), and
+    // pingora's is armed only if the read is pending, on its own clock thread.
     let first = tokio::select! {
-        r = tokio::time::timeout(KEEPALIVE, stream.read_buf(&mut buf)) => r,
+        r = pingora::time::fast_timeout::fast_timeout(KEEPALIVE, stream.read_buf(&mut buf)) => r,
         _ = shutdown.wait_for(|s| *s) => return Head::Closed,
     };
     match first {
