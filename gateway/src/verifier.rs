@@ -37,8 +37,8 @@ pub struct Verified {
     pub device: DeviceId,
     /// The device's token generation when the token was minted.
     pub generation: u64,
-    /// The credential the token was obtained with, if any.
-    pub cred: Option<String>,
+    /// The credential the token was obtained with, if any (shared: a memo hit clones it).
+    pub cred: Option<std::sync::Arc<str>>,
     iat: u64,
     exp: u64,
 }
@@ -109,7 +109,7 @@ impl TokenVerifier {
         Ok(Verified {
             device: c.sub,
             generation: c.generation,
-            cred: c.cred,
+            cred: c.cred.map(std::sync::Arc::from),
             iat: c.iat,
             exp: c.exp,
         })

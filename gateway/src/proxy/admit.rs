@@ -22,7 +22,7 @@ pub struct Admission {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenPermit {
     pub generation: u64,
-    pub cred: Option<String>,
+    pub cred: Option<std::sync::Arc<str>>,
 }
 
 /// Clock skew tolerated on token `iat`, seconds.
