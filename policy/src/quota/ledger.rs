@@ -465,21 +465,23 @@ fn apply(slots: &mut Vec<Slot>, b: BenefitType, k: RuleKind, change: Change) -> 
     newly_dirty
 }
 
-/// Applies one change per hold of `open` to its device's counters (release what each holds,
-/// charge `charge(hold)` when `Some`), marking the device dirty when that is new.
+/// Applies `change(hold)` to the device's counter of each hold of `open` (looking the device
+/// up once), marking the device dirty when that is new. `change` may also update the hold
+/// itself (`progress` grows it).
 fn apply_holds(
     c: &mut Counters,
     dirty: &mut HashSet<DeviceId>,
-    open: &Open,
-    mut change: impl FnMut(&Hold) -> Change,
+    open: &mut Open,
+    mut change: impl FnMut(&mut Hold) -> Change,
 ) {
     if open.holds.is_empty() {
         return;
     }
     let slots = slots_mut(c, &open.device);
     let mut newly_dirty = false;
-    for hold in &open.holds {
-        newly_dirty |= apply(slots, hold.benefit, hold.kind, change(hold));
+    for hold in &mut open.holds {
+        let (b, k) = (hold.benefit, hold.kind);
+        newly_dirty |= apply(slots, b, k, change(hold));
     }
     if newly_dirty {
         dirty.insert(open.device.clone());
@@ -613,7 +615,7 @@ impl QuotaLedger {
             })
             .collect();
         let expires_at = now_s.saturating_add(self.policy.reservation_ttl_s);
-        let open = Open {
+        let mut open = Open {
             request_id: request_id.into(),
             device: device.clone(),
             estimate: *estimate,
@@ -621,7 +623,7 @@ impl QuotaLedger {
             holds,
             expires_at,
         };
-        apply_holds(&mut self.counters, &mut self.dirty, &open, |h| Change {
+        apply_holds(&mut self.counters, &mut self.dirty, &mut open, |h| Change {
             release: 0,
             hold: h.held,
             charge: None,
@@ -660,15 +662,16 @@ impl QuotaLedger {
         open.observed = open.observed.max(so_far);
         open.expires_at = now_s.saturating_add(self.policy.reservation_ttl_s);
         let basis = open.estimate.max(&open.observed);
-        apply_holds(&mut self.counters, &mut self.dirty, open, |h| Change {
-            release: 0,
-            hold: basis.amount(h.benefit, &prices).saturating_sub(h.held),
-            charge: None,
-            touch: Some(now_s),
+        apply_holds(&mut self.counters, &mut self.dirty, open, |h| {
+            let grow = basis.amount(h.benefit, &prices).saturating_sub(h.held);
+            h.held = h.held.saturating_add(grow);
+            Change {
+                release: 0,
+                hold: grow,
+                charge: None,
+                touch: Some(now_s),
+            }
         });
-        for hold in &mut open.holds {
-            hold.held = hold.held.max(basis.amount(hold.benefit, &prices));
-        }
         let mut worst: Option<Exhausted> = None;
         for rule in rules.applicable(&open.device, now_s) {
             let Some(w) = rule.window(now_s) else {
@@ -704,18 +707,18 @@ impl QuotaLedger {
     /// is [`SettleOutcome::Unknown`] and charges nothing: use [`QuotaLedger::charge`].
     pub fn settle(&mut self, request_id: &str, actual: &Consumption, now_s: u64) -> SettleOutcome {
         let fp = fingerprint(request_id);
-        let Some(open) = take_open(&mut self.open, fp, request_id) else {
+        let Some(mut open) = take_open(&mut self.open, fp, request_id) else {
             return match self.finished.get(&fp) {
                 Some(&how) => SettleOutcome::AlreadySettled(how),
                 None => SettleOutcome::Unknown,
             };
         };
-        self.settle_open(fp, &open, actual, now_s);
+        self.settle_open(fp, &mut open, actual, now_s);
         SettleOutcome::Settled
     }
 
     /// Charges `actual` for an open reservation just taken out of `open`, releasing its holds.
-    fn settle_open(&mut self, fp: Fingerprint, open: &Open, actual: &Consumption, now_s: u64) {
+    fn settle_open(&mut self, fp: Fingerprint, open: &mut Open, actual: &Consumption, now_s: u64) {
         let prices = self.policy.prices;
         apply_holds(&mut self.counters, &mut self.dirty, open, |h| Change {
             release: h.held,
@@ -741,8 +744,8 @@ impl QuotaLedger {
         now_s: u64,
     ) -> SettleOutcome {
         let fp = fingerprint(request_id);
-        if let Some(open) = take_open(&mut self.open, fp, request_id) {
-            self.settle_open(fp, &open, actual, now_s);
+        if let Some(mut open) = take_open(&mut self.open, fp, request_id) {
+            self.settle_open(fp, &mut open, actual, now_s);
             return SettleOutcome::Settled;
         }
         if let Some(&how) = self.finished.get(&fp) {
@@ -772,13 +775,13 @@ impl QuotaLedger {
     /// refund a request that consumed anything: settle it.
     pub fn refund(&mut self, request_id: &str, now_s: u64) -> RefundOutcome {
         let fp = fingerprint(request_id);
-        let Some(open) = take_open(&mut self.open, fp, request_id) else {
+        let Some(mut open) = take_open(&mut self.open, fp, request_id) else {
             return match self.finished.get(&fp) {
                 Some(&how) => RefundOutcome::AlreadySettled(how),
                 None => RefundOutcome::Unknown,
             };
         };
-        apply_holds(&mut self.counters, &mut self.dirty, &open, |h| Change {
+        apply_holds(&mut self.counters, &mut self.dirty, &mut open, |h| Change {
             release: h.held,
             hold: 0,
             charge: None,
@@ -800,10 +803,10 @@ impl QuotaLedger {
             .collect();
         let mut out = Vec::with_capacity(expired.len());
         for fp in expired {
-            let Some(open) = self.open.remove(&fp) else {
+            let Some(mut open) = self.open.remove(&fp) else {
                 continue;
             };
-            apply_holds(&mut self.counters, &mut self.dirty, &open, |h| Change {
+            apply_holds(&mut self.counters, &mut self.dirty, &mut open, |h| Change {
                 release: h.held,
                 hold: 0,
                 charge: Some((h.spec.window_clamped(now_s).start, h.held)),
