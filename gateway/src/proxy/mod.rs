@@ -60,6 +60,12 @@ impl Gateway {
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
+    /// No downstream modules. pingora's default adds its response compression module at
+    /// level 0 (off), which still builds a context and runs its filters on every request (5
+    /// of the gateway's allocations per request, `load instr`); fleetgate passes the
+    /// upstream's encoding through and never compresses.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         let now_ms = now_ms();
         RequestCtx::new(crate::logid::new_logid(now_ms), now_ms)
