@@ -220,3 +220,44 @@ async fn upstream_down_gets_502_and_metrics_count_it() {
     .await;
     assert!(counted, "{}", gw.metrics().await);
 }
+
+/// The gateway never re-encodes an answer: a device that accepts gzip or br gets the
+/// upstream's bytes as they are (no `Content-Encoding` added), so what the meters count is what
+/// the device receives. Guards against pingora's compression module coming back (it is not
+/// installed: `Gateway::init_downstream_modules`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_pass_through_without_re_encoding() {
+    let (up, gw) = setup().await;
+    let token = gw.register_device("encoding-001").await;
+    let path = "/v1/audio/voices";
+    let direct: Value = gw
+        .http
+        .get(format!("{}{path}", up.base_url()))
+        .bearer_auth(PAT)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = gw
+        .http
+        .get(format!("{}{path}", gw.device))
+        .bearer_auth(&token)
+        .header("accept-encoding", "gzip, deflate, br, zstd")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("content-encoding").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["code"], 0, "{v}");
+    assert_eq!(
+        v["data"], direct["data"],
+        "the upstream's answer, unchanged"
+    );
+}
