@@ -639,19 +639,12 @@ async fn admin_rule_writes_are_forwarded_upstream_when_syncing() {
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["code"], 0, "the upstream's answer: {v}");
-    let listed: Value = gw
-        .http
-        .get(format!(
-            "{}{LIMITATIONS}?entity_type=single_device&entity_id=fwd-dev",
-            up.base_url()
-        ))
-        .bearer_auth(PAT)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = upstream_get_json(
+        &gw.http,
+        &up,
+        &format!("{LIMITATIONS}?entity_type=single_device&entity_id=fwd-dev"),
+    )
+    .await;
     assert_eq!(
         listed["data"]["benefit_infos"].as_array().unwrap().len(),
         1,

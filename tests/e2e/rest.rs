@@ -230,16 +230,7 @@ async fn answers_pass_through_without_re_encoding() {
     let (up, gw) = setup().await;
     let token = gw.register_device("encoding-001").await;
     let path = "/v1/audio/voices";
-    let direct: Value = gw
-        .http
-        .get(format!("{}{path}", up.base_url()))
-        .bearer_auth(PAT)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let direct = upstream_get_json(&gw.http, &up, path).await;
     let r = gw
         .http
         .get(format!("{}{path}", gw.device))

@@ -828,6 +828,23 @@ pub fn sandbox_tls() -> sandbox::SandboxTls {
     }
 }
 
+/// `GET path_and_query` straight on the sandbox upstream with the vendor's PAT, as JSON: what
+/// Coze itself would answer, to compare the gateway's answers with.
+pub async fn upstream_get_json(
+    http: &reqwest::Client,
+    up: &SandboxHandle,
+    path_and_query: &str,
+) -> serde_json::Value {
+    http.get(format!("{}{path_and_query}", up.base_url()))
+        .bearer_auth(PAT)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Polls `f` until it returns true or `patience` runs out.
 pub async fn eventually<F, Fut>(patience: Duration, mut f: F) -> bool
 where
