@@ -252,3 +252,39 @@ async fn answers_pass_through_without_re_encoding() {
         "the upstream's answer, unchanged"
     );
 }
+
+/// The upstream's `X-Tt-Logid` reaches the device unchanged (Coze support looks requests up
+/// by it), and the access log records it next to the gateway's own request id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_log_id_passes_through_and_is_logged() {
+    let (_up, gw) = setup().await;
+    let token = gw.register_device("logid-001").await;
+    let r = gw
+        .http
+        .get(format!("{}/v1/audio/voices", gw.device))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let header = r.headers()["x-tt-logid"].to_str().unwrap().to_owned();
+    let v: Value = r.json().await.unwrap();
+    // The sandbox puts its log id in the envelope too: the header is the upstream's.
+    assert_eq!(v["detail"]["logid"], header.as_str(), "{v}");
+    let logged = eventually(std::time::Duration::from_secs(5), || async {
+        gw.log().lines().any(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|j| {
+                j["target"] == "access"
+                    && j["device_id"] == "logid-001"
+                    && j["upstream_logid"] == header.as_str()
+                    && j["request_id"].as_str().is_some_and(|id| id != header)
+            })
+        })
+    })
+    .await;
+    assert!(
+        logged,
+        "access line with upstream_logid {header}: {}",
+        gw.log()
+    );
+}

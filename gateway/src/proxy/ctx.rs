@@ -34,7 +34,9 @@ pub struct RequestCtx {
     pub denied: Option<DenyReason>,
     pub protocol: Protocol,
     pub first_byte_at: Option<Instant>,
-    pub upstream_logid: Option<String>,
+    /// The upstream's `X-Tt-Logid`, for the access log: a clone of pingora's parsed value (a
+    /// reference to the response head's buffer, no copy).
+    pub upstream_logid: Option<http::HeaderValue>,
     pub request_bytes: u64,
     pub response_bytes: u64,
     /// A quota hold was taken under `logid` and must be settled (at the end of the upstream

@@ -192,9 +192,11 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.first_byte_at = Some(Instant::now());
         ctx.response_status = resp.status.as_u16();
-        match resp.headers.get("x-tt-logid").and_then(|v| v.to_str().ok()) {
-            Some(up) => ctx.upstream_logid = Some(up.to_owned()),
-            None => resp.insert_header("X-Tt-Logid", &ctx.logid)?,
+        // The upstream's own log id passes through; one that is missing or not text is
+        // replaced by ours.
+        match resp.headers.get("x-tt-logid") {
+            Some(up) if up.to_str().is_ok() => ctx.upstream_logid = Some(up.clone()),
+            _ => resp.insert_header("X-Tt-Logid", &ctx.logid)?,
         }
         let content_type = resp
             .headers

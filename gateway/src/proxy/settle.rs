@@ -114,7 +114,11 @@ pub fn finish(
             protocol = proto,
             status,
             deny_reason = ctx.denied.map(|d| d.code()).unwrap_or("-"),
-            upstream_logid = ctx.upstream_logid.as_deref().unwrap_or("-"),
+            upstream_logid = ctx
+                .upstream_logid
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
             request_bytes = ctx.request_bytes,
             response_bytes = ctx.response_bytes,
             llm_input_tokens = metered.usage.llm_input_tokens,
