@@ -499,7 +499,6 @@ async fn scenario_instr(
         return Err(anyhow!("instr measures --targets gateway and/or pingora"));
     }
     let c = args.concurrency;
-    let mut fewest: Vec<(&str, f64)> = Vec::new();
     for r in 0..repeats {
         for t in &targets {
             eprintln!("[instr] repeat {}/{repeats}: {}", r + 1, t.name);
@@ -512,10 +511,6 @@ async fn scenario_instr(
                 n,
                 m.ir_per_request,
             );
-            match fewest.iter_mut().find(|(name, _)| *name == n) {
-                Some((_, ir)) => *ir = ir.min(m.ir_per_request),
-                None => fewest.push((n, m.ir_per_request)),
-            }
             rep.record(
                 "allocations per request",
                 "count",
@@ -525,12 +520,20 @@ async fn scenario_instr(
             );
         }
     }
+    // The fewest of the runs just recorded, per target.
+    let fewest: Vec<(String, f64)> = rep
+        .figures
+        .iter()
+        .filter(|f| f.name == "instructions per request")
+        .flat_map(|f| &f.runs)
+        .filter_map(|(n, runs)| Some((n.clone(), runs.iter().copied().reduce(f64::min)?)))
+        .collect();
     for (n, ir) in fewest {
         rep.record(
             "instructions per request, fewest of the repeats",
             "Ir",
             "lower",
-            n,
+            &n,
             ir,
         );
     }
