@@ -8,9 +8,9 @@
 //! [`DeviceApp`], which serves REST/SSE through pingora's `HttpProxy` and WebSockets through
 //! fleetgate's relay. Binding the socket ourselves also makes port `0` trivial.
 //!
-//! Not supported on this path (yet): pingora's listening-socket hand-over on graceful upgrade
-//! (`SIGQUIT` + `-u`) and pingora-terminated TLS for devices; deploy behind a TLS-terminating
-//! load balancer or add TLS here with tokio-rustls.
+//! With `[device_listener.tls]` each connection starts with a TLS handshake
+//! ([`crate::device_tls`]) before the app sees it. Not supported on this path: pingora's
+//! listening-socket hand-over on graceful upgrade (`SIGQUIT` + `-u`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,24 +22,32 @@ use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+use crate::device_tls::LiveTls;
 use crate::listener::DeviceApp;
 
 pub struct DeviceAcceptor {
     app: Arc<DeviceApp>,
     listener: Mutex<Option<std::net::TcpListener>>,
+    /// `Some`: every connection starts with a TLS handshake (`[device_listener.tls]`).
+    tls: Option<Arc<LiveTls>>,
 }
 
 impl DeviceAcceptor {
     /// `listener` must already be bound and listening.
-    pub fn new(app: Arc<DeviceApp>, listener: std::net::TcpListener) -> DeviceAcceptor {
+    pub fn new(
+        app: Arc<DeviceApp>,
+        listener: std::net::TcpListener,
+        tls: Option<Arc<LiveTls>>,
+    ) -> DeviceAcceptor {
         DeviceAcceptor {
             app,
             listener: Mutex::new(Some(listener)),
+            tls,
         }
     }
 }
 
-fn wrap(tcp: tokio::net::TcpStream) -> pingora::protocols::Stream {
+fn wrap(tcp: tokio::net::TcpStream) -> L4Stream {
     use std::os::fd::AsRawFd as _;
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "set_nodelay failed.");
@@ -47,7 +55,30 @@ fn wrap(tcp: tokio::net::TcpStream) -> pingora::protocols::Stream {
     let digest = SocketDigest::from_raw_fd(tcp.as_raw_fd());
     let mut stream = L4Stream::from(tcp);
     stream.set_socket_digest(digest);
-    Box::new(stream)
+    stream
+}
+
+/// Serves one accepted plain connection.
+async fn serve_plain(app: Arc<DeviceApp>, tcp: tokio::net::TcpStream, shutdown: ShutdownWatch) {
+    // `None`: the connection is finished (DeviceApp loops over keep-alive requests itself).
+    let _done = app.process_new(Box::new(wrap(tcp)), &shutdown).await;
+}
+
+/// Serves one accepted connection on a TLS listener: the handshake first (a failed one
+/// closes the connection: there is no HTTP to answer in), then the device app. The
+/// handshake's future is boxed so that its state is freed once it is done, instead of
+/// sizing the connection's task for as long as the connection lives.
+async fn serve_tls(
+    app: Arc<DeviceApp>,
+    tls: Arc<LiveTls>,
+    tcp: tokio::net::TcpStream,
+    shutdown: ShutdownWatch,
+) {
+    let Ok(stream) = Box::pin(tls.handshake(wrap(tcp))).await else {
+        return;
+    };
+    drop(tls);
+    let _done = app.process_new(stream, &shutdown).await;
 }
 
 #[async_trait]
@@ -75,13 +106,13 @@ impl BackgroundService for DeviceAcceptor {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((tcp, _)) => {
-                        let app = self.app.clone();
-                        let shutdown = shutdown.clone();
-                        tokio::spawn(async move {
-                            // `None`: the connection is finished (DeviceApp loops over
-                            // keep-alive requests itself).
-                            let _done = app.process_new(wrap(tcp), &shutdown).await;
-                        });
+                        let (app, shutdown) = (self.app.clone(), shutdown.clone());
+                        match &self.tls {
+                            None => drop(tokio::spawn(serve_plain(app, tcp, shutdown))),
+                            Some(tls) => {
+                                drop(tokio::spawn(serve_tls(app, tls.clone(), tcp, shutdown)))
+                            }
+                        }
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.

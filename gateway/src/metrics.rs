@@ -41,6 +41,8 @@ pub struct Metrics {
     pub sse_streams: IntGauge,
     /// `fleetgate_relayed_bytes_total{direction}`
     pub relayed_bytes: IntCounterVec,
+    /// `fleetgate_device_tls_handshakes_total{result}` (`[device_listener.tls]`)
+    pub device_tls_handshakes: IntCounterVec,
     /// `fleetgate_tokens_issued_total{grant}`
     pub tokens_issued: IntCounterVec,
     /// `fleetgate_upstream_token_exchanges_total{result}` (jwt mode)
@@ -263,6 +265,12 @@ impl Metrics {
                 "Open WebSocket sessions.",
             )?,
             sse_streams: gauge(r, "fleetgate_sse_streams", "Open SSE streams.")?,
+            device_tls_handshakes: counter_vec(
+                r,
+                "fleetgate_device_tls_handshakes_total",
+                "TLS handshakes on the device listener: ok, failed (refused certificate, not TLS, protocol error), timeout.",
+                &["result"],
+            )?,
             tokens_issued: counter_vec(
                 r,
                 "fleetgate_tokens_issued_total",

@@ -207,6 +207,17 @@ fn mint(
     })
 }
 
+/// With tokens bound to client certificates (`device_listener.tls.bind_device`), a
+/// connection whose certificate names one device cannot obtain tokens for another.
+fn check_cert_device(session: &Session, device: &str) -> Result<(), OAuthError> {
+    match crate::device_tls::session_cert_device(session) {
+        Some(cert) if !cert.allows(device) => Err(OAuthError::invalid_client(
+            "the client certificate names another device",
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn jwt_bearer(
     state: &GatewayState,
     session: &Session,
@@ -224,6 +235,7 @@ async fn jwt_bearer(
     let iss = peek_issuer(jwt).ok_or_else(|| {
         OAuthError::invalid_request("invalid request: the JWT is malformed or has no iss")
     })?;
+    check_cert_device(session, &iss)?;
     let ep = &state.oauth;
     check_limit(&ep.per_device, &iss, now_ms())?;
     let device_id =
@@ -369,7 +381,12 @@ async fn handle(
     };
     match req.grant_type.as_deref() {
         Some(JWT_BEARER) => jwt_bearer(state, session, &req).await,
-        Some("client_credentials") => client_credentials(state, &req).await,
+        Some("client_credentials") => {
+            if let Some(id) = &req.client_id {
+                check_cert_device(session, id)?;
+            }
+            client_credentials(state, &req).await
+        }
         Some(_) => Err(OAuthError::new(
             400,
             "unsupported_grant_type",

@@ -24,6 +24,7 @@ pub async fn device_quota(
     session: &mut Session,
     ctx: &mut RequestCtx,
     token: Option<&str>,
+    cert: Option<&crate::device_tls::CertDevice>,
 ) -> Result<bool> {
     ctx.local_route = Some("quota");
     let device = match token
@@ -31,7 +32,7 @@ pub async fn device_quota(
             policy::decision::DenyReason::MissingToken,
             "missing access token",
         ))
-        .and_then(|t| admit::verify_token(state, t, now_s()))
+        .and_then(|t| admit::verify_token(state, t, now_s(), cert))
     {
         Ok((d, _)) => d,
         Err(denial) => {

@@ -1,6 +1,6 @@
 //! Live reload (SIGHUP or `POST /admin/v1/reload`): re-reads the config file, applies what can
 //! change without a restart — token signing keys, the route allow-list and body limits, rate
-//! limits — and reports every other changed setting as needing a restart. A file with errors
+//! limits, the device listener's TLS certificates and client-certificate settings — and reports every other changed setting as needing a restart. A file with errors
 //! changes nothing.
 
 use serde::Serialize;
@@ -34,6 +34,10 @@ fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'stati
         "server.grace_period/drain_delay",
     );
     check(old.device_addr != new.device_addr, "device_listener.addr");
+    check(
+        old.device_tls.is_some() != new.device_tls.is_some(),
+        "device_listener.tls (turning TLS on or off)",
+    );
     check(old.admin_addr != new.admin_addr, "admin_listener.addr");
     check(
         old.admin_token != new.admin_token,
@@ -80,6 +84,24 @@ pub fn reload(state: &GatewayState) -> Result<ReloadReport, ConfigErrors> {
         return Ok(ReloadReport::default());
     };
     let new = config::load_file(&path, &config::process_env)?;
+    // First, as it is the one step that can still fail (a file changed since validation).
+    let tls_applied = match (&state.device_tls, &new.device_tls) {
+        (Some(live), Some(settings)) => {
+            live.replace(settings).map_err(|errors| {
+                ConfigErrors(
+                    errors
+                        .into_iter()
+                        .map(|e| config::ConfigError {
+                            path: e.key.to_owned(),
+                            message: e.message,
+                        })
+                        .collect(),
+                )
+            })?;
+            true
+        }
+        _ => false,
+    };
     state.set_verifier(crate::verifier::TokenVerifier::new(
         new.tokens.keyring.clone(),
         new.tokens.verify_cache_entries,
@@ -87,14 +109,18 @@ pub fn reload(state: &GatewayState) -> Result<ReloadReport, ConfigErrors> {
     state.set_routes(new.routes.clone());
     state.set_rate_limits(crate::ratelimit::RateLimits::new(&new.rate_limits));
     state.metrics.reloads.inc();
+    let mut applied = vec![
+        "tokens.signing_keys",
+        "tokens.verify_cache_entries",
+        "routes",
+        "rate_limits",
+    ];
+    if tls_applied {
+        applied.push("device_listener.tls");
+    }
     let report = ReloadReport {
         source: Some(path.display().to_string()),
-        applied: vec![
-            "tokens.signing_keys",
-            "tokens.verify_cache_entries",
-            "routes",
-            "rate_limits",
-        ],
+        applied,
         needs_restart: restart_only_changes(&state.config, &new),
     };
     tracing::info!(

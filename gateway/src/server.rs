@@ -223,7 +223,7 @@ pub fn run(
     let app = Arc::new(DeviceApp { proxy, ws });
     let mut device = background_service(
         "fleetgate device API",
-        DeviceAcceptor::new(app, device_listener),
+        DeviceAcceptor::new(app, device_listener, state.device_tls.clone()),
     );
     device.threads = Some(threads);
     server.add_service(device);

@@ -41,6 +41,8 @@ pub struct GatewayState {
     /// What goes into `Authorization` upstream, per device (PAT or per-device OAuth token).
     pub upstream_auth: crate::upstream_auth::UpstreamCredentials,
     pub metrics: Metrics,
+    /// TLS for devices (`[device_listener.tls]`): the acceptor, replaced on reload.
+    pub device_tls: Option<Arc<crate::device_tls::LiveTls>>,
     ready: AtomicBool,
     phase: watch::Sender<Phase>,
 }
@@ -63,7 +65,22 @@ impl GatewayState {
             &config.quota,
             metrics.quota_rules.with_label_values(&["local"]),
         )?;
+        let device_tls = match &config.device_tls {
+            None => None,
+            Some(t) => Some(Arc::new(
+                crate::device_tls::LiveTls::new(t, metrics.device_tls_handshakes.clone()).map_err(
+                    |errors| {
+                        let msgs: Vec<String> = errors
+                            .iter()
+                            .map(|e| format!("`{}`: {}", e.key, e.message))
+                            .collect();
+                        format!("device TLS: {}", msgs.join("; "))
+                    },
+                )?,
+            )),
+        };
         Ok(GatewayState {
+            device_tls,
             rate_limits: std::sync::RwLock::new(Arc::new(crate::ratelimit::RateLimits::new(
                 &config.rate_limits,
             ))),

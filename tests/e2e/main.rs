@@ -3,6 +3,7 @@
 
 mod cli;
 mod cluster;
+mod device_tls;
 mod devices;
 mod faults;
 mod metering;

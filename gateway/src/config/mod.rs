@@ -321,6 +321,8 @@ pub struct GatewayConfig {
     pub grace_period: Duration,
     pub drain_delay: Duration,
     pub device_addr: SocketAddr,
+    /// TLS for devices, terminated by the gateway (`None`: plain HTTP).
+    pub device_tls: Option<crate::device_tls::DeviceTlsSettings>,
     pub admin_addr: SocketAddr,
     pub admin_token: Secret,
     pub upstream: UpstreamSettings,
@@ -738,6 +740,69 @@ fn keyring(c: &mut Collector, env: EnvLookup<'_>, t: &raw::TokensConfig) -> Opti
     }
 }
 
+/// `[device_listener.tls]`: the modes must fit together, and the files must load (read and
+/// parsed here once, so a bad file is reported with the rest instead of at start-up).
+fn device_tls(
+    c: &mut Collector,
+    t: &raw::DeviceTlsConfig,
+) -> Option<crate::device_tls::DeviceTlsSettings> {
+    use crate::device_tls::ClientAuth;
+    let client_auth = t.client_auth.unwrap_or(if t.client_ca_file.is_some() {
+        ClientAuth::Required
+    } else {
+        ClientAuth::Off
+    });
+    let mut ok = true;
+    let mut err = |c: &mut Collector, key: &str, msg: &str| {
+        c.err(key, msg);
+        ok = false;
+    };
+    match (client_auth, &t.client_ca_file) {
+        (ClientAuth::Off, Some(_)) => err(
+            c,
+            "device_listener.tls.client_auth",
+            "is `off` but `client_ca_file` is set: say `optional` or `required`, or drop the CA",
+        ),
+        (ClientAuth::Optional | ClientAuth::Required, None) => err(
+            c,
+            "device_listener.tls.client_ca_file",
+            "client certificates need the CA they are checked against",
+        ),
+        _ => {}
+    }
+    if t.bind_device && client_auth == ClientAuth::Off {
+        err(
+            c,
+            "device_listener.tls.bind_device",
+            "needs client certificates (`client_auth` `optional` or `required`)",
+        );
+    }
+    if t.handshake_timeout < Duration::from_millis(100)
+        || t.handshake_timeout > Duration::from_secs(60)
+    {
+        err(
+            c,
+            "device_listener.tls.handshake_timeout",
+            "must be between 100ms and 60s",
+        );
+    }
+    let settings = crate::device_tls::DeviceTlsSettings {
+        cert_file: t.cert_file.clone().into(),
+        key_file: t.key_file.clone().into(),
+        client_ca_file: t.client_ca_file.clone().map(Into::into),
+        client_auth,
+        bind_device: t.bind_device,
+        handshake_timeout: t.handshake_timeout,
+    };
+    if let Err(errors) = crate::device_tls::load(&settings) {
+        for e in errors {
+            c.err(e.key, e.message);
+        }
+        return None;
+    }
+    ok.then_some(settings)
+}
+
 fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, ConfigErrors> {
     let mut c = Collector(Vec::new());
     let threads = f.server.threads.unwrap_or(2);
@@ -769,6 +834,11 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             "the admin token must be at least 16 characters",
         );
     }
+    let device_tls = f
+        .device_listener
+        .tls
+        .as_ref()
+        .and_then(|t| device_tls(&mut c, t));
     let rest = parse_target(&mut c, "upstream.base_url", &f.upstream.base_url, false);
     let ws_base = f
         .upstream
@@ -932,6 +1002,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
         grace_period: f.server.grace_period,
         drain_delay: f.server.drain_delay.min(f.server.grace_period),
         device_addr,
+        device_tls,
         admin_addr,
         admin_token,
         upstream: UpstreamSettings {
@@ -1250,6 +1321,67 @@ mod tests {
     }
 
     #[test]
+    fn device_tls_modes_are_checked_together_with_key_paths() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tls");
+        let with = |tls: &str| {
+            format!(
+                "{MINIMAL}\n[device_listener.tls]\ncert_file = \"{fixtures}/upstream.pem\"\nkey_file = \"{fixtures}/upstream.key\"\n{tls}"
+            )
+        };
+        let c = load_str(&with(""), &env).unwrap();
+        let t = c.device_tls.unwrap();
+        assert_eq!(t.client_auth, crate::device_tls::ClientAuth::Off);
+        assert_eq!(t.handshake_timeout, Duration::from_secs(10));
+        // A client CA alone means certificates are required.
+        let c = load_str(
+            &with(&format!(
+                "client_ca_file = \"{fixtures}/device-ca.pem\"\nbind_device = true"
+            )),
+            &env,
+        )
+        .unwrap();
+        let t = c.device_tls.unwrap();
+        assert_eq!(t.client_auth, crate::device_tls::ClientAuth::Required);
+        assert!(t.bind_device);
+        let e = load_str(
+            &with("client_auth = \"optional\"\nbind_device = true\nhandshake_timeout = \"0s\""),
+            &env,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "device_listener.tls.client_ca_file",
+                "device_listener.tls.handshake_timeout"
+            ],
+            "{e}"
+        );
+        let e = load_str(
+            &with(&format!(
+                "client_auth = \"off\"\nclient_ca_file = \"{fixtures}/device-ca.pem\"\nbind_device = true"
+            )),
+            &env,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "device_listener.tls.client_auth",
+                "device_listener.tls.bind_device"
+            ],
+            "{e}"
+        );
+        let e = load_str(
+            &format!("{MINIMAL}\n[device_listener.tls]\ncert_file = \"/nonexistent.pem\"\nkey_file = \"{fixtures}/upstream.key\"\nclient_auth = \"sometimes\""),
+            &env,
+        )
+        .unwrap_err();
+        assert!(e.0[0].path.starts_with("device_listener.tls"), "{e}");
+    }
+
+    #[test]
     fn derives_ws_host_like_the_sdks() {
         assert_eq!(derive_ws_base("https://api.coze.cn"), "wss://ws.coze.cn");
         assert_eq!(derive_ws_base("http://127.0.0.1:9"), "ws://127.0.0.1:9");
@@ -1308,6 +1440,50 @@ mod example_file {
         let broken = text.replace("stream_idle_timeout", "stream_idle_timout");
         let e = load_str(&broken, &env).unwrap_err();
         assert_eq!(e.0[0].path, "upstream.stream_idle_timout", "{e}");
+    }
+
+    /// The commented device TLS section is valid once uncommented (with the test fixtures as
+    /// its files).
+    #[test]
+    fn shipped_device_tls_section_is_valid() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tls");
+        let text = include_str!("../../../config.toml");
+        let mut out = String::new();
+        let mut in_tls = false;
+        for line in text.lines() {
+            if line == "# [device_listener.tls]" {
+                in_tls = true;
+            } else if line.is_empty() {
+                in_tls = false;
+            }
+            match line.strip_prefix("# ") {
+                Some(l) if in_tls && !l.starts_with('#') => out.push_str(l),
+                _ => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        let out = out
+            .replace(
+                "/etc/fleetgate/tls/device-listener.",
+                &format!("{fixtures}/upstream."),
+            )
+            .replace(
+                "/etc/fleetgate/tls/device-ca.pem",
+                &format!("{fixtures}/device-ca.pem"),
+            );
+        let env = |k: &str| match k {
+            "FLEETGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".to_owned()),
+            "COZE_API_TOKEN" => Some("pat_example".to_owned()),
+            "FLEETGATE_SIGNING_KEY_K1" => {
+                Some(base64::engine::general_purpose::STANDARD.encode([3u8; 32]))
+            }
+            _ => None,
+        };
+        let c = load_str(&out, &env).unwrap_or_else(|e| panic!("config.toml (device TLS): {e}"));
+        let t = c.device_tls.expect("device_listener.tls");
+        assert_eq!(t.client_auth, crate::device_tls::ClientAuth::Required);
+        assert!(t.bind_device);
+        assert_eq!(t.handshake_timeout, Duration::from_secs(10));
     }
 
     /// The commented cluster section is valid once uncommented (its keys are real).

@@ -292,14 +292,40 @@ impl Default for ServerConfig {
 pub struct ListenerConfig {
     #[serde(default = "d_device_addr")]
     pub addr: String,
+    /// TLS (and mTLS) terminated by the gateway; plain HTTP when absent.
+    pub tls: Option<DeviceTlsConfig>,
 }
 
 impl Default for ListenerConfig {
     fn default() -> Self {
         Self {
             addr: d_device_addr(),
+            tls: None,
         }
     }
+}
+
+/// `[device_listener.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf.
+    pub key_file: String,
+    /// PEM CA certificates that device client certificates must chain to.
+    pub client_ca_file: Option<String>,
+    /// `off`, `optional` or `required` (default: `required` with `client_ca_file`, else `off`).
+    pub client_auth: Option<crate::device_tls::ClientAuth>,
+    /// Tokens only work on connections whose client certificate names their device.
+    #[serde(default)]
+    pub bind_device: bool,
+    #[serde(default = "d_tls_handshake", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn d_tls_handshake() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,6 +6,7 @@ use policy::ids::DeviceId;
 use policy::route::Route;
 use policy::token::{self, TokenError};
 
+use crate::device_tls::CertDevice;
 use crate::state::GatewayState;
 
 /// Proof that a request passed admission.
@@ -74,16 +75,27 @@ fn token_denial(e: TokenError) -> Denial {
 }
 
 /// Verifies a device token with no I/O: signature and lifetime (remembered per token, see
-/// `verifier`), then the device's current status in the in-memory registry (every time).
+/// `verifier`), the device named by the connection's client certificate when the listener
+/// binds tokens to certificates (`cert`), then the device's current status in the in-memory
+/// registry (every time).
 pub fn verify_token(
     state: &GatewayState,
     token: &str,
     now_s: u64,
+    cert: Option<&CertDevice>,
 ) -> Result<(DeviceId, TokenPermit), Denial> {
     let v = state
         .verifier()
         .verify(token, now_s, IAT_LEEWAY_S)
         .map_err(token_denial)?;
+    if let Some(cert) = cert
+        && !cert.allows(v.device.as_str())
+    {
+        return Err(Denial::new(
+            DenyReason::InvalidToken,
+            "access token not issued to this client certificate's device",
+        ));
+    }
     let status = state
         .devices
         .get(&v.device)
@@ -112,6 +124,7 @@ pub fn admit(
     state: &GatewayState,
     path: &str,
     token: Option<&str>,
+    cert: Option<&CertDevice>,
     content_length: Option<u64>,
     now_s: u64,
 ) -> Result<Admission, Denial> {
@@ -120,7 +133,7 @@ pub fn admit(
         DenyReason::MissingToken,
         "missing access token",
     ))?;
-    let (device, token) = verify_token(state, token, now_s)?;
+    let (device, token) = verify_token(state, token, now_s, cert)?;
     if content_length.is_some_and(|n| n > route.body_limit) {
         return Err(Denial::new(
             DenyReason::BodyTooLarge,

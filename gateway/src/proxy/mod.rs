@@ -89,12 +89,20 @@ impl ProxyHttp for Gateway {
         let path = req.uri.path();
         if path == "/v1/gateway/quota" {
             let token = token.map(str::to_owned);
-            return crate::quota_api::device_quota(&self.state, session, ctx, token.as_deref())
-                .await;
+            let cert = crate::device_tls::session_cert_device(session).cloned();
+            return crate::quota_api::device_quota(
+                &self.state,
+                session,
+                ctx,
+                token.as_deref(),
+                cert.as_ref(),
+            )
+            .await;
         }
         let capture_request = path == "/v1/audio/speech";
         let now_s = ctx.started_unix_ms / 1000;
-        let admission = match admit::admit(&self.state, path, token, content_length, now_s) {
+        let cert = crate::device_tls::session_cert_device(session);
+        let admission = match admit::admit(&self.state, path, token, cert, content_length, now_s) {
             Ok(a) => a,
             Err(denial) => return self.deny(session, ctx, denial).await,
         };
