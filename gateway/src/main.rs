@@ -58,6 +58,16 @@ enum Command {
         /// Print the URLs and tokens as one JSON line (for scripts).
         #[arg(long)]
         json: bool,
+        /// Serve devices over TLS with this PEM certificate chain (needs --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<String>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<String>,
+        /// mTLS: require device client certificates from this PEM CA, and bind tokens to the
+        /// device each certificate names (its common name).
+        #[arg(long, requires = "tls_cert")]
+        client_ca: Option<String>,
     },
 }
 
@@ -131,11 +141,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             upstream_port,
             sse_delay_ms,
             json,
+            tls_cert,
+            tls_key,
+            client_ca,
         } => sandbox_cmd::run(sandbox_cmd::SandboxOptions {
             port,
             admin_port,
             upstream_port,
             json,
+            tls: tls_cert
+                .zip(tls_key)
+                .map(|(cert, key)| sandbox_cmd::SandboxTls {
+                    cert,
+                    key,
+                    client_ca,
+                }),
             sse_delay_ms,
         }),
     }

@@ -19,6 +19,33 @@ pub struct SandboxOptions {
     pub upstream_port: u16,
     pub json: bool,
     pub sse_delay_ms: u64,
+    /// Serve devices over TLS (`[device_listener.tls]`).
+    pub tls: Option<SandboxTls>,
+}
+
+/// `--tls-cert`, `--tls-key`, `--client-ca` (PEM file paths).
+#[derive(Debug, Clone)]
+pub struct SandboxTls {
+    pub cert: String,
+    pub key: String,
+    /// mTLS with certificate-bound tokens.
+    pub client_ca: Option<String>,
+}
+
+impl SandboxTls {
+    fn toml(&self) -> String {
+        // TOML basic strings take JSON's escapes: paths with quotes or backslashes survive.
+        let q = |s: &str| serde_json::Value::from(s).to_string();
+        let mut t = format!(
+            "[device_listener.tls]\ncert_file = {}\nkey_file = {}\n",
+            q(&self.cert),
+            q(&self.key)
+        );
+        if let Some(ca) = &self.client_ca {
+            t.push_str(&format!("client_ca_file = {}\nbind_device = true\n", q(ca)));
+        }
+        t
+    }
 }
 
 pub const DEMO_DEVICE: &str = "demo-device";
@@ -90,8 +117,10 @@ format = "text"
 level = "warn"
 [store]
 path = ":memory:"
-"#,
-        opts.port, opts.admin_port
+{}"#,
+        opts.port,
+        opts.admin_port,
+        opts.tls.as_ref().map(SandboxTls::toml).unwrap_or_default()
     );
     let admin_for_env = admin_token.clone();
     let env = move |k: &str| match k {
@@ -103,6 +132,7 @@ path = ":memory:"
     let cfg = config::load_str(&text, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
     crate::telemetry::init(&cfg.log);
     let json = opts.json;
+    let tls = opts.tls.is_some();
     server::run(cfg, move |ready: &Ready, state| {
         let device = match DeviceId::parse(DEMO_DEVICE) {
             Ok(d) => d,
@@ -119,7 +149,14 @@ path = ":memory:"
                 return;
             }
         };
-        let gw = format!("http://{}", ready.device_addr);
+        let scheme = if tls { "https" } else { "http" };
+        let gw = format!("{scheme}://{}", ready.device_addr);
+        let tls_note = if tls {
+            "Device TLS is on: trust your certificate's CA (curl --cacert CA.pem; Python and\n\
+             OpenSSL: SSL_CERT_FILE=CA.pem; Node: NODE_EXTRA_CA_CERTS=CA.pem).\n\n"
+        } else {
+            ""
+        };
         let admin = format!("http://{}", ready.admin_addr);
         if json {
             println!(
@@ -156,7 +193,7 @@ for event in coze.chat.stream(bot_id="demo", user_id="u1", additional_messages=[
     print(event.event, event.message.content if event.message else "")
 PY
 
-Ctrl-C stops everything."#
+{tls_note}Ctrl-C stops everything."#
             );
         }
         use std::io::Write as _;

@@ -101,7 +101,11 @@ echo "== Python SDK (cozepy) =="
 ) || status=1
 
 echo "== Node SDK (@coze/api) =="
-(cd "$SDK/node" && node --test --test-concurrency=1 --test-reporter=spec) || status=1
+# The test CA, for the device-TLS tests (Node reads it once, at start-up).
+(
+  cd "$SDK/node" &&
+    NODE_EXTRA_CA_CERTS="$REPO/tests/fixtures/tls/ca.pem" node --test --test-concurrency=1 --test-reporter=spec
+) || status=1
 
 echo "== Deployment artifacts (deploy/) and admin API contract (docs/openapi.yaml) =="
 (

@@ -68,19 +68,20 @@ def coze(sandbox):
     return Coze(auth=TokenAuth(token.access_token), base_url=sandbox["base_url"])
 
 
-@pytest.fixture(scope="session")
-def fleetgate():
-    """`fleetgate sandbox --json`: the sandbox upstream plus a gateway wired to it.
+FIXTURES = REPO / "tests" / "fixtures" / "tls"
 
-    The binary is `$FLEETGATE_BIN`, default `<repo>/target/debug/fleetgate`. Yields the JSON line
-    it prints (`gateway_url`, `admin_url`, `admin_token`, `upstream_url`, `device_id`,
-    `device_token`) plus `ws_url`, the gateway's device URL with a `ws://` scheme.
+
+def start_fleetgate(*extra):
+    """Runs `fleetgate sandbox --json --port 0 --admin-port 0 *extra`; yields its JSON line plus
+    `ws_url` (the device URL with a ws/wss scheme); stops it afterwards.
+
+    The binary is `$FLEETGATE_BIN`, default `<repo>/target/debug/fleetgate`.
     """
     binary = os.environ.get("FLEETGATE_BIN", str(REPO / "target" / "debug" / "fleetgate"))
     if not os.path.exists(binary):
         pytest.fail(f"fleetgate binary not found at {binary}; build it or set FLEETGATE_BIN")
     proc = subprocess.Popen(
-        [binary, "sandbox", "--json", "--port", "0", "--admin-port", "0"],
+        [binary, "sandbox", "--json", "--port", "0", "--admin-port", "0", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -90,7 +91,8 @@ def fleetgate():
         if not line:
             pytest.fail(f"fleetgate sandbox exited early with {proc.wait(5)}")
         info = json.loads(line)
-        info["ws_url"] = "ws://" + info["gateway_url"].split("://", 1)[1]
+        scheme, rest = info["gateway_url"].split("://", 1)
+        info["ws_url"] = ("wss://" if scheme == "https" else "ws://") + rest
         yield info
     finally:
         proc.terminate()
@@ -99,3 +101,12 @@ def fleetgate():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def fleetgate():
+    """`fleetgate sandbox --json`: the sandbox upstream plus a gateway wired to it. Yields the
+    JSON line it prints (`gateway_url`, `admin_url`, `admin_token`, `upstream_url`,
+    `device_id`, `device_token`) plus `ws_url`, the gateway's device URL with a `ws://` scheme.
+    """
+    yield from start_fleetgate()
