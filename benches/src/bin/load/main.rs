@@ -87,6 +87,11 @@ struct Args {
     /// Instr: requests counted per repeat (default 20000; quick 500).
     #[arg(long)]
     requests: Option<u64>,
+    /// REST: devices connect to the gateway and nginx over TLS (the test fixture
+    /// certificate, EC P-256); direct stays plain HTTP and pingora is skipped. Reports
+    /// `load-rest-tls.*`.
+    #[arg(long)]
+    tls: bool,
     /// SSE: concurrent streams.
     #[arg(long, default_value_t = 32)]
     streams: usize,
@@ -124,6 +129,8 @@ struct Args {
 #[derive(Clone, Debug)]
 pub struct Target {
     pub name: &'static str,
+    /// `http`, or `https` for the proxies of a `--tls` run.
+    pub scheme: &'static str,
     pub addr: String,
     pub auth: String,
     pub pid: u32,
@@ -136,6 +143,8 @@ struct Env {
     nginx: Option<Nginx>,
     pingora: Option<PingoraBare>,
     token: String,
+    /// The gateway's and nginx's scheme (`https` with `--tls`).
+    scheme: &'static str,
 }
 
 impl Env {
@@ -148,8 +157,19 @@ impl Env {
                 Vec::new()
             }
         };
-        let gateway =
-            Gateway::start(bin_dir, &sandbox.base_url, args.threads, &wrap("gateway")).await?;
+        let tls = if args.tls {
+            Some(procs::TlsFiles::fixtures()?)
+        } else {
+            None
+        };
+        let gateway = Gateway::start(
+            bin_dir,
+            &sandbox.base_url,
+            args.threads,
+            &wrap("gateway"),
+            tls.as_ref(),
+        )
+        .await?;
         let token = gateway
             .register(&["bench-0".to_owned()])
             .await?
@@ -157,7 +177,9 @@ impl Env {
             .ok_or_else(|| anyhow!("no token minted"))?;
         let nginx = if args.targets.iter().any(|t| t == "nginx") {
             match Nginx::binary() {
-                Some(bin) => Some(Nginx::start(&bin, &sandbox.addr, args.threads).await?),
+                Some(bin) => {
+                    Some(Nginx::start(&bin, &sandbox.addr, args.threads, tls.as_ref()).await?)
+                }
                 None => {
                     eprintln!(
                         "nginx not found: skipping the nginx column (install it: apt-get install -y nginx)"
@@ -179,6 +201,7 @@ impl Env {
             nginx,
             pingora,
             token,
+            scheme: if args.tls { "https" } else { "http" },
         })
     }
 
@@ -188,6 +211,7 @@ impl Env {
         if want("direct") {
             v.push(Target {
                 name: "direct",
+                scheme: "http",
                 addr: self.sandbox.addr.clone(),
                 auth: format!("Bearer {}", procs::PAT),
                 pid: self.sandbox.pid,
@@ -196,6 +220,7 @@ impl Env {
         if want("gateway") {
             v.push(Target {
                 name: "gateway",
+                scheme: self.scheme,
                 addr: self.gateway.device_addr.clone(),
                 auth: format!("Bearer {}", self.token),
                 pid: self.gateway.pid,
@@ -204,6 +229,7 @@ impl Env {
         if let (true, Some(n)) = (want("nginx"), &self.nginx) {
             v.push(Target {
                 name: "nginx",
+                scheme: self.scheme,
                 addr: n.addr.clone(),
                 auth: format!("Bearer {}", self.token),
                 pid: n.pid,
@@ -212,6 +238,7 @@ impl Env {
         if let (true, Some(p)) = (want("pingora"), &self.pingora) {
             v.push(Target {
                 name: "pingora",
+                scheme: "http",
                 addr: p.addr.clone(),
                 auth: format!("Bearer {}", self.token),
                 pid: p.pid,
@@ -236,7 +263,8 @@ impl Env {
 /// WebSocket tunnel is not the path fleetgate uses for WebSockets (`gateway::ws`), so a
 /// pingora column there would not explain fleetgate's cost.
 fn want_pingora(args: &Args) -> bool {
-    args.targets.iter().any(|t| t == "pingora")
+    !args.tls
+        && args.targets.iter().any(|t| t == "pingora")
         && matches!(
             args.scenario,
             Scenario::Rest | Scenario::Sse | Scenario::Devices | Scenario::Instr
@@ -273,6 +301,9 @@ async fn run(args: Args, fds: u64) -> Result<()> {
             ));
         }
     }
+    if args.tls && args.scenario != Scenario::Rest {
+        return Err(anyhow!("--tls is supported by the rest scenario only"));
+    }
     if args.scenario == Scenario::Soak {
         return run_soak(&args, &bin_dir).await;
     }
@@ -289,6 +320,11 @@ async fn run(args: Args, fds: u64) -> Result<()> {
         "{repeats} repeat(s); each repeat drives every target in turn; {secs} s per measured run; gateway threads = nginx workers = pingora-bare threads = {}; fd limit {fds}",
         args.threads
     ));
+    if args.tls {
+        rep.notes.push(
+            "TLS (`--tls`): devices reach the gateway and nginx over TLS 1.3 (the test fixture certificate, EC P-256; the client does not verify it), each proxy talks plain HTTP to the sandbox; direct is plain HTTP, so gateway − direct and nginx − direct include TLS; no pingora column.".to_owned(),
+        );
+    }
     let tmp = procs::TempDir::new("harness")?;
     match args.scenario {
         Scenario::Rest => scenario_rest(&args, &bin_dir, &tmp.0, repeats, secs, &mut rep).await?,
@@ -313,7 +349,11 @@ async fn run(args: Args, fds: u64) -> Result<()> {
     }
     let out_dir = out_dir(&args);
     std::fs::create_dir_all(&out_dir)?;
-    let name = format!("{:?}", args.scenario).to_lowercase();
+    let name = format!(
+        "{}{}",
+        format!("{:?}", args.scenario).to_lowercase(),
+        if args.tls { "-tls" } else { "" }
+    );
     let md = rep.markdown();
     std::fs::write(
         out_dir.join(format!("load-{name}.json")),

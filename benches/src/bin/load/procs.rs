@@ -188,11 +188,13 @@ impl Gateway {
     /// high), quota check and charge (one generous fleet-wide rule), PAT injection, metering.
     /// `wrap`: a command the binary runs under (empty: none), e.g. valgrind; the usage flush
     /// then runs every [`WRAPPED_PERSIST_INTERVAL`].
+    /// `tls`: serve devices over TLS with these files (`[device_listener.tls]`).
     pub async fn start(
         bin_dir: &Path,
         upstream: &str,
         threads: usize,
         wrap: &[String],
+        tls: Option<&TlsFiles>,
     ) -> Result<Gateway> {
         let dir = TempDir::new("gateway")?;
         let config = format!(
@@ -203,6 +205,7 @@ grace_period = "1s"
 drain_delay = "0s"
 [device_listener]
 addr = "127.0.0.1:0"
+{tls}
 [admin_listener]
 addr = "127.0.0.1:0"
 token_env = "FG_BENCH_ADMIN"
@@ -225,6 +228,11 @@ access_log = false
 path = "{store}"
 {timers}"#,
             store = dir.0.join("store.redb").display(),
+            tls = tls.map_or(String::new(), |t| format!(
+                "[device_listener.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"",
+                t.cert.display(),
+                t.key.display()
+            )),
             timers = if wrap.is_empty() {
                 String::new()
             } else {
@@ -384,7 +392,13 @@ impl Nginx {
 
     /// A plain reverse proxy in the foreground: `worker_processes` workers, keepalive pool to
     /// the sandbox, the PAT set on every request, WebSocket upgrades passed, no buffering.
-    pub async fn start(bin: &Path, upstream_addr: &str, workers: usize) -> Result<Nginx> {
+    /// `tls`: `listen … ssl` with these files.
+    pub async fn start(
+        bin: &Path,
+        upstream_addr: &str,
+        workers: usize,
+        tls: Option<&TlsFiles>,
+    ) -> Result<Nginx> {
         let dir = TempDir::new("nginx")?;
         let port = free_port()?;
         let d = dir.0.display();
@@ -407,7 +421,7 @@ http {{
   upstream sandbox {{ server {upstream_addr}; keepalive 256; keepalive_requests 1000000; }}
   map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen 127.0.0.1:{port} backlog=4096{ssl};
     keepalive_requests 1000000;
     location / {{
       proxy_pass http://sandbox;
@@ -422,7 +436,12 @@ http {{
     }}
   }}
 }}
-"#
+"#,
+            ssl = tls.map_or(String::new(), |t| format!(
+                " ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_protocols TLSv1.2 TLSv1.3",
+                t.cert.display(),
+                t.key.display()
+            )),
         );
         let cfg = dir.0.join("nginx.conf");
         std::fs::write(&cfg, conf)?;
@@ -458,6 +477,27 @@ http {{
             addr,
             _dir: dir,
         })
+    }
+}
+
+/// A server certificate and key (PEM) for the TLS runs (`--tls`).
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The test fixtures (`tests/fixtures/tls/upstream.{pem,key}`: EC P-256, for 127.0.0.1).
+    pub fn fixtures() -> Result<TlsFiles> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls");
+        let t = TlsFiles {
+            cert: dir.join("upstream.pem"),
+            key: dir.join("upstream.key"),
+        };
+        if !t.cert.is_file() || !t.key.is_file() {
+            bail!("TLS fixtures not found under {}", dir.display());
+        }
+        Ok(t)
     }
 }
 

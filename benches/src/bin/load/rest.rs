@@ -91,7 +91,7 @@ pub async fn wrk(
             .arg("--latency")
             .arg("-s")
             .arg(script)
-            .arg(format!("http://{}{PATH}", target.addr))
+            .arg(format!("{}://{}{PATH}", target.scheme, target.addr))
             .kill_on_drop(true)
             .output(),
     )
@@ -140,8 +140,11 @@ pub async fn open_loop(target: &Target, rps: f64, secs: f64) -> Result<RateResul
         .no_proxy()
         .pool_max_idle_per_host(1024)
         .timeout(Duration::from_secs(5))
+        // `--tls` runs serve the test fixture certificate; the load client does not verify it
+        // (as wrk does not): the figure is the proxy's cost, not the client's.
+        .danger_accept_invalid_certs(target.scheme == "https")
         .build()?;
-    let url = format!("http://{}{PATH}", target.addr);
+    let url = format!("{}://{}{PATH}", target.scheme, target.addr);
     // Warm the pool a little so connection set-up is not measured.
     for _ in 0..8 {
         let _ = client

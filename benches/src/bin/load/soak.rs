@@ -430,7 +430,7 @@ pub async fn run(
     started_unix_s: u64,
 ) -> Result<SoakOutcome> {
     let sandbox = Sandbox::start(bin_dir, 20, 16).await?;
-    let gateway = Gateway::start(bin_dir, &sandbox.base_url, threads, &[]).await?;
+    let gateway = Gateway::start(bin_dir, &sandbox.base_url, threads, &[], None).await?;
     let token = gateway
         .register(&["bench-0".to_owned()])
         .await?
