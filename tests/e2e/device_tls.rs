@@ -372,3 +372,42 @@ async fn certificates_rotate_on_reload_and_slow_handshakes_are_cut() {
     let m = gw.metrics().await;
     assert!(handshakes(&m, "timeout") >= 1, "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scratch_reuse() {
+    let (_up, gw) = gateway(tls_table("upstream", "")).await;
+    let token = gw.register_device("tls-dev-a").await;
+    let client = device_client("ca.pem", None);
+    for _ in 0..50 {
+        let r = voices(&client, &gw, &token).await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let m = gw.metrics().await;
+    eprintln!("sequential: ok={}", handshakes(&m, "ok"));
+    for _ in 0..20 {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            let (c, t, url) = (
+                client.clone(),
+                token.clone(),
+                format!("{}/v1/audio/voices", https(&gw)),
+            );
+            v.push(tokio::spawn(async move {
+                c.get(url)
+                    .bearer_auth(t)
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap()
+            }));
+        }
+        for h in v {
+            h.await.unwrap();
+        }
+    }
+    let m = gw.metrics().await;
+    eprintln!("concurrent: ok={}", handshakes(&m, "ok"));
+}

@@ -487,12 +487,14 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// The test fixtures (`tests/fixtures/tls/upstream.{pem,key}`: EC P-256, for 127.0.0.1).
+    /// The test fixtures' EC P-256 server certificate (`tests/fixtures/tls/redis-node.{pem,key}`,
+    /// for 127.0.0.1). ECDSA, as a fleet's gateway would use: an RSA-2048 key makes each full
+    /// handshake ~3× dearer for the server (RESULTS, "device TLS").
     pub fn fixtures() -> Result<TlsFiles> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls");
         let t = TlsFiles {
-            cert: dir.join("upstream.pem"),
-            key: dir.join("upstream.key"),
+            cert: dir.join("redis-node.pem"),
+            key: dir.join("redis-node.key"),
         };
         if !t.cert.is_file() || !t.key.is_file() {
             bail!("TLS fixtures not found under {}", dir.display());
