@@ -373,41 +373,54 @@ async fn certificates_rotate_on_reload_and_slow_handshakes_are_cut() {
     assert!(handshakes(&m, "timeout") >= 1, "{m}");
 }
 
+/// Keep-alive works over TLS: one connection, one handshake, many requests answered in turn
+/// (a proxy that closed TLS connections after each answer would make every request pay a
+/// full handshake). Raw HTTP/1.1 on one TLS stream, so the client cannot quietly reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scratch_reuse() {
+async fn keep_alive_connections_are_reused_over_tls() {
+    use tokio::io::AsyncWriteExt;
     let (_up, gw) = gateway(tls_table("upstream", "")).await;
     let token = gw.register_device("tls-dev-a").await;
-    let client = device_client("ca.pem", None);
-    for _ in 0..50 {
-        let r = voices(&client, &gw, &token).await.unwrap();
-        assert_eq!(r.status(), 200);
-        r.bytes().await.unwrap();
-    }
-    let m = gw.metrics().await;
-    eprintln!("sequential: ok={}", handshakes(&m, "ok"));
-    for _ in 0..20 {
-        let mut v = Vec::new();
-        for _ in 0..8 {
-            let (c, t, url) = (
-                client.clone(),
-                token.clone(),
-                format!("{}/v1/audio/voices", https(&gw)),
-            );
-            v.push(tokio::spawn(async move {
-                c.get(url)
-                    .bearer_auth(t)
-                    .send()
-                    .await
-                    .unwrap()
-                    .bytes()
-                    .await
-                    .unwrap()
-            }));
+    let tcp = tokio::net::TcpStream::connect(gw.device_addr)
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(rustls_client("ca.pem", None))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /v1/audio/voices HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    let mut buf = Vec::new();
+    for i in 0..20 {
+        tls.write_all(request.as_bytes()).await.unwrap();
+        // One answer: its head, then exactly Content-Length bytes of body.
+        let (head_end, length) = loop {
+            let mut chunk = [0u8; 4096];
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "request {i}: the gateway closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 200"), "request {i}: {head}");
+                assert!(!head.contains("connection: close"), "request {i}: {head}");
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .expect("content-length")
+                    .trim()
+                    .parse()
+                    .unwrap();
+                break (end + 4, length);
+            }
+        };
+        while buf.len() < head_end + length {
+            let mut chunk = [0u8; 4096];
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "request {i}: closed mid-body");
+            buf.extend_from_slice(&chunk[..n]);
         }
-        for h in v {
-            h.await.unwrap();
-        }
+        buf.drain(..head_end + length);
     }
-    let m = gw.metrics().await;
-    eprintln!("concurrent: ok={}", handshakes(&m, "ok"));
+    assert_eq!(handshakes(&gw.metrics().await, "ok"), 1);
 }
