@@ -168,11 +168,10 @@ impl ServerApp for DeviceApp {
                 Head::Closed => return None,
             };
             let mut session = ServerSession::new_http1(stream);
-            if *shutdown.borrow() {
-                session.set_keepalive(None);
-            } else {
-                session.set_keepalive(Some(KEEPALIVE.as_secs()));
-            }
+            // Draining closes keep-alive connections in `proxy::Gateway::request_filter`:
+            // pingora re-decides keep-alive from the request's headers when it reads them,
+            // so turning it off here, before that, would not hold.
+            session.set_keepalive(Some(KEEPALIVE.as_secs()));
             if let Some(p) = persistent.take() {
                 p.apply_to_session(&mut session);
             }

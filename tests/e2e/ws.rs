@@ -266,6 +266,69 @@ async fn silent_upstream_is_pinged() {
     );
 }
 
+/// During a drain, keep-alive connections are answered and then closed (`Connection:
+/// close`), so clients reconnect to a node that is staying instead of holding on to this one
+/// until it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_are_closed_after_their_answer_during_a_drain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = sandbox_upstream(fast_upstream()).await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.drain_delay = "3s";
+    let gw = GatewayProcess::start(&opts).await;
+    let token = gw.register_device("drain-keepalive").await;
+    let request = format!(
+        "GET /v1/audio/voices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    let mut conn = tokio::net::TcpStream::connect(gw.device_addr)
+        .await
+        .unwrap();
+    // Reads one answer's head (the body is small and comes with it or right after).
+    async fn head(conn: &mut tokio::net::TcpStream) -> String {
+        let mut buf = Vec::new();
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 8192];
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before an answer");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&buf).to_ascii_lowercase()
+    }
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let first = head(&mut conn).await;
+    assert!(first.starts_with("http/1.1 200"), "{first}");
+    assert!(!first.contains("connection: close"), "{first}");
+    // Let the body arrive, then drain.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut rest = [0u8; 65536];
+    let _ = tokio::time::timeout(Duration::from_millis(50), conn.read(&mut rest)).await;
+    gw.signal("TERM");
+    let not_ready = eventually(Duration::from_secs(2), || async {
+        gw.http
+            .get(format!("{}/readyz", gw.admin))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    assert!(not_ready);
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let during = head(&mut conn).await;
+    assert!(during.starts_with("http/1.1 200"), "{during}");
+    assert!(during.contains("connection: close"), "{during}");
+    // And the gateway closes the connection after that answer.
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match conn.read(&mut rest).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still open during the drain");
+}
+
 /// Zero failed REST requests during a drain: on SIGTERM `/readyz` fails at once while REST is
 /// still served for `server.drain_delay`; a client that stops sending when readiness fails
 /// (as a load balancer does) sees no error at all.

@@ -3,6 +3,7 @@
 //!
 //! | phase | module | what happens |
 //! |---|---|---|
+//! | `request_filter` | here | draining: `Connection: close` on every answer |
 //! | `request_filter` | [`crate::oauth`] | the device token endpoint, answered locally |
 //! | `request_filter` | [`admit`] / [`respond`] | route, token, body limit; denials answered here |
 //! | `request_filter` | [`crate::quota`] | quota hold (429 / 4028 when a rule is exhausted); `GET /v1/gateway/quota` |
@@ -72,6 +73,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if !self.state.is_ready() {
+            // Draining (SIGTERM): answer, then close, so keep-alive clients reconnect to
+            // a node that is staying. Set here, after pingora read the request: its
+            // keep-alive choice from the request's own headers would override it earlier.
+            session.set_keepalive(None);
+        }
         if crate::oauth::is_token_path(session.req_header().uri.path()) {
             return crate::oauth::serve(&self.state, session, ctx).await;
         }
