@@ -135,6 +135,41 @@ async fn wss_chat(gw: &GatewayProcess, identity: Option<&str>, token: &str) -> R
     }
 }
 
+/// A new secret credential for `device`, exchanged at the token endpoint over `client`.
+async fn client_credentials(
+    client: &reqwest::Client,
+    gw: &GatewayProcess,
+    device: &str,
+) -> reqwest::Response {
+    let cred: serde_json::Value = gw
+        .admin_post(
+            &format!("/admin/v1/devices/{device}/credentials"),
+            json!({"type": "secret"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    client
+        .post(format!("{}/api/permission/oauth2/token", https(gw)))
+        .json(
+            &json!({"grant_type": "client_credentials", "client_id": device,
+            "client_secret": cred["secret"]}),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The relay's first event on a voice session is the sandbox's `chat.created`.
+async fn expect_chat_created(ws: &mut Wss) {
+    let first = ws.next().await.unwrap().unwrap();
+    assert!(
+        first.to_text().unwrap().contains("chat.created"),
+        "{first:?}"
+    );
+}
+
 fn handshakes(metrics: &str, result: &str) -> u64 {
     let prefix = format!("fleetgate_device_tls_handshakes_total{{result=\"{result}\"}} ");
     metrics
@@ -172,32 +207,11 @@ async fn rest_sse_websocket_and_the_token_endpoint_over_tls() {
     );
 
     let mut ws = wss_chat(&gw, None, &token).await.expect("wss session");
-    let first = ws.next().await.unwrap().unwrap();
-    assert!(
-        first.to_text().unwrap().contains("chat.created"),
-        "{first:?}"
-    );
+    expect_chat_created(&mut ws).await;
     drop(ws);
 
     // The token endpoint (client credentials) over TLS.
-    let cred: serde_json::Value = gw
-        .admin_post(
-            "/admin/v1/devices/tls-dev-a/credentials",
-            json!({"type": "secret"}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let r = client
-        .post(format!("{}/api/permission/oauth2/token", https(&gw)))
-        .json(
-            &json!({"grant_type": "client_credentials", "client_id": "tls-dev-a",
-            "client_secret": cred["secret"]}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let r = client_credentials(&client, &gw, "tls-dev-a").await;
     assert_eq!(r.status(), 200);
     let minted: serde_json::Value = r.json().await.unwrap();
     let r = voices(&client, &gw, minted["access_token"].as_str().unwrap())
@@ -255,37 +269,12 @@ async fn client_certificates_are_required_and_bind_tokens_to_their_device() {
     let mut ws = wss_chat(&gw, Some("device-a"), &token_a)
         .await
         .expect("own device's session");
-    assert!(
-        ws.next()
-            .await
-            .unwrap()
-            .unwrap()
-            .to_text()
-            .unwrap()
-            .contains("chat.created")
-    );
+    expect_chat_created(&mut ws).await;
     drop(ws);
 
     // The token endpoint: the certificate's device only.
     for (device, status) in [("tls-dev-b", 401), ("tls-dev-a", 200)] {
-        let cred: serde_json::Value = gw
-            .admin_post(
-                &format!("/admin/v1/devices/{device}/credentials"),
-                json!({"type": "secret"}),
-            )
-            .await
-            .json()
-            .await
-            .unwrap();
-        let r = a
-            .post(format!("{}/api/permission/oauth2/token", https(&gw)))
-            .json(
-                &json!({"grant_type": "client_credentials", "client_id": device,
-                "client_secret": cred["secret"]}),
-            )
-            .send()
-            .await
-            .unwrap();
+        let r = client_credentials(&a, &gw, device).await;
         assert_eq!(r.status(), status, "{device}");
         if status == 401 {
             let body: serde_json::Value = r.json().await.unwrap();

@@ -1421,18 +1421,43 @@ mod fuzz {
 mod example_file {
     use super::*;
 
-    /// The shipped `config.toml` must always parse and validate.
-    #[test]
-    fn shipped_config_toml_is_valid() {
-        let text = include_str!("../../../config.toml");
-        let env = |k: &str| match k {
+    /// The variables the shipped file names.
+    fn env(k: &str) -> Option<String> {
+        match k {
             "FLEETGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".to_owned()),
             "COZE_API_TOKEN" => Some("pat_example".to_owned()),
+            "FLEETGATE_REDIS_PASSWORD" => Some("pw".to_owned()),
             "FLEETGATE_SIGNING_KEY_K1" => {
                 Some(base64::engine::general_purpose::STANDARD.encode([3u8; 32]))
             }
             _ => None,
-        };
+        }
+    }
+
+    /// The shipped file with the commented section that starts at the line `header`
+    /// uncommented, up to the next empty line (`# # …` lines stay comments).
+    fn uncomment(text: &str, header: &str) -> String {
+        let mut out = String::new();
+        let mut inside = false;
+        for line in text.lines() {
+            if line == header {
+                inside = true;
+            } else if line.is_empty() {
+                inside = false;
+            }
+            match line.strip_prefix("# ") {
+                Some(l) if inside && !l.starts_with('#') => out.push_str(l),
+                _ => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The shipped `config.toml` must always parse and validate.
+    #[test]
+    fn shipped_config_toml_is_valid() {
+        let text = include_str!("../../../config.toml");
         let c = load_str(text, &env).unwrap_or_else(|e| panic!("config.toml: {e}"));
         assert_eq!(c.device_addr.port(), 8080);
         assert_eq!(c.upstream.ws.host, "ws.coze.cn");
@@ -1448,21 +1473,7 @@ mod example_file {
     fn shipped_device_tls_section_is_valid() {
         let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tls");
         let text = include_str!("../../../config.toml");
-        let mut out = String::new();
-        let mut in_tls = false;
-        for line in text.lines() {
-            if line == "# [device_listener.tls]" {
-                in_tls = true;
-            } else if line.is_empty() {
-                in_tls = false;
-            }
-            match line.strip_prefix("# ") {
-                Some(l) if in_tls && !l.starts_with('#') => out.push_str(l),
-                _ => out.push_str(line),
-            }
-            out.push('\n');
-        }
-        let out = out
+        let out = uncomment(text, "# [device_listener.tls]")
             .replace(
                 "/etc/fleetgate/tls/device-listener.",
                 &format!("{fixtures}/upstream."),
@@ -1471,14 +1482,6 @@ mod example_file {
                 "/etc/fleetgate/tls/device-ca.pem",
                 &format!("{fixtures}/device-ca.pem"),
             );
-        let env = |k: &str| match k {
-            "FLEETGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".to_owned()),
-            "COZE_API_TOKEN" => Some("pat_example".to_owned()),
-            "FLEETGATE_SIGNING_KEY_K1" => {
-                Some(base64::engine::general_purpose::STANDARD.encode([3u8; 32]))
-            }
-            _ => None,
-        };
         let c = load_str(&out, &env).unwrap_or_else(|e| panic!("config.toml (device TLS): {e}"));
         let t = c.device_tls.expect("device_listener.tls");
         assert_eq!(t.client_auth, crate::device_tls::ClientAuth::Required);
@@ -1490,33 +1493,11 @@ mod example_file {
     #[test]
     fn shipped_cluster_section_is_valid() {
         let text = include_str!("../../../config.toml");
-        let mut out = String::new();
-        let mut in_redis = false;
-        for line in text.lines() {
-            if line.starts_with("# kind = \"embedded\"") {
-                out.push_str("kind = \"redis\"\n");
-                continue;
-            }
-            if line == "# [store.redis]" {
-                in_redis = true;
-            } else if line.is_empty() {
-                in_redis = false;
-            }
-            match line.strip_prefix("# ") {
-                Some(l) if in_redis => out.push_str(l),
-                _ => out.push_str(line),
-            }
-            out.push('\n');
-        }
-        let env = |k: &str| match k {
-            "FLEETGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".to_owned()),
-            "COZE_API_TOKEN" => Some("pat_example".to_owned()),
-            "FLEETGATE_REDIS_PASSWORD" => Some("pw".to_owned()),
-            "FLEETGATE_SIGNING_KEY_K1" => {
-                Some(base64::engine::general_purpose::STANDARD.encode([3u8; 32]))
-            }
-            _ => None,
-        };
+        let out = uncomment(text, "# [store.redis]").replacen(
+            "# kind = \"embedded\"",
+            "kind = \"redis\"    #",
+            1,
+        );
         let c = load_str(&out, &env).unwrap_or_else(|e| panic!("config.toml (cluster): {e}"));
         let r = c.redis.expect("store.redis");
         assert_eq!(
