@@ -663,8 +663,7 @@ fn chat(node: &GatewayProcess, token: &str) -> reqwest::RequestBuilder {
     node.http
         .post(format!("{}/v3/chat", node.device))
         .bearer_auth(token)
-        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
-            "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]}))
+        .json(&chat_stream_request())
 }
 
 /// A node killed with `kill -9` in the middle of a stream loses none of the usage it had

@@ -193,18 +193,12 @@ async fn rest_sse_websocket_and_the_token_endpoint_over_tls() {
     let r = client
         .post(format!("{}/v3/chat", https(&gw)))
         .bearer_auth(&token)
-        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
-            "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]}))
+        .json(&chat_stream_request())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let body = r.text().await.unwrap();
-    assert!(
-        body.contains("event:conversation.chat.completed")
-            && body.ends_with("event:done\ndata:\"[DONE]\"\n\n"),
-        "{body}"
-    );
+    assert_complete_chat_stream(&r.text().await.unwrap());
 
     let mut ws = wss_chat(&gw, None, &token).await.expect("wss session");
     expect_chat_created(&mut ws).await;

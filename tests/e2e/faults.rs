@@ -45,8 +45,7 @@ async fn chat(gw: &GatewayProcess, token: &str, fault: &str) -> (u16, Result<Str
         .post(format!("{}/v3/chat", gw.device))
         .bearer_auth(token)
         .header("x-sandbox-fault", fault)
-        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
-            "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]}))
+        .json(&chat_stream_request())
         .send()
         .await
         .unwrap();

@@ -429,8 +429,7 @@ async fn disconnects_are_charged_and_usage_survives_kill_9() {
         .http
         .post(format!("{}/v3/chat", gw.device))
         .bearer_auth(&token)
-        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
-            "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]}))
+        .json(&chat_stream_request())
         .send()
         .await
         .unwrap();

@@ -50,8 +50,7 @@ async fn stalled_stream_is_cut_after_the_idle_timeout() {
         .post(format!("{}/v3/chat", gw.device))
         .bearer_auth(&token)
         .header("x-sandbox-fault", "stall_after=2")
-        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
-            "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]}))
+        .json(&chat_stream_request())
         .send()
         .await
         .unwrap();

@@ -53,18 +53,12 @@ async fn rest_sse_and_websocket_over_verified_tls() {
         .http
         .post(format!("{}/v3/chat", gw.device))
         .bearer_auth(&token)
-        .json(&json!({"bot_id": "b1", "user_id": "u1", "stream": true,
-            "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]}))
+        .json(&chat_stream_request())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let body = r.text().await.unwrap();
-    assert!(
-        body.contains("event:conversation.chat.completed")
-            && body.ends_with("event:done\ndata:\"[DONE]\"\n\n"),
-        "{body}"
-    );
+    assert_complete_chat_stream(&r.text().await.unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(ws_request(&gw, &token))
         .await
         .expect("wss upstream via the relay");

@@ -845,6 +845,21 @@ pub async fn upstream_get_json(
         .unwrap()
 }
 
+/// The body of a streamed chat v3 call (one user message, "hi").
+pub fn chat_stream_request() -> serde_json::Value {
+    serde_json::json!({"bot_id": "b1", "user_id": "u1", "stream": true,
+        "additional_messages": [{"role": "user", "content": "hi", "content_type": "text"}]})
+}
+
+/// A whole chat v3 SSE stream as the sandbox sends it: completed, then `[DONE]` last.
+pub fn assert_complete_chat_stream(body: &str) {
+    assert!(
+        body.contains("event:conversation.chat.completed")
+            && body.ends_with("event:done\ndata:\"[DONE]\"\n\n"),
+        "{body}"
+    );
+}
+
 /// Polls `f` until it returns true or `patience` runs out.
 pub async fn eventually<F, Fut>(patience: Duration, mut f: F) -> bool
 where
