@@ -8,43 +8,26 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { createInterface } from 'node:readline';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 import { CozeAPI, WebsocketsEventType, RoleType, ChatEventType } from '@coze/api';
 
-const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../..');
+import { REPO, startFleetgate } from '../fleetgate.mjs';
+
 const FIXTURES = path.join(REPO, 'tests', 'fixtures', 'tls');
 const TIMEOUT_MS = 20_000;
 
-let proc;
 let info;
 
 before(async () => {
   assert.ok(process.env.NODE_EXTRA_CA_CERTS, 'run with NODE_EXTRA_CA_CERTS=tests/fixtures/tls/ca.pem');
-  const bin = process.env.FLEETGATE_BIN ?? path.join(REPO, 'target', 'debug', 'fleetgate');
-  proc = spawn(
-    bin,
-    [
-      'sandbox', '--json', '--port', '0', '--admin-port', '0',
-      '--tls-cert', path.join(FIXTURES, 'upstream.pem'),
-      '--tls-key', path.join(FIXTURES, 'upstream.key'),
-    ],
-    { stdio: ['ignore', 'pipe', 'ignore'] },
-  );
-  const rl = createInterface({ input: proc.stdout });
-  const line = await new Promise((resolve, reject) => {
-    rl.once('line', resolve);
-    proc.once('error', reject);
-    proc.once('exit', code => reject(new Error(`fleetgate sandbox exited: ${code}`)));
-  });
-  info = JSON.parse(line);
-  info.ws_url = info.gateway_url.replace(/^https/, 'wss');
+  info = await startFleetgate([
+    '--tls-cert', path.join(FIXTURES, 'upstream.pem'),
+    '--tls-key', path.join(FIXTURES, 'upstream.key'),
+  ]);
 });
 
-after(() => proc?.kill('SIGTERM'));
+after(() => info?.proc.kill('SIGTERM'));
 
 const client = () =>
   new CozeAPI({ token: info.device_token, baseURL: info.gateway_url, baseWsURL: info.ws_url });
