@@ -12,7 +12,10 @@ fn check_config_lists_every_error_and_keygen_output_is_usable() {
     let bad = dir.0.join("bad.toml");
     std::fs::write(
         &bad,
-        "[server]\nthreads = 0\n[upstream]\nbase_url = \"ftp://x\"\npat_env = \"FG_MISSING\"\n",
+        format!(
+            "[server]\nthreads = 0\n[device_listener.tls]\ncert_file = \"/nonexistent/device.pem\"\nkey_file = \"{}\"\nbind_device = true\n[upstream]\nbase_url = \"ftp://x\"\npat_env = \"FG_MISSING\"\n",
+            fixture_path("upstream.key").display()
+        ),
     )
     .unwrap();
     let out = Command::new(fleetgate_bin())
@@ -29,9 +32,14 @@ fn check_config_lists_every_error_and_keygen_output_is_usable() {
         "upstream.pat_env",
         "tokens.signing_keys",
         "admin_listener.token_env",
+        "device_listener.tls.cert_file",
+        "device_listener.tls.bind_device",
     ] {
         assert!(err.contains(path), "{path} missing in:\n{err}");
     }
+    // A bad TLS file is named, never printed.
+    assert!(err.contains("/nonexistent/device.pem"), "{err}");
+    assert!(!err.contains("PRIVATE KEY"), "{err}");
 
     let out = Command::new(fleetgate_bin())
         .args(["keygen", "--kid", "k9"])
