@@ -1,7 +1,7 @@
 //! Live reload (SIGHUP or `POST /admin/v1/reload`): re-reads the config file, applies what can
 //! change without a restart — token signing keys, the route allow-list and body limits, rate
-//! limits, the device listener's TLS certificates and client-certificate settings — and reports every other changed setting as needing a restart. A file with errors
-//! changes nothing.
+//! limits, the device listener's TLS files and client-certificate settings — and reports every
+//! other changed setting as needing a restart. A file with errors changes nothing.
 
 use serde::Serialize;
 

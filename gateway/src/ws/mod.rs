@@ -57,25 +57,6 @@ struct DeviceRequest {
     early: Vec<u8>,
 }
 
-impl WsRelay {
-    /// Admission for an upgrade request: the token from the header or the query, and the
-    /// device the connection's client certificate names (device TLS). Not async, so none of
-    /// its temporaries live in the session's future (`session_future_stays_small`).
-    fn admit(&self, device: &Stream, req: &DeviceRequest) -> Result<admit::Admission, Denial> {
-        let token = admit::bearer(req.header("authorization"))
-            .map(str::to_owned)
-            .or_else(|| admit::bearer_from_query(&req.query));
-        admit::admit(
-            &self.state,
-            &req.path,
-            token.as_deref(),
-            crate::device_tls::connection_cert_device(&**device).as_ref(),
-            None,
-            now_ms() / 1000,
-        )
-    }
-}
-
 fn parse_request(head: &[u8]) -> Option<DeviceRequest> {
     let mut hs = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut hs);
@@ -159,6 +140,23 @@ impl WsRelay {
             let _ = device.flush().await;
         }
         close(device).await;
+    }
+
+    /// Admission for an upgrade request: the token from the header or the query, and the
+    /// device the connection's client certificate names (device TLS). Not async, so none of
+    /// its temporaries live in the session's future (`session_future_stays_small`).
+    fn admit(&self, device: &Stream, req: &DeviceRequest) -> Result<admit::Admission, Denial> {
+        let token = admit::bearer(req.header("authorization"))
+            .map(str::to_owned)
+            .or_else(|| admit::bearer_from_query(&req.query));
+        admit::admit(
+            &self.state,
+            &req.path,
+            token.as_deref(),
+            crate::device_tls::connection_cert_device(&**device).as_ref(),
+            None,
+            now_ms() / 1000,
+        )
     }
 
     /// Serves one upgrade request whose head (and any bytes after it) is in `head`.
