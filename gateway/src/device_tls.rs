@@ -2,30 +2,36 @@
 //! listener (`[device_listener.tls]`).
 //!
 //! The accept loop ([`crate::accept`]) runs the handshake before anything else, bounded by
-//! `handshake_timeout`, with pingora's rustls acceptor: the result is pingora's `TlsStream`,
-//! which the device listener serves exactly like a plain connection (REST and SSE through
-//! pingora, WebSockets through fleetgate's relay). ALPN offers `http/1.1` only.
+//! `handshake_timeout`, with tokio-rustls. The result, [`DeviceTlsStream`], implements
+//! pingora's `IO`, so the device listener serves it exactly like a plain connection (REST and
+//! SSE through pingora, WebSockets through fleetgate's relay). It is fleetgate's own type, not
+//! pingora's `TlsStream`: that one keeps room for the handshake futures for the connection's
+//! whole life (4,728 bytes against ~1,600: ~3 KB per idle connection, "Session 11" in
+//! `benches/RESULTS.md`). ALPN offers `http/1.1` only.
 //!
 //! Client certificates (`client_auth = "optional" | "required"`) are verified against
 //! `client_ca_file` (webpki: chain, validity, `clientAuth` usage). With `bind_device = true`,
 //! a connection that presented a certificate may only use tokens of the device the
 //! certificate names (its subject common name): a token copied off one device is useless on
 //! a connection authenticated as another. The name is read once, at the handshake, and kept
-//! with the connection ([`CertDevice`]).
+//! with the connection ([`CertDevice`] in [`DeviceTlsStream`]); the listener hands it to each
+//! request through pingora's per-connection user context.
 //!
 //! Certificates, the client CA and these settings are re-read on reload (SIGHUP): new
 //! connections use the new ones, open connections keep theirs.
 
-use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::listeners::TlsAccept;
-use pingora::listeners::tls::{Acceptor, TlsSettings};
-use pingora::protocols::ALPN;
-use pingora::protocols::tls::TlsRef;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -175,8 +181,9 @@ fn client_verifier(
         .map_err(|e| file_error(CA, format!("`{}`: {e}", path.display())))
 }
 
-/// Reads the certificate, key and client CA, and builds the acceptor: every problem at once.
-pub fn load(settings: &DeviceTlsSettings) -> Result<Acceptor, Vec<TlsFileError>> {
+/// Reads the certificate, key and client CA, and builds the rustls server configuration:
+/// every problem at once.
+pub fn load(settings: &DeviceTlsSettings) -> Result<Arc<rustls::ServerConfig>, Vec<TlsFileError>> {
     let key = server_key(settings);
     let verifier = client_verifier(settings);
     let (key, verifier) = match (key, verifier) {
@@ -190,36 +197,19 @@ pub fn load(settings: &DeviceTlsSettings) -> Result<Acceptor, Vec<TlsFileError>>
                 .collect());
         }
     };
-    let callbacks: pingora::listeners::TlsAcceptCallbacks = Box::new(NameCertDevice {
-        bind_device: settings.bind_device,
-    });
-    let mut tls = TlsSettings::with_callbacks(callbacks)
-        .map_err(|e| vec![file_error("device_listener.tls", e.to_string())])?;
-    tls.set_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(key)));
-    if let Some(v) = verifier {
-        tls.set_client_cert_verifier(v);
-    }
-    tls.set_alpn(ALPN::H1);
-    Ok(tls.build())
-}
-
-/// Records the device a verified client certificate names, once per connection.
-struct NameCertDevice {
-    bind_device: bool,
-}
-
-#[async_trait]
-impl TlsAccept for NameCertDevice {
-    async fn handshake_complete_callback(
-        &self,
-        tls: &TlsRef,
-    ) -> Option<Arc<dyn Any + Send + Sync>> {
-        if !self.bind_device {
-            return None;
-        }
-        let leaf = tls.peer_certificate_der()?;
-        Some(Arc::new(cert_device(leaf)))
-    }
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+    .map_err(|e| vec![file_error("device_listener.tls", e.to_string())])?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config =
+        builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(key)));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The device a (verified) leaf certificate names: its subject common name.
@@ -237,22 +227,112 @@ pub fn cert_device(leaf_der: &[u8]) -> CertDevice {
         .map_or(CertDevice::Unnamed, |n| CertDevice::Named(n.into()))
 }
 
-/// The certificate device recorded for a connection, if any.
-pub fn connection_cert_device(stream: &dyn pingora::protocols::Ssl) -> Option<CertDevice> {
+/// The certificate device recorded for a connection, if any (only [`DeviceTlsStream`]s with
+/// `bind_device` have one).
+pub fn connection_cert_device(stream: &pingora::protocols::Stream) -> Option<CertDevice> {
     stream
-        .get_ssl_digest()
-        .and_then(|d| d.extension.get::<CertDevice>().cloned())
+        .as_any()
+        .downcast_ref::<DeviceTlsStream>()
+        .and_then(|s| s.cert_device.clone())
 }
 
-/// The certificate device recorded for a proxied request's connection, if any.
-pub fn session_cert_device(session: &pingora::proxy::Session) -> Option<&CertDevice> {
-    session
-        .digest()?
-        .ssl_digest
-        .as_ref()?
-        .extension
-        .get::<CertDevice>()
+/// A device connection over TLS: tokio-rustls' stream over pingora's L4 stream, plus the
+/// device its client certificate names (with `bind_device`).
+#[derive(Debug)]
+pub struct DeviceTlsStream {
+    inner: tokio_rustls::server::TlsStream<L4Stream>,
+    cert_device: Option<CertDevice>,
 }
+
+impl AsyncRead for DeviceTlsStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for DeviceTlsStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for DeviceTlsStream {
+    async fn shutdown(&mut self) {
+        // close_notify, then the socket's write side; a peer already gone is not an error.
+        if let Err(e) = tokio::io::AsyncWriteExt::shutdown(&mut self.inner).await {
+            tracing::debug!(error = %e, "Device TLS shutdown failed.");
+        }
+    }
+}
+
+impl UniqueID for DeviceTlsStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.get_ref().0.id()
+    }
+}
+
+/// No pingora TLS digest: nothing in fleetgate reads one, and the certificate's device
+/// travels with the stream itself.
+impl Ssl for DeviceTlsStream {}
+
+impl GetTimingDigest for DeviceTlsStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_ref().0.get_timing_digest()
+    }
+}
+
+impl GetProxyDigest for DeviceTlsStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_ref().0.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for DeviceTlsStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_ref().0.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, socket_digest: SocketDigest) {
+        self.inner.get_mut().0.set_socket_digest(socket_digest)
+    }
+}
+
+#[async_trait]
+impl Peek for DeviceTlsStream {}
 
 /// The device listener's TLS: the acceptor in use, swapped whole on reload.
 pub struct LiveTls {
@@ -263,15 +343,17 @@ pub struct LiveTls {
 
 /// One generation of the listener's TLS settings.
 struct Loaded {
-    acceptor: Acceptor,
+    acceptor: tokio_rustls::TlsAcceptor,
     handshake_timeout: Duration,
+    bind_device: bool,
 }
 
 impl Loaded {
     fn new(settings: &DeviceTlsSettings) -> Result<Loaded, Vec<TlsFileError>> {
         Ok(Loaded {
-            acceptor: load(settings)?,
+            acceptor: tokio_rustls::TlsAcceptor::from(load(settings)?),
             handshake_timeout: settings.handshake_timeout,
+            bind_device: settings.bind_device,
         })
     }
 }
@@ -305,13 +387,25 @@ impl LiveTls {
     /// Runs the server side of the handshake on a freshly accepted connection.
     pub async fn handshake(
         &self,
-        stream: pingora::protocols::l4::stream::Stream,
+        stream: L4Stream,
     ) -> Result<pingora::protocols::Stream, HandshakeFailure> {
         let tls = crate::locks::snapshot(&self.current);
-        let done =
-            tokio::time::timeout(tls.handshake_timeout, tls.acceptor.tls_handshake(stream)).await;
+        let done = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await;
         let (result, label) = match done {
-            Ok(Ok(tls)) => (Ok(Box::new(tls) as pingora::protocols::Stream), "ok"),
+            Ok(Ok(inner)) => {
+                let cert_device = if tls.bind_device {
+                    inner
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|leaf| cert_device(leaf))
+                } else {
+                    None
+                };
+                let stream = DeviceTlsStream { inner, cert_device };
+                (Ok(Box::new(stream) as pingora::protocols::Stream), "ok")
+            }
             Ok(Err(e)) => {
                 // The reason, never key material: rustls errors name alerts and checks.
                 tracing::debug!(error = %e, "Device TLS handshake failed.");

@@ -153,6 +153,7 @@ impl ServerApp for DeviceApp {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.proxy.process_new(stream, shutdown).await;
         }
+        let cert_device = crate::device_tls::connection_cert_device(&stream);
         let mut stream = stream;
         let mut persistent: Option<HttpPersistentSettings> = None;
         loop {
@@ -174,6 +175,13 @@ impl ServerApp for DeviceApp {
             session.set_keepalive(Some(KEEPALIVE.as_secs()));
             if let Some(p) = persistent.take() {
                 p.apply_to_session(&mut session);
+            }
+            // The certificate's device (device TLS with `bind_device`) for this request:
+            // pingora delivers it to `Gateway::on_connection_reuse`.
+            if let Some(cert) = cert_device.clone()
+                && let ServerSession::H1(h1) = &mut session
+            {
+                h1.set_connection_user_context(Some(Box::new(cert)));
             }
             session.set_pipelined_prefix(prefix);
             let reused = self.proxy.process_new_http(session, shutdown).await?;

@@ -209,8 +209,11 @@ fn mint(
 
 /// With tokens bound to client certificates (`device_listener.tls.bind_device`), a
 /// connection whose certificate names one device cannot obtain tokens for another.
-fn check_cert_device(session: &Session, device: &str) -> Result<(), OAuthError> {
-    match crate::device_tls::session_cert_device(session) {
+fn check_cert_device(
+    cert: Option<&crate::device_tls::CertDevice>,
+    device: &str,
+) -> Result<(), OAuthError> {
+    match cert {
         Some(cert) if !cert.allows(device) => Err(OAuthError::invalid_client(
             "the client certificate names another device",
         )),
@@ -221,6 +224,7 @@ fn check_cert_device(session: &Session, device: &str) -> Result<(), OAuthError> 
 async fn jwt_bearer(
     state: &GatewayState,
     session: &Session,
+    cert: Option<&crate::device_tls::CertDevice>,
     req: &TokenRequest,
 ) -> Result<crate::tokens::Minted, OAuthError> {
     let headers = &session.req_header().headers;
@@ -235,7 +239,7 @@ async fn jwt_bearer(
     let iss = peek_issuer(jwt).ok_or_else(|| {
         OAuthError::invalid_request("invalid request: the JWT is malformed or has no iss")
     })?;
-    check_cert_device(session, &iss)?;
+    check_cert_device(cert, &iss)?;
     let ep = &state.oauth;
     check_limit(&ep.per_device, &iss, now_ms())?;
     let device_id =
@@ -358,9 +362,12 @@ async fn client_credentials(
     )
 }
 
+/// `cert`: the device the connection's client certificate names (device TLS with
+/// `bind_device`).
 async fn handle(
     state: &GatewayState,
     session: &mut Session,
+    cert: Option<&crate::device_tls::CertDevice>,
 ) -> Result<crate::tokens::Minted, OAuthError> {
     if session.req_header().method != http::Method::POST {
         return Err(OAuthError::new(405, "invalid_request", "use POST"));
@@ -380,10 +387,10 @@ async fn handle(
             .map_err(|_| OAuthError::invalid_request("invalid request: the body is not JSON"))?
     };
     match req.grant_type.as_deref() {
-        Some(JWT_BEARER) => jwt_bearer(state, session, &req).await,
+        Some(JWT_BEARER) => jwt_bearer(state, session, cert, &req).await,
         Some("client_credentials") => {
             if let Some(id) = &req.client_id {
-                check_cert_device(session, id)?;
+                check_cert_device(cert, id)?;
             }
             client_credentials(state, &req).await
         }
@@ -403,7 +410,7 @@ pub async fn serve(
     ctx: &mut RequestCtx,
 ) -> Result<bool> {
     ctx.local_route = Some("token");
-    let (status, body, retry_after) = match handle(state, session).await {
+    let (status, body, retry_after) = match handle(state, session, ctx.cert_device.as_ref()).await {
         Ok(m) => (
             200,
             serde_json::json!({"access_token": m.access_token, "expires_in": m.expires_in, "token_type": "Bearer"}),

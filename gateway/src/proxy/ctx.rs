@@ -24,6 +24,9 @@ impl Protocol {
 }
 
 pub struct RequestCtx {
+    /// The device the connection's client certificate names (device TLS with
+    /// `bind_device`), handed over by the listener (`Gateway::on_connection_reuse`).
+    pub cert_device: Option<crate::device_tls::CertDevice>,
     /// The gateway's log id for this request (`X-Tt-Logid` unless upstream sent one).
     pub logid: String,
     pub started: Instant,
@@ -80,6 +83,7 @@ impl RequestCtx {
             quota_held: false,
             capture_request: false,
             request_copy: Vec::new(),
+            cert_device: None,
         }
     }
 

@@ -3,6 +3,7 @@
 //!
 //! | phase | module | what happens |
 //! |---|---|---|
+//! | `on_connection_reuse` | here | the client certificate's device (device TLS), from the listener |
 //! | `request_filter` | here | draining: `Connection: close` on every answer |
 //! | `request_filter` | [`crate::oauth`] | the device token endpoint, answered locally |
 //! | `request_filter` | [`admit`] / [`respond`] | route, token, body limit; denials answered here |
@@ -67,6 +68,19 @@ impl ProxyHttp for Gateway {
     /// upstream's encoding through and never compresses.
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
+    /// The listener hands each request its connection's certificate device (device TLS)
+    /// as pingora's per-connection user context, which arrives here.
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+        connection: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Ok(cert) = connection.downcast::<crate::device_tls::CertDevice>() {
+            ctx.cert_device = Some(*cert);
+        }
+    }
+
     fn new_ctx(&self) -> RequestCtx {
         let now_ms = now_ms();
         RequestCtx::new(crate::logid::new_logid(now_ms), now_ms)
@@ -96,7 +110,7 @@ impl ProxyHttp for Gateway {
         let path = req.uri.path();
         if path == "/v1/gateway/quota" {
             let token = token.map(str::to_owned);
-            let cert = crate::device_tls::session_cert_device(session).cloned();
+            let cert = ctx.cert_device.clone();
             return crate::quota_api::device_quota(
                 &self.state,
                 session,
@@ -108,7 +122,7 @@ impl ProxyHttp for Gateway {
         }
         let capture_request = path == "/v1/audio/speech";
         let now_s = ctx.started_unix_ms / 1000;
-        let cert = crate::device_tls::session_cert_device(session);
+        let cert = ctx.cert_device.as_ref();
         let admission = match admit::admit(&self.state, path, token, cert, content_length, now_s) {
             Ok(a) => a,
             Err(denial) => return self.deny(session, ctx, denial).await,

@@ -153,7 +153,7 @@ impl WsRelay {
             &self.state,
             &req.path,
             token.as_deref(),
-            crate::device_tls::connection_cert_device(&**device).as_ref(),
+            crate::device_tls::connection_cert_device(device).as_ref(),
             None,
             now_ms() / 1000,
         )
