@@ -48,15 +48,34 @@ pub enum ClientAuth {
     Required,
 }
 
-/// Validated `[device_listener.tls]`.
+/// The files of `[device_listener.tls]` and the client-certificate mode: what [`load`] reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceTlsSettings {
+pub struct TlsFiles {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub client_ca_file: Option<PathBuf>,
     pub client_auth: ClientAuth,
+}
+
+/// Validated `[device_listener.tls]`, its files already loaded (once, by validation).
+#[derive(Clone)]
+pub struct DeviceTlsSettings {
+    pub files: TlsFiles,
     pub bind_device: bool,
     pub handshake_timeout: Duration,
+    /// The rustls configuration [`load`] built from `files`.
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for DeviceTlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceTlsSettings")
+            .field("files", &self.files)
+            .field("bind_device", &self.bind_device)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("server", &"<loaded>")
+            .finish()
+    }
 }
 
 /// What a connection's client certificate says about its device (only recorded with
@@ -117,9 +136,7 @@ fn certificates(
     Ok(certs)
 }
 
-fn server_key(
-    settings: &DeviceTlsSettings,
-) -> Result<Arc<rustls::sign::CertifiedKey>, Vec<TlsFileError>> {
+fn server_key(settings: &TlsFiles) -> Result<Arc<rustls::sign::CertifiedKey>, Vec<TlsFileError>> {
     const CERT: &str = "device_listener.tls.cert_file";
     const KEY: &str = "device_listener.tls.key_file";
     let chain = certificates(CERT, &settings.cert_file);
@@ -150,7 +167,7 @@ fn server_key(
 }
 
 fn client_verifier(
-    settings: &DeviceTlsSettings,
+    settings: &TlsFiles,
 ) -> Result<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>, TlsFileError> {
     const CA: &str = "device_listener.tls.client_ca_file";
     let Some(path) = settings
@@ -183,7 +200,7 @@ fn client_verifier(
 
 /// Reads the certificate, key and client CA, and builds the rustls server configuration:
 /// every problem at once.
-pub fn load(settings: &DeviceTlsSettings) -> Result<Arc<rustls::ServerConfig>, Vec<TlsFileError>> {
+pub fn load(settings: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, Vec<TlsFileError>> {
     let key = server_key(settings);
     let verifier = client_verifier(settings);
     let (key, verifier) = match (key, verifier) {
@@ -349,12 +366,12 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn new(settings: &DeviceTlsSettings) -> Result<Loaded, Vec<TlsFileError>> {
-        Ok(Loaded {
-            acceptor: tokio_rustls::TlsAcceptor::from(load(settings)?),
+    fn new(settings: &DeviceTlsSettings) -> Loaded {
+        Loaded {
+            acceptor: tokio_rustls::TlsAcceptor::from(settings.server.clone()),
             handshake_timeout: settings.handshake_timeout,
             bind_device: settings.bind_device,
-        })
+        }
     }
 }
 
@@ -368,20 +385,16 @@ pub enum HandshakeFailure {
 }
 
 impl LiveTls {
-    pub fn new(
-        settings: &DeviceTlsSettings,
-        handshakes: prometheus::IntCounterVec,
-    ) -> Result<LiveTls, Vec<TlsFileError>> {
-        Ok(LiveTls {
-            current: RwLock::new(Arc::new(Loaded::new(settings)?)),
+    pub fn new(settings: &DeviceTlsSettings, handshakes: prometheus::IntCounterVec) -> LiveTls {
+        LiveTls {
+            current: RwLock::new(Arc::new(Loaded::new(settings))),
             handshakes,
-        })
+        }
     }
 
-    /// Installs freshly loaded files and settings (reload); open connections keep theirs.
-    pub fn replace(&self, settings: &DeviceTlsSettings) -> Result<(), Vec<TlsFileError>> {
-        crate::locks::replace(&self.current, Arc::new(Loaded::new(settings)?));
-        Ok(())
+    /// Installs a reloaded configuration's files and settings; open connections keep theirs.
+    pub fn replace(&self, settings: &DeviceTlsSettings) {
+        crate::locks::replace(&self.current, Arc::new(Loaded::new(settings)));
     }
 
     /// Runs the server side of the handshake on a freshly accepted connection.
@@ -428,14 +441,12 @@ mod tests {
             .join(name)
     }
 
-    fn settings() -> DeviceTlsSettings {
-        DeviceTlsSettings {
+    fn settings() -> TlsFiles {
+        TlsFiles {
             cert_file: fixture("upstream.pem"),
             key_file: fixture("upstream.key"),
             client_ca_file: Some(fixture("device-ca.pem")),
             client_auth: ClientAuth::Required,
-            bind_device: true,
-            handshake_timeout: Duration::from_secs(10),
         }
     }
 

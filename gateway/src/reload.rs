@@ -84,24 +84,6 @@ pub fn reload(state: &GatewayState) -> Result<ReloadReport, ConfigErrors> {
         return Ok(ReloadReport::default());
     };
     let new = config::load_file(&path, &config::process_env)?;
-    // First, as it is the one step that can still fail (a file changed since validation).
-    let tls_applied = match (&state.device_tls, &new.device_tls) {
-        (Some(live), Some(settings)) => {
-            live.replace(settings).map_err(|errors| {
-                ConfigErrors(
-                    errors
-                        .into_iter()
-                        .map(|e| config::ConfigError {
-                            path: e.key.to_owned(),
-                            message: e.message,
-                        })
-                        .collect(),
-                )
-            })?;
-            true
-        }
-        _ => false,
-    };
     state.set_verifier(crate::verifier::TokenVerifier::new(
         new.tokens.keyring.clone(),
         new.tokens.verify_cache_entries,
@@ -115,7 +97,9 @@ pub fn reload(state: &GatewayState) -> Result<ReloadReport, ConfigErrors> {
         "routes",
         "rate_limits",
     ];
-    if tls_applied {
+    // Validation loaded the files; turning TLS on or off needs a restart (below).
+    if let (Some(live), Some(settings)) = (&state.device_tls, &new.device_tls) {
+        live.replace(settings);
         applied.push("device_listener.tls");
     }
     let report = ReloadReport {

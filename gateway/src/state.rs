@@ -65,20 +65,12 @@ impl GatewayState {
             &config.quota,
             metrics.quota_rules.with_label_values(&["local"]),
         )?;
-        let device_tls = match &config.device_tls {
-            None => None,
-            Some(t) => Some(Arc::new(
-                crate::device_tls::LiveTls::new(t, metrics.device_tls_handshakes.clone()).map_err(
-                    |errors| {
-                        let msgs: Vec<String> = errors
-                            .iter()
-                            .map(|e| format!("`{}`: {}", e.key, e.message))
-                            .collect();
-                        format!("device TLS: {}", msgs.join("; "))
-                    },
-                )?,
-            )),
-        };
+        let device_tls = config.device_tls.as_ref().map(|t| {
+            Arc::new(crate::device_tls::LiveTls::new(
+                t,
+                metrics.device_tls_handshakes.clone(),
+            ))
+        });
         Ok(GatewayState {
             device_tls,
             rate_limits: std::sync::RwLock::new(Arc::new(crate::ratelimit::RateLimits::new(

@@ -741,7 +741,8 @@ fn keyring(c: &mut Collector, env: EnvLookup<'_>, t: &raw::TokensConfig) -> Opti
 }
 
 /// `[device_listener.tls]`: the modes must fit together, and the files must load (read and
-/// parsed here once, so a bad file is reported with the rest instead of at start-up).
+/// parsed here, once: a bad file is reported with the rest, and the server and reload use
+/// what was loaded).
 fn device_tls(
     c: &mut Collector,
     t: &raw::DeviceTlsConfig,
@@ -786,21 +787,27 @@ fn device_tls(
             "must be between 100ms and 60s",
         );
     }
-    let settings = crate::device_tls::DeviceTlsSettings {
+    let files = crate::device_tls::TlsFiles {
         cert_file: t.cert_file.clone().into(),
         key_file: t.key_file.clone().into(),
         client_ca_file: t.client_ca_file.clone().map(Into::into),
         client_auth,
+    };
+    let server = match crate::device_tls::load(&files) {
+        Ok(server) => server,
+        Err(errors) => {
+            for e in errors {
+                c.err(e.key, e.message);
+            }
+            return None;
+        }
+    };
+    ok.then_some(crate::device_tls::DeviceTlsSettings {
+        files,
         bind_device: t.bind_device,
         handshake_timeout: t.handshake_timeout,
-    };
-    if let Err(errors) = crate::device_tls::load(&settings) {
-        for e in errors {
-            c.err(e.key, e.message);
-        }
-        return None;
-    }
-    ok.then_some(settings)
+        server,
+    })
 }
 
 fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, ConfigErrors> {
@@ -1330,7 +1337,7 @@ mod tests {
         };
         let c = load_str(&with(""), &env).unwrap();
         let t = c.device_tls.unwrap();
-        assert_eq!(t.client_auth, crate::device_tls::ClientAuth::Off);
+        assert_eq!(t.files.client_auth, crate::device_tls::ClientAuth::Off);
         assert_eq!(t.handshake_timeout, Duration::from_secs(10));
         // A client CA alone means certificates are required.
         let c = load_str(
@@ -1341,7 +1348,7 @@ mod tests {
         )
         .unwrap();
         let t = c.device_tls.unwrap();
-        assert_eq!(t.client_auth, crate::device_tls::ClientAuth::Required);
+        assert_eq!(t.files.client_auth, crate::device_tls::ClientAuth::Required);
         assert!(t.bind_device);
         let e = load_str(
             &with("client_auth = \"optional\"\nbind_device = true\nhandshake_timeout = \"0s\""),
@@ -1484,7 +1491,7 @@ mod example_file {
             );
         let c = load_str(&out, &env).unwrap_or_else(|e| panic!("config.toml (device TLS): {e}"));
         let t = c.device_tls.expect("device_listener.tls");
-        assert_eq!(t.client_auth, crate::device_tls::ClientAuth::Required);
+        assert_eq!(t.files.client_auth, crate::device_tls::ClientAuth::Required);
         assert!(t.bind_device);
         assert_eq!(t.handshake_timeout, Duration::from_secs(10));
     }
