@@ -75,6 +75,7 @@ fn verifier(c: &mut Criterion) {
             exp: NOW + 3600,
             generation: 3,
             cred: Some("cred-1".to_owned()),
+            cred_serial: 1,
             jti: format!("{:032x}", 0x1234_5678_9abc_u128),
         })
     };

@@ -8,6 +8,9 @@
 //! (`watch` channel) bumped by every revoke, disable and delete: each session wakes, re-checks
 //! its own device (one map lookup) and closes if its token no longer holds. Revocations are
 //! rare, so a wake-up of every session per revocation is cheaper than a channel per device.
+//! Quota rule changes bump the same epoch ([`DeviceRegistry::session_checks`] hands the
+//! quotas a sender): a `/v1/chat` session then also re-checks whether its device's rules
+//! charge session time. One channel for both keeps one waiting future per session.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -38,6 +41,35 @@ pub struct Device {
 
 /// Most credentials one device may hold.
 pub const MAX_CREDENTIALS: usize = 10;
+
+/// The credential a token was obtained through: its `kid`, and the serial that tells it apart
+/// from an earlier credential with the same `kid` (deleted, then added again: the new one must
+/// not revive the old one's tokens).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialRef {
+    pub kid: Arc<str>,
+    pub serial: u64,
+}
+
+impl CredentialRef {
+    /// How tokens obtained through `record` name it.
+    pub fn of(record: &CredentialRecord) -> CredentialRef {
+        CredentialRef {
+            kid: Arc::from(record.kid()),
+            serial: record.serial(),
+        }
+    }
+}
+
+/// A fresh random identity number below 2^53 (exact as a Lua/JSON number; never 0, the value
+/// of records made before these numbers were random).
+///
+/// Used for a new device's first token generation, so that a device deleted and registered
+/// again under the same id does not accept the tokens of its earlier life (they carry that
+/// life's generation), and for credential serials ([`CredentialRef`]).
+pub fn fresh_identity() -> u64 {
+    (rand::random::<u64>() >> 11).max(1)
+}
 
 /// A device's credentials: stored records plus parsed public keys.
 #[derive(Debug, Default)]
@@ -87,14 +119,27 @@ impl CredentialSet {
         self.keys.iter().find(|k| k.kid() == kid)
     }
 
-    pub fn contains(&self, kid: &str) -> bool {
-        self.records.iter().any(|r| r.kid() == kid)
+    /// Whether credential `c` (the same `kid` *and* serial) is still here.
+    pub fn contains(&self, c: &CredentialRef) -> bool {
+        self.records
+            .iter()
+            .any(|r| r.kid() == &*c.kid && r.serial() == c.serial)
     }
 
-    /// `(kid, hash)` of every secret credential.
-    pub fn secrets(&self) -> impl Iterator<Item = (&str, &policy::credential::SecretHash)> {
+    /// The credential of `kid`, as a token obtained through it names it.
+    pub fn reference(&self, kid: &str) -> Option<CredentialRef> {
+        self.records
+            .iter()
+            .find(|r| r.kid() == kid)
+            .map(CredentialRef::of)
+    }
+
+    /// Every secret credential, with its hash.
+    pub fn secrets(
+        &self,
+    ) -> impl Iterator<Item = (CredentialRef, &policy::credential::SecretHash)> {
         self.records.iter().filter_map(|r| match r {
-            CredentialRecord::Secret { kid, hash, .. } => Some((kid.as_str(), hash)),
+            CredentialRecord::Secret { hash, .. } => Some((CredentialRef::of(r), hash)),
             CredentialRecord::PublicKey { .. } => None,
         })
     }
@@ -166,11 +211,11 @@ impl Device {
     }
 
     /// Status as seen by a token obtained through credential `cred` (`None`: admin-minted).
-    pub fn status_for(&self, cred: Option<&str>) -> DeviceStatus {
+    pub fn status_for(&self, cred: Option<&CredentialRef>) -> DeviceStatus {
         DeviceStatus {
             enabled: self.enabled.load(Ordering::Acquire),
             generation: self.generation.load(Ordering::Acquire),
-            credential_present: cred.is_none_or(|kid| self.credentials().contains(kid)),
+            credential_present: cred.is_none_or(|c| self.credentials().contains(c)),
         }
     }
 
@@ -239,7 +284,7 @@ impl DeviceRegistry {
             id: id.clone(),
             labels: RwLock::new(labels),
             enabled: AtomicBool::new(true),
-            generation: AtomicU64::new(0),
+            generation: AtomicU64::new(fresh_identity()),
             created_at: now,
             credentials: RwLock::new(Arc::new(CredentialSet::default())),
         });
@@ -318,9 +363,15 @@ impl DeviceRegistry {
         }
     }
 
-    /// A receiver that changes whenever some device's tokens may have been revoked.
-    pub fn watch_revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// A receiver that changes whenever open sessions must re-check themselves: some
+    /// device's tokens may have been revoked, or the quota rules changed.
+    pub fn watch_session_checks(&self) -> tokio::sync::watch::Receiver<u64> {
         self.epoch.subscribe()
+    }
+
+    /// A sender of the same epoch, for the quotas (rule changes).
+    pub fn session_checks(&self) -> tokio::sync::watch::Sender<u64> {
+        self.epoch.clone()
     }
 
     fn bump_epoch(&self) {

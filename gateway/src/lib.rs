@@ -15,6 +15,7 @@ pub mod accept;
 pub mod admin;
 pub mod cluster;
 pub mod config;
+pub mod device_cmd;
 pub mod device_tls;
 pub mod devices;
 pub mod listener;

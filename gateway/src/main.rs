@@ -22,6 +22,39 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum DeviceCommand {
+    /// Generate an ES256 key pair for a device: write the private key to `--out` (mode 0600,
+    /// never overwritten) and print the admin API body that registers the public key
+    /// (`POST /admin/v1/devices/{id}/credentials`).
+    Keygen {
+        #[arg(long, default_value = "k1")]
+        kid: String,
+        /// Where the device's private key goes (PKCS#8 PEM).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a signed JWT assertion for the token endpoint's jwt-bearer grant, as the Coze
+    /// SDKs make it (send it as `Authorization: Bearer …`). Single use.
+    Assertion {
+        /// The device id (`iss`; the SDKs' client_id).
+        #[arg(long)]
+        device: String,
+        /// The `kid` the public key was registered under.
+        #[arg(long, default_value = "k1")]
+        kid: String,
+        /// The device's private key (PKCS#8 PEM: P-256 for ES256, RSA for RS256).
+        #[arg(long)]
+        key: PathBuf,
+        /// The gateway host as the device addresses it (`aud`), e.g. `gw.example.com:8080`.
+        #[arg(long)]
+        aud: String,
+        /// Assertion lifetime, seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
     Serve {
@@ -40,6 +73,11 @@ enum Command {
     Keygen {
         #[arg(long, default_value = "k1")]
         kid: String,
+    },
+    /// Device-side helpers (offline): a device key pair, a signed token-endpoint assertion.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
     },
     /// Run the built-in Coze-compatible upstream and a gateway wired to it.
     Sandbox {
@@ -135,6 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Device { command } => device(command),
         Command::Sandbox {
             port,
             admin_port,
@@ -159,4 +198,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sse_delay_ms,
         }),
     }
+}
+
+fn device(command: DeviceCommand) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use gateway::device_cmd;
+    match command {
+        DeviceCommand::Keygen { kid, out } => {
+            let pair = device_cmd::generate_es256()?;
+            write_private(&out, &pair.private_pem)
+                .with_context(|| format!("writing the private key to {}", out.display()))?;
+            eprintln!(
+                "Private key written to {} (keep it on the device). Register the public key:",
+                out.display()
+            );
+            let body = serde_json::json!({
+                "type": "public_key", "kid": kid, "algorithm": "ES256",
+                "public_key_pem": pair.public_pem,
+            });
+            println!("{body}");
+            Ok(())
+        }
+        DeviceCommand::Assertion {
+            device,
+            kid,
+            key,
+            aud,
+            ttl,
+        } => {
+            let pem = std::fs::read_to_string(&key)
+                .with_context(|| format!("reading {}", key.display()))?;
+            let now_s = gateway::state::now_s();
+            let jwt = device_cmd::assertion(
+                &pem,
+                &device_cmd::AssertionRequest {
+                    device: &device,
+                    kid: &kid,
+                    audience: &aud,
+                    now_s,
+                    ttl_s: ttl,
+                },
+            )?;
+            println!("{jwt}");
+            Ok(())
+        }
+    }
+}
+
+/// Creates `path` (never overwriting) readable by its owner only, and writes `pem`.
+fn write_private(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(pem.as_bytes())
 }

@@ -65,8 +65,8 @@ pub struct Metrics {
     pub cluster_redis_up: IntGauge,
     /// `fleetgate_metered_units_total{meter}`
     pub metered: IntCounterVec,
-    /// `fleetgate_usage_missing_total{protocol}`: answers that should have reported usage
-    /// but did not (settled with an estimate, never silently free).
+    /// `fleetgate_usage_missing_total{protocol}`: answers (WebSocket: chat turns) that should
+    /// have reported usage but did not (settled with an estimate, never silently free).
     pub usage_missing: IntCounterVec,
     /// `fleetgate_metering_errors_total{protocol}`
     pub metering_errors: IntCounterVec,
@@ -342,7 +342,7 @@ impl Metrics {
             usage_missing: counter_vec(
                 r,
                 "fleetgate_usage_missing_total",
-                "Streams or workflow answers that ended without a usage report, by protocol.",
+                "Streams, workflow answers or WebSocket chat turns whose usage was never reported (charged an estimate), by protocol.",
                 &["protocol"],
             )?,
             metering_errors: counter_vec(

@@ -28,6 +28,7 @@ use policy::credential::{
 use policy::ids::DeviceId;
 use serde::Deserialize;
 
+use crate::devices::CredentialRef;
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::respond;
 use crate::state::{GatewayState, now_ms};
@@ -37,17 +38,18 @@ pub const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const MAX_BODY: usize = 16 * 1024;
 /// Per source address: 30 requests per 10 s, burst 30.
 const PER_IP: (u32, u64, u32) = (30, 10_000, 30);
-/// Per claimed device: 10 requests per minute, burst 10.
+/// Per claimed device *and* source address: 10 requests per minute, burst 10. Keyed by both,
+/// because the claim is checked only after the limit (it costs crypto): keyed by the device
+/// alone, anyone could keep a device locked out of the endpoint by sending requests in its
+/// name. The id is parsed first, so every key is bounded in size.
 const PER_DEVICE: (u32, u64, u32) = (10, 60_000, 10);
 /// Keys tracked by each limiter.
 const LIMITER_KEYS: usize = 100_000;
-/// Live `jti`s remembered (bounded; full = refuse, never forget a live one).
-const REPLAY_ENTRIES: usize = 262_144;
 
 /// Per-process state of the token endpoint.
 pub struct TokenEndpoint {
     per_ip: Mutex<RateLimiter<IpAddr>>,
-    per_device: Mutex<RateLimiter<String>>,
+    per_device: Mutex<RateLimiter<(DeviceId, Option<IpAddr>)>>,
     replay: Mutex<ReplayCache>,
     /// Verified against when the `client_id` is unknown, so timing does not tell.
     dummy: SecretHash,
@@ -67,21 +69,17 @@ fn nz32(n: u32) -> NonZeroU32 {
 }
 
 impl TokenEndpoint {
-    pub fn new() -> TokenEndpoint {
+    /// `replay_entries`: live `jti`s remembered (`tokens.replay_cache_entries`; full = refuse
+    /// new assertions, never forget a live one).
+    pub fn new(replay_entries: usize) -> TokenEndpoint {
         TokenEndpoint {
             per_ip: Mutex::new(limiter(PER_IP)),
             per_device: Mutex::new(limiter(PER_DEVICE)),
             replay: Mutex::new(ReplayCache::new(
-                NonZeroUsize::new(REPLAY_ENTRIES).unwrap_or(NonZeroUsize::MIN),
+                NonZeroUsize::new(replay_entries).unwrap_or(NonZeroUsize::MIN),
             )),
             dummy: DeviceSecret::generate(rand::random(), rand::random()).1,
         }
-    }
-}
-
-impl Default for TokenEndpoint {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -197,7 +195,7 @@ fn mint(
     device: &DeviceId,
     ttl: Option<u64>,
     grant: &'static str,
-    cred: String,
+    cred: CredentialRef,
 ) -> Result<crate::tokens::Minted, OAuthError> {
     crate::tokens::mint_for_device(state, device, ttl, grant, Some(cred)).map_err(|e| match e {
         crate::tokens::MintError::Disabled => {
@@ -226,6 +224,7 @@ async fn jwt_bearer(
     session: &Session,
     cert: Option<&crate::device_tls::CertDevice>,
     req: &TokenRequest,
+    ip: Option<IpAddr>,
 ) -> Result<crate::tokens::Minted, OAuthError> {
     let headers = &session.req_header().headers;
     let jwt = crate::proxy::admit::bearer(
@@ -241,9 +240,9 @@ async fn jwt_bearer(
     })?;
     check_cert_device(cert, &iss)?;
     let ep = &state.oauth;
-    check_limit(&ep.per_device, &iss, now_ms())?;
     let device_id =
         DeviceId::parse(&iss).map_err(|_| OAuthError::invalid_client("invalid client"))?;
+    check_limit(&ep.per_device, &(device_id.clone(), ip), now_ms())?;
     let device = state
         .devices
         .get(&device_id)
@@ -275,6 +274,11 @@ async fn jwt_bearer(
         now_s,
     )
     .map_err(|e| OAuthError::from_code(e.oauth_code(), e.to_string()))?;
+    // The credential the assertion was verified with, from the same snapshot: if it is
+    // replaced meanwhile, minting refuses rather than naming its successor.
+    let cred = creds
+        .reference(&a.kid)
+        .ok_or_else(|| OAuthError::invalid_client("invalid client"))?;
     if !device.enabled.load(std::sync::atomic::Ordering::Acquire) {
         return Err(OAuthError::new(403, "access_deny", "device is disabled"));
     }
@@ -309,13 +313,14 @@ async fn jwt_bearer(
         &a.device_id,
         req.duration_seconds,
         "jwt_bearer",
-        a.kid,
+        cred,
     )
 }
 
 async fn client_credentials(
     state: &GatewayState,
     req: &TokenRequest,
+    ip: Option<IpAddr>,
 ) -> Result<crate::tokens::Minted, OAuthError> {
     let (Some(client_id), Some(secret)) = (req.client_id.as_deref(), req.client_secret.clone())
     else {
@@ -324,15 +329,15 @@ async fn client_credentials(
         ));
     };
     let ep = &state.oauth;
-    check_limit(&ep.per_device, &client_id.to_owned(), now_ms())?;
-    let device = DeviceId::parse(client_id)
-        .ok()
-        .and_then(|id| state.devices.get(&id));
-    let hashes: Vec<(String, SecretHash)> = match &device {
+    let client_id =
+        DeviceId::parse(client_id).map_err(|_| OAuthError::invalid_client("invalid client"))?;
+    check_limit(&ep.per_device, &(client_id.clone(), ip), now_ms())?;
+    let device = state.devices.get(&client_id);
+    let hashes: Vec<(CredentialRef, SecretHash)> = match &device {
         Some(d) => d
             .credentials()
             .secrets()
-            .map(|(k, h)| (k.to_owned(), h.clone()))
+            .map(|(c, h)| (c, h.clone()))
             .collect(),
         None => Vec::new(),
     };
@@ -346,11 +351,11 @@ async fn client_credentials(
         hashes
             .into_iter()
             .find(|(_, h)| h.verify(&secret))
-            .map(|(kid, _)| kid)
+            .map(|(c, _)| c)
     })
     .await
     .map_err(|_| OAuthError::new(503, "internal_error", "internal error"))?;
-    let (Some(device), Some(kid)) = (device, matched) else {
+    let (Some(device), Some(cred)) = (device, matched) else {
         return Err(OAuthError::invalid_client("invalid client"));
     };
     mint(
@@ -358,7 +363,7 @@ async fn client_credentials(
         &device.id,
         req.duration_seconds,
         "client_credentials",
-        kid,
+        cred,
     )
 }
 
@@ -372,11 +377,11 @@ async fn handle(
     if session.req_header().method != http::Method::POST {
         return Err(OAuthError::new(405, "invalid_request", "use POST"));
     }
-    if let Some(ip) = session
+    let ip = session
         .client_addr()
         .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
-    {
+        .map(|a| a.ip());
+    if let Some(ip) = ip {
         check_limit(&state.oauth.per_ip, &ip, now_ms())?;
     }
     let body = read_body(session).await?;
@@ -387,12 +392,12 @@ async fn handle(
             .map_err(|_| OAuthError::invalid_request("invalid request: the body is not JSON"))?
     };
     match req.grant_type.as_deref() {
-        Some(JWT_BEARER) => jwt_bearer(state, session, cert, &req).await,
+        Some(JWT_BEARER) => jwt_bearer(state, session, cert, &req, ip).await,
         Some("client_credentials") => {
             if let Some(id) = &req.client_id {
                 check_cert_device(cert, id)?;
             }
-            client_credentials(state, &req).await
+            client_credentials(state, &req, ip).await
         }
         Some(_) => Err(OAuthError::new(
             400,
@@ -411,11 +416,7 @@ pub async fn serve(
 ) -> Result<bool> {
     ctx.local_route = Some("token");
     let (status, body, retry_after) = match handle(state, session, ctx.cert_device.as_ref()).await {
-        Ok(m) => (
-            200,
-            serde_json::json!({"access_token": m.access_token, "expires_in": m.expires_in, "token_type": "Bearer"}),
-            None,
-        ),
+        Ok(m) => (200, m.to_json(), None),
         Err(e) => {
             state
                 .metrics

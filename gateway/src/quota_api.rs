@@ -4,7 +4,10 @@
 
 use http::StatusCode;
 use pingora::prelude::*;
-use policy::quota::{CreateLimitation, EntityType, Rule, RuleStatus, UpdateLimitation, UsageItem};
+use policy::quota::{
+    BenefitType, CreateLimitation, EntityType, Rule, RuleStatus, UpdateLimitation, UsageItem,
+};
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 use crate::admin::{AdminError, AdminRequest, AdminResult};
@@ -56,6 +59,7 @@ fn change_error(state: &GatewayState, e: RuleChangeError) -> AdminError {
     match e {
         RuleChangeError::Invalid(errors) => AdminError::bad_request(errors.to_string()),
         RuleChangeError::NotFound(id) => AdminError::not_found(format!("benefit {id} not found")),
+        e @ RuleChangeError::Default(_) => AdminError::bad_request(e.to_string()),
         RuleChangeError::Cluster(e) => {
             if let Some(c) = &state.cluster {
                 c.count_error("admin");
@@ -86,6 +90,28 @@ async fn commit(state: &GatewayState, rule: Rule) -> Result<Rule, RuleChangeErro
     // Visible here at once; the change feed brings it to the other nodes (and here again).
     state.quotas.apply_rule(&rule)?;
     Ok(rule)
+}
+
+/// With rule sync on, whether a rule write belongs to the upstream (forwarded there, then
+/// synced back) rather than to the gateway: creating a rule of one of Coze's benefit types, or
+/// updating a rule that came from the upstream. Rules of the gateway's own meters (Coze does
+/// not know them) and rules created here are written here.
+pub fn write_goes_upstream(state: &GatewayState, req: &AdminRequest) -> bool {
+    let Some(rest) = req.path.strip_prefix("/v1/commerce/benefit/limitations") else {
+        return false;
+    };
+    match (&req.method, rest) {
+        (&http::Method::POST, "") => {
+            let v: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+            let benefit = BenefitType::deserialize(&v["benefit_info"]["benefit_type"]);
+            !benefit.is_ok_and(|b| !b.is_coze())
+        }
+        (&http::Method::PUT, id) => {
+            let id = id.trim_start_matches('/');
+            !state.quotas.is_local_rule(id)
+        }
+        _ => false,
+    }
 }
 
 pub async fn route(state: &GatewayState, req: &AdminRequest) -> Option<AdminResult> {

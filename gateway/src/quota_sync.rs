@@ -8,7 +8,7 @@
 //! last-known rules keep holding (also across restarts: they are in the store), the error is
 //! counted (`fleetgate_quota_sync_runs_total{result="error"}`) and shown on `/readyz`.
 
-use policy::quota::Rule;
+use policy::quota::{BenefitType, Rule};
 use policy::route::RouteClass;
 use serde_json::Value;
 
@@ -16,11 +16,6 @@ use crate::config::QuotaSync;
 use crate::state::{SharedState, now_s};
 
 const ENTITY_TYPES: [&str; 2] = ["single_device", "enterprise_all_devices"];
-const BENEFIT_TYPES: [&str; 3] = [
-    "resource_point",
-    "voice_unified_duration_system",
-    "voice_unified_duration_custom",
-];
 /// Most pages fetched per (entity type, benefit type) in one sync.
 const MAX_PAGES: usize = 10_000;
 
@@ -106,7 +101,9 @@ impl RuleSync {
         let mut rules = Vec::new();
         let mut skipped = 0usize;
         for et in ENTITY_TYPES {
-            for bt in BENEFIT_TYPES {
+            // Coze's own benefit types (the gateway's meters exist only here).
+            for bt in BenefitType::ALL.into_iter().filter(|b| b.is_coze()) {
+                let bt = bt.as_str();
                 let mut token = String::new();
                 for _ in 0..MAX_PAGES {
                     let v = self

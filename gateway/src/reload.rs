@@ -1,7 +1,8 @@
 //! Live reload (SIGHUP or `POST /admin/v1/reload`): re-reads the config file, applies what can
 //! change without a restart — token signing keys, the route allow-list and body limits, rate
 //! limits, the device listener's TLS files and client-certificate settings — and reports every
-//! other changed setting as needing a restart. A file with errors changes nothing.
+//! other changed setting as needing a restart (secrets compared by value, though their `Debug`
+//! hides them). A file with errors changes nothing.
 
 use serde::Serialize;
 
@@ -48,8 +49,31 @@ fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'stati
         "upstream.base_url/ws_base_url",
     );
     check(
-        format!("{:?}", old.upstream.auth) != format!("{:?}", new.upstream.auth),
-        "upstream.auth",
+        !same_upstream_auth(&old.upstream.auth, &new.upstream.auth),
+        "upstream.auth (mode, PAT, or [upstream.jwt])",
+    );
+    let t = (&old.tokens, &new.tokens);
+    check(
+        (t.0.default_ttl, t.0.max_ttl) != (t.1.default_ttl, t.1.max_ttl),
+        "tokens.default_ttl/max_ttl",
+    );
+    check(
+        (&t.0.audiences, t.0.audience_from_host) != (&t.1.audiences, t.1.audience_from_host),
+        "tokens.audiences/audience_from_host",
+    );
+    check(
+        (t.0.max_assertion_lifetime, t.0.max_assertion_skew)
+            != (t.1.max_assertion_lifetime, t.1.max_assertion_skew),
+        "tokens.max_assertion_lifetime/max_assertion_skew",
+    );
+    check(
+        t.0.replay_cache_entries != t.1.replay_cache_entries,
+        "tokens.replay_cache_entries",
+    );
+    check(old.redis.is_some() != new.redis.is_some(), "store.kind");
+    check(
+        matches!((&old.redis, &new.redis), (Some(a), Some(b)) if !same_redis(a, b)),
+        "store.redis",
     );
     check(
         (
@@ -78,6 +102,43 @@ fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'stati
     out
 }
 
+/// Whether two upstream credential settings are the same, secrets included (their `Debug`
+/// hides the secrets, so it cannot tell a changed PAT or app key).
+fn same_upstream_auth(a: &config::UpstreamAuth, b: &config::UpstreamAuth) -> bool {
+    use config::UpstreamAuth::{Jwt, Pat};
+    match (a, b) {
+        (Pat(a), Pat(b)) => a.expose() == b.expose(),
+        (Jwt(a), Jwt(b)) => {
+            format!("{a:?}") == format!("{b:?}")
+                && a.private_key_der == b.private_key_der
+                && (
+                    a.refresh_before,
+                    &a.scope,
+                    a.max_concurrent_exchanges,
+                    a.max_cached_devices,
+                ) == (
+                    b.refresh_before,
+                    &b.scope,
+                    b.max_concurrent_exchanges,
+                    b.max_cached_devices,
+                )
+        }
+        _ => false,
+    }
+}
+
+/// Whether two Redis settings are the same, passwords included (their `Debug` hides them).
+fn same_redis(a: &config::RedisSettings, b: &config::RedisSettings) -> bool {
+    let password = |c: &redis::ConnectionInfo| c.redis_settings().password().map(str::to_owned);
+    let passwords = |s: &config::RedisSettings| {
+        let mut p = vec![password(&s.connection)];
+        p.extend(s.cluster.iter().flatten().map(password));
+        p.extend(s.sentinel.iter().flat_map(|m| m.addrs.iter()).map(password));
+        p
+    };
+    format!("{a:?}") == format!("{b:?}") && passwords(a) == passwords(b)
+}
+
 /// Re-reads `state.config.source` and applies it.
 pub fn reload(state: &GatewayState) -> Result<ReloadReport, ConfigErrors> {
     let Some(path) = state.config.source.clone() else {
@@ -89,7 +150,7 @@ pub fn reload(state: &GatewayState) -> Result<ReloadReport, ConfigErrors> {
         new.tokens.verify_cache_entries,
     ));
     state.set_routes(new.routes.clone());
-    state.set_rate_limits(crate::ratelimit::RateLimits::new(&new.rate_limits));
+    state.set_rate_limits(state.rate_limits().reconfigured(&new.rate_limits));
     state.metrics.reloads.inc();
     let mut applied = vec![
         "tokens.signing_keys",
@@ -114,4 +175,54 @@ pub fn reload(state: &GatewayState) -> Result<ReloadReport, ConfigErrors> {
         "Configuration reloaded."
     );
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [tokens]
+        signing_keys = [{ kid = "k1", secret_env = "KEY" }]
+    "#;
+
+    fn load(extra: &str, pat: &'static str, redis_pw: &'static str) -> GatewayConfig {
+        let env = move |k: &str| match k {
+            "FLEETGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".to_owned()),
+            "COZE_API_TOKEN" => Some(pat.to_owned()),
+            "REDIS_PW" => Some(redis_pw.to_owned()),
+            "KEY" => Some("BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=".to_owned()),
+            _ => None,
+        };
+        config::load_str(&format!("{BASE}\n{extra}"), &env).unwrap()
+    }
+
+    /// Secrets are compared by value: a changed PAT or Redis password is reported even though
+    /// both configurations print the same (redacted) `Debug`.
+    #[test]
+    fn changed_secrets_are_reported_as_needing_a_restart() {
+        let redis = "[store]\nkind = \"redis\"\n[store.redis]\nurl = \"redis://127.0.0.1:6379\"\npassword_env = \"REDIS_PW\"";
+        let a = load(redis, "pat_a", "pw1");
+        assert_eq!(
+            restart_only_changes(&a, &load(redis, "pat_a", "pw1")),
+            Vec::<&str>::new()
+        );
+        let b = load(redis, "pat_b", "pw1");
+        assert_eq!(
+            format!("{:?}", a.upstream.auth),
+            format!("{:?}", b.upstream.auth)
+        );
+        assert_eq!(
+            restart_only_changes(&a, &b),
+            ["upstream.auth (mode, PAT, or [upstream.jwt])"]
+        );
+        assert_eq!(
+            restart_only_changes(&a, &load(redis, "pat_a", "pw2")),
+            ["store.redis"]
+        );
+        assert_eq!(
+            restart_only_changes(&load("", "pat_a", "pw1"), &a),
+            ["store.kind"]
+        );
+    }
 }

@@ -208,6 +208,9 @@ pub fn run(
         threads,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
+        // Every timeout fleetgate sets is at least a second: tokio's timer wheel serves them,
+        // and pingora's 10 ms clock thread (its "fast timeout") never starts.
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -60,10 +60,12 @@ impl GatewayState {
             crate::ws::tls_client_config(),
             metrics.clone(),
         )?;
+        let devices = DeviceRegistry::default();
         let quotas = crate::quota::Quotas::load(
             &store,
             &config.quota,
             metrics.quota_rules.with_label_values(&["local"]),
+            devices.session_checks(),
         )?;
         let device_tls = config.device_tls.as_ref().map(|t| {
             Arc::new(crate::device_tls::LiveTls::new(
@@ -83,11 +85,11 @@ impl GatewayState {
                 config.tokens.keyring.clone(),
                 config.tokens.verify_cache_entries,
             ))),
+            oauth: crate::oauth::TokenEndpoint::new(config.tokens.replay_cache_entries),
             config,
-            devices: DeviceRegistry::default(),
+            devices,
             store,
             cluster: None,
-            oauth: crate::oauth::TokenEndpoint::new(),
             metrics,
             ready: AtomicBool::new(false),
             phase: watch::channel(Phase::Starting).0,

@@ -49,18 +49,36 @@ pub enum CredentialRecord {
         algorithm: policy::credential::KeyAlgorithm,
         public_key_pem: String,
         created_at: u64,
+        /// Tells this credential apart from an earlier one with the same `kid`, which tokens
+        /// obtained through that one must not survive (see [`crate::devices::CredentialRef`]).
+        /// 0 for credentials stored before serials existed.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        serial: u64,
     },
     Secret {
         kid: String,
         hash: policy::credential::SecretHash,
         created_at: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        serial: u64,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl CredentialRecord {
     pub fn kid(&self) -> &str {
         match self {
             CredentialRecord::PublicKey { kid, .. } | CredentialRecord::Secret { kid, .. } => kid,
+        }
+    }
+
+    pub fn serial(&self) -> u64 {
+        match self {
+            CredentialRecord::PublicKey { serial, .. }
+            | CredentialRecord::Secret { serial, .. } => *serial,
         }
     }
 }
@@ -333,11 +351,27 @@ impl Store {
         self.run("write", |db| write_rows(db, table, &rows, true))
     }
 
-    /// Deletes a device record (absent is fine).
+    /// Deletes a device record and its usage counters (absent is fine).
     pub fn delete_device(&self, device_id: &str) -> Result<(), StoreError> {
+        // Usage keys are `device/benefit/kind`; device ids never contain `/`.
+        let prefix = format!("{device_id}/");
         self.run("write", |db| {
             let txn = db.begin_write()?;
             txn.open_table(DEVICES)?.remove(device_id)?;
+            {
+                let mut usage = txn.open_table(USAGE)?;
+                let keys: Vec<String> = usage
+                    .range(prefix.as_str()..)?
+                    .map_while(|row| {
+                        let (k, _) = row.ok()?;
+                        let k = k.value();
+                        k.starts_with(&prefix).then(|| k.to_owned())
+                    })
+                    .collect();
+                for k in keys {
+                    usage.remove(k.as_str())?;
+                }
+            }
             txn.commit()?;
             Ok(())
         })
@@ -359,6 +393,31 @@ mod tests {
         }
     }
 
+    /// Credentials stored before serials existed still load (as serial 0), and a serial
+    /// survives a round trip.
+    #[test]
+    fn credential_serials_are_optional_in_stored_records() {
+        let (_, hash) = policy::credential::DeviceSecret::generate([1; 32], [2; 16]);
+        let unserialled = CredentialRecord::Secret {
+            kid: "s1".into(),
+            hash,
+            created_at: 5,
+            serial: 0,
+        };
+        let old = serde_json::to_string(&unserialled).unwrap();
+        assert!(!old.contains("serial"), "the pre-serial format: {old}");
+        let r: CredentialRecord = serde_json::from_str(&old).unwrap();
+        assert_eq!((r.kid(), r.serial()), ("s1", 0));
+        let json = r#"{"type":"public_key","kid":"k","algorithm":"ES256","public_key_pem":"x","created_at":5,"serial":77}"#;
+        let r: CredentialRecord = serde_json::from_str(json).unwrap();
+        assert_eq!(r.serial(), 77);
+        assert!(
+            serde_json::to_string(&r)
+                .unwrap()
+                .contains(r#""serial":77"#)
+        );
+    }
+
     #[test]
     fn records_survive_reopen() {
         let dir = std::env::temp_dir().join(format!("fleetgate-store-{}", std::process::id()));
@@ -372,6 +431,28 @@ mod tests {
         let s = Store::open(&path).unwrap();
         assert_eq!(s.load_devices().unwrap(), vec![rec("a", 1)]);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Deleting a device deletes its usage rows, and only its own (`d1/` is not `d10/`).
+    #[test]
+    fn deleting_a_device_deletes_its_usage() {
+        let s = Store::open(":memory:").unwrap();
+        s.put_devices(&[rec("d1", 0), rec("d10", 0)]).unwrap();
+        let rows: Vec<(String, serde_json::Value)> = [
+            "d1/llm_tokens/periodic",
+            "d1/requests/cumulative",
+            "d10/llm_tokens/periodic",
+            "d0/x/y",
+        ]
+        .iter()
+        .map(|k| ((*k).to_owned(), serde_json::json!({"key": k})))
+        .collect();
+        s.put_all(USAGE, &rows).unwrap();
+        s.delete_device("d1").unwrap();
+        let left: Vec<serde_json::Value> = s.load_all(USAGE).unwrap();
+        let keys: Vec<&str> = left.iter().filter_map(|v| v["key"].as_str()).collect();
+        assert_eq!(keys, ["d0/x/y", "d10/llm_tokens/periodic"]);
+        assert_eq!(s.load_devices().unwrap(), vec![rec("d10", 0)]);
     }
 
     #[test]

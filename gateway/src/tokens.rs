@@ -3,6 +3,7 @@
 use policy::ids::DeviceId;
 use policy::token::{Claims, ISSUER};
 
+use crate::devices::CredentialRef;
 use crate::state::{GatewayState, now_s};
 
 /// A minted token, as the OAuth-style answer needs it.
@@ -11,6 +12,17 @@ pub struct Minted {
     pub access_token: String,
     /// Absolute unix seconds.
     pub expires_in: u64,
+}
+
+impl Minted {
+    /// The OAuth-style answer: `{"access_token","expires_in","token_type":"Bearer"}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "access_token": self.access_token,
+            "expires_in": self.expires_in,
+            "token_type": "Bearer",
+        })
+    }
 }
 
 /// Why no token was minted.
@@ -30,10 +42,10 @@ pub fn mint_for_device(
     device: &DeviceId,
     requested_ttl_s: Option<u64>,
     grant: &'static str,
-    cred: Option<String>,
+    cred: Option<CredentialRef>,
 ) -> Result<Minted, MintError> {
     let d = state.devices.get(device).ok_or(MintError::UnknownDevice)?;
-    let status = d.status_for(cred.as_deref());
+    let status = d.status_for(cred.as_ref());
     if !status.enabled {
         return Err(MintError::Disabled);
     }
@@ -51,7 +63,8 @@ pub fn mint_for_device(
         iat: now,
         exp: now + ttl,
         generation: status.generation,
-        cred,
+        cred_serial: cred.as_ref().map_or(0, |c| c.serial),
+        cred: cred.map(|c| c.kid.to_string()),
         jti: format!("{:032x}", rand::random::<u128>()),
     };
     state

@@ -29,6 +29,8 @@ use std::sync::Mutex;
 use siphasher::sip128::{Hasher128 as _, SipHasher13};
 
 use policy::ids::DeviceId;
+
+use crate::devices::CredentialRef;
 use policy::token::{self, Keyring, TokenError};
 
 /// What admission needs from a verified token.
@@ -38,7 +40,7 @@ pub struct Verified {
     /// The device's token generation when the token was minted.
     pub generation: u64,
     /// The credential the token was obtained with, if any (shared: a memo hit clones it).
-    pub cred: Option<std::sync::Arc<str>>,
+    pub cred: Option<CredentialRef>,
     iat: u64,
     exp: u64,
 }
@@ -109,7 +111,10 @@ impl TokenVerifier {
         Ok(Verified {
             device: c.sub,
             generation: c.generation,
-            cred: c.cred.map(std::sync::Arc::from),
+            cred: c.cred.map(|kid| CredentialRef {
+                kid: std::sync::Arc::from(kid),
+                serial: c.cred_serial,
+            }),
             iat: c.iat,
             exp: c.exp,
         })
@@ -148,6 +153,7 @@ mod tests {
             exp: iat + 600,
             generation: 2,
             cred: Some("c1".into()),
+            cred_serial: 9,
             jti: "j".into(),
         }
     }
@@ -176,7 +182,8 @@ mod tests {
         let again = v.verify(&t, 1001, 0).unwrap();
         assert_eq!(first, again);
         assert_eq!(again.device.as_str(), "dev-1");
-        assert_eq!((again.generation, again.cred.as_deref()), (2, Some("c1")));
+        let cred = again.cred.as_ref().map(|c| (&*c.kid, c.serial));
+        assert_eq!((again.generation, cred), (2, Some(("c1", 9))));
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //!
 //! Claims: `iss` (`"fleetgate"`), `sub` (device id), `iat`/`exp` (unix seconds), `gen` (the
 //! device's token generation when minted: revoking a device bumps it, which invalidates every
-//! older token without a list of revoked tokens), `cred` (the credential the token was
-//! obtained with, if any: deleting it invalidates its tokens) and `jti`.
+//! older token without a list of revoked tokens), `cred` and `cs` (the `kid` and serial of the
+//! credential the token was obtained with, if any: deleting it invalidates its tokens, and a
+//! new credential under the same `kid` has another serial, so it does not revive them) and
+//! `jti`.
 //!
 //! # Key rotation
 //! A [`Keyring`] holds several keys; the *active* one signs, all verify. Rotate by adding the
@@ -42,7 +44,14 @@ pub struct Claims {
     pub generation: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cred: Option<String>,
+    /// The serial of credential `cred` (0: none, or a credential stored before serials).
+    #[serde(default, rename = "cs", skip_serializing_if = "is_zero")]
+    pub cred_serial: u64,
     pub jti: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize, Deserialize)]
@@ -276,6 +285,7 @@ mod tests {
             exp: now + 600,
             generation: 3,
             cred: Some("c1".into()),
+            cred_serial: 7,
             jti: "j".into(),
         }
     }

@@ -101,11 +101,14 @@ def code_routes() -> set[tuple[str, str]]:
 
     devices = DEVICES_SRC.read_text()
     route_fn = devices[fn_start(devices, "route") :]
-    m = re.search(r'if path == "(/admin/v1/devices)" \{(.*?)\n    \}', route_fn, re.S)
-    assert m, "the collection route in admin/devices.rs was not recognised"
-    base = m.group(1)
-    for method in re.findall(r'"(GET|POST|PUT|PATCH|DELETE)" =>', m.group(2)):
-        routes.add((method, base))
+    collections = re.findall(r'if path == "(/admin/v1/[a-z]+)" \{(.*?)\n    \}', route_fn, re.S)
+    assert {p for p, _ in collections} >= {"/admin/v1/devices", "/admin/v1/tokens"}, (
+        "the collection routes in admin/devices.rs were not recognised"
+    )
+    for path, arms in collections:
+        for method in re.findall(r'"(GET|POST|PUT|PATCH|DELETE)" =>', arms):
+            routes.add((method, path))
+    base = "/admin/v1/devices"
     assert f'strip_prefix("{base}/")' in route_fn
     arms = re.findall(
         r'\("(GET|POST|PUT|PATCH|DELETE)",\s*(None|Some\("([a-z_]+)"\)),\s*(_|None|Some\((\w+)\))\)',
@@ -139,6 +142,7 @@ def test_code_routes_are_extracted():
         ("GET", "/healthz"),
         ("GET", "/metrics"),
         ("POST", "/admin/v1/devices"),
+        ("POST", "/admin/v1/tokens"),
         ("DELETE", "/admin/v1/devices/{}/credentials/{}"),
         ("GET", "/v1/commerce/benefit/limitations/usage"),
         ("PUT", "/v1/commerce/benefit/limitations/{}"),
@@ -188,6 +192,8 @@ REQUESTS: list[tuple[tuple[str, str], tuple[str, str, object]]] = [
     (("GET", "/admin/v1/devices/{device_id}/credentials"), (f"/admin/v1/devices/{DEVICE}/credentials", "", None)),
     (("POST", "/admin/v1/devices/{device_id}/tokens"),
      (f"/admin/v1/devices/{DEVICE}/tokens", "", {"duration_seconds": 60})),
+    (("POST", "/admin/v1/tokens"),
+     ("/admin/v1/tokens", "", {"device_ids": [DEVICE, "no-such-device"], "duration_seconds": 60})),
     (("POST", "/admin/v1/devices/{device_id}/revoke"), (f"/admin/v1/devices/{DEVICE}/revoke", "", None)),
     (("POST", "/admin/v1/reload"), ("/admin/v1/reload", "", None)),
     (("DELETE", "/admin/v1/devices/{device_id}/credentials/{kid}"),

@@ -101,6 +101,74 @@ async fn revoke_disable_and_delete_invalidate_tokens_at_once() {
         )
         .await;
     assert_eq!(r.status(), 400, "unknown fields are refused");
+
+    // The same id registered again is a new device: none of the old one's tokens work for it.
+    let t4 = gw.register_device("life-1").await;
+    assert_eq!(call(&gw, &t4).await, 200);
+    for (name, t) in [("revoked", &t1), ("disabled", &t2), ("deleted", &t3)] {
+        assert_eq!(
+            call(&gw, t).await,
+            401,
+            "{name} token of the earlier life-1"
+        );
+    }
+}
+
+/// `POST /admin/v1/tokens` mints for a batch of devices and lists the ones it could not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_minted_for_a_batch_of_devices() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    gw.register_device("batch-1").await;
+    gw.register_device("batch-2").await;
+    gw.admin(
+        Method::PATCH,
+        "/admin/v1/devices/batch-2",
+        Some(json!({"enabled": false})),
+    )
+    .await;
+    let r = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/tokens",
+            Some(json!({"device_ids": ["batch-1", "batch-2", "nobody", "bad id"], "duration_seconds": 120})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let tokens = v["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 1, "{v}");
+    assert_eq!(tokens[0]["device_id"], "batch-1");
+    assert_eq!(tokens[0]["token_type"], "Bearer");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let exp = tokens[0]["expires_in"].as_u64().unwrap();
+    assert!(
+        (now + 100..=now + 121).contains(&exp),
+        "expires_in {exp}, now {now}"
+    );
+    assert_eq!(
+        call(&gw, tokens[0]["access_token"].as_str().unwrap()).await,
+        200
+    );
+    let failed: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["batch-2", "nobody", "bad id"]);
+    for body in [
+        json!({"device_ids": []}),
+        json!({"device_ids": ["a"], "bogus": 1}),
+    ] {
+        let r = gw.admin(Method::POST, "/admin/v1/tokens", Some(body)).await;
+        assert_eq!(r.status(), 400);
+    }
+    let r = gw.admin(Method::GET, "/admin/v1/tokens", None).await;
+    assert_eq!(r.status(), 405);
 }
 
 /// Paging walks every device exactly once, in id order.
@@ -401,7 +469,12 @@ async fn reload_applies_routes_and_limits_and_reports_restart_only_changes() {
     let token = gw.register_device("reload-dev").await;
     assert_eq!(call(&gw, &token).await, 200);
     let original = std::fs::read_to_string(gw.config_path()).unwrap();
-    let edited = original.replace("read_timeout = \"10s\"", "read_timeout = \"11s\"")
+    let edited = original
+        .replace("read_timeout = \"10s\"", "read_timeout = \"11s\"")
+        .replace(
+            "[tokens]\n",
+            "[tokens]\ndefault_ttl = \"2h\"\naudiences = [\"api.example.com\"]\n",
+        )
         + "\n[routes]\nallow = [\"/v3/chat\"]\n[rate_limits]\ndevice_rps = 1\ndevice_burst = 1\n";
     std::fs::write(gw.config_path(), edited).unwrap();
     let r = gw.admin(Method::POST, "/admin/v1/reload", None).await;
@@ -414,13 +487,19 @@ async fn reload_applies_routes_and_limits_and_reports_restart_only_changes() {
             .contains(&json!("routes")),
         "{report}"
     );
-    assert!(
-        report["needs_restart"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("upstream timeouts")),
-        "{report}"
-    );
+    for key in [
+        "upstream timeouts",
+        "tokens.default_ttl/max_ttl",
+        "tokens.audiences/audience_from_host",
+    ] {
+        assert!(
+            report["needs_restart"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(key)),
+            "{key} not reported: {report}"
+        );
+    }
     assert_eq!(
         call(&gw, &token).await,
         404,

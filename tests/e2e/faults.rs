@@ -61,9 +61,10 @@ async fn upstream_reset_mid_sse() {
     let (gw, token) = gateway_with_token_rule(&up, "f-sse").await;
     let (status, body) = chat(&gw, &token, "reset_after=2").await;
     assert_eq!(status, 200);
-    if let Ok(b) = &body {
-        assert!(!b.contains("event:done"), "stream was cut: {b}");
-    }
+    assert!(
+        body.is_err(),
+        "the cut stream must reach the device broken, not complete: {body:?}"
+    );
     let charged = eventually(Duration::from_secs(3), || async {
         used(&gw, "f-sse").await == 1000
     })
@@ -76,6 +77,38 @@ async fn upstream_reset_mid_sse() {
     let (status, body) = chat(&gw, &token, "").await;
     assert_eq!(status, 200);
     assert!(body.unwrap().contains("event:done"));
+}
+
+/// A non-streaming chat answers before the chat runs, so its usage is never in the answer: the
+/// admission estimate (1000 tokens) is charged, not nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_streaming_chat_is_charged_the_estimate() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let (gw, token) = gateway_with_token_rule(&up, "f-async").await;
+    let mut body = chat_stream_request();
+    body["stream"] = json!(false);
+    let r = gw
+        .http
+        .post(format!("{}/v3/chat", gw.device))
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["data"]["status"], "in_progress", "{v}");
+    let charged = eventually(Duration::from_secs(3), || async {
+        used(&gw, "f-async").await == 1000
+    })
+    .await;
+    assert!(charged, "charged {}", used(&gw, "f-async").await);
+    assert!(
+        !gw.metrics()
+            .await
+            .contains("fleetgate_usage_missing_total{"),
+        "an estimate by design is not missing usage"
+    );
 }
 
 /// 5xx and 429 bursts from the upstream reach the device in the envelope and cost nothing.

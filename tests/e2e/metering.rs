@@ -194,23 +194,26 @@ async fn metric_series_stay_bounded_with_10k_devices() {
         )
         .await;
     assert_eq!(r.status(), 200);
-    // Tokens minted with the harness's signing key (what the admin API would mint).
-    let keyring = policy::token::Keyring::new([("t1", &[42u8; 32][..])], "t1").unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    // One admin call mints a token for every device.
+    let ids: Vec<String> = (0..N).map(|i| format!("fleet-{i:05}")).collect();
+    let r = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/tokens",
+            Some(json!({"device_ids": ids})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let minted: Value = r.json().await.unwrap();
+    assert_eq!(minted["errors"], json!([]));
+    let all: Vec<String> = minted["tokens"]
+        .as_array()
         .unwrap()
-        .as_secs();
-    let token = |i: usize| {
-        keyring.mint(&policy::token::Claims {
-            iss: policy::token::ISSUER.into(),
-            sub: policy::ids::DeviceId::parse(&format!("fleet-{i:05}")).unwrap(),
-            iat: now,
-            exp: now + 3600,
-            generation: 0,
-            cred: None,
-            jti: format!("j{i}"),
-        })
-    };
+        .iter()
+        .map(|t| t["access_token"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(all.len(), N);
+    let token = |i: usize| all[i].clone();
     let series = |m: &str| {
         m.lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())

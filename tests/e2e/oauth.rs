@@ -304,7 +304,8 @@ async fn forged_and_misused_assertions_are_refused() {
 
 /// Secrets: generated once, stored hashed, exchanged with client_credentials; a wrong secret
 /// or unknown device is `invalid_client`; a disabled device is `access_deny`; deleting the
-/// credential kills the tokens obtained through it but not admin-minted ones.
+/// credential kills the tokens obtained through it but not admin-minted ones, and a new
+/// credential under the same `kid` does not bring them back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_grant_and_credential_removal() {
     let up = sandbox_upstream(SandboxConfig::default()).await;
@@ -406,6 +407,32 @@ async fn client_credentials_grant_and_credential_removal() {
         "admin-minted token unaffected"
     );
     assert_eq!(ask(grant("sec-dev", &secret)).await.0, 401);
+
+    // Key replacement under the same kid: the new secret works, the old one's tokens stay dead.
+    let r = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/devices/sec-dev/credentials",
+            Some(json!({"type": "secret", "kid": kid})),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let new_secret = r.json::<Value>().await.unwrap()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        use_token(&gw, &token).await,
+        401,
+        "a new credential with the deleted one's kid revived its token"
+    );
+    let (status, v) = ask(grant("sec-dev", &new_secret)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        use_token(&gw, v["access_token"].as_str().unwrap()).await,
+        200
+    );
+    assert_eq!(ask(grant("sec-dev", &secret)).await.0, 401, "old secret");
 }
 
 /// The endpoint cannot be used to brute-force secrets: per-device attempts are limited.
@@ -434,5 +461,134 @@ async fn token_endpoint_is_rate_limited_per_device() {
         gw.metrics()
             .await
             .contains("fleetgate_token_endpoint_errors_total{error_code=\"rate_limited\"}")
+    );
+
+    // The limit is per device *and* address: requests in the device's name from elsewhere
+    // cannot lock the device itself out (127.0.0.2 is another loopback address).
+    let secret = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/devices/brute/credentials",
+            Some(json!({"type": "secret"})),
+        )
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let elsewhere = reqwest::Client::builder()
+        .no_proxy()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let r = elsewhere
+        .post(format!("{}{TOKEN_PATH}", gw.device))
+        .json(&json!({"grant_type": "client_credentials", "client_id": "brute", "client_secret": secret}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "the device was locked out by someone else's guesses"
+    );
+    // An id that cannot be a device is an unknown client.
+    let r = gw
+        .http
+        .post(format!("{}{TOKEN_PATH}", gw.device))
+        .json(&json!({"grant_type": "client_credentials", "client_id": "x".repeat(4000), "client_secret": "s"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+/// `fleetgate device keygen` and `device assertion` are all a device without an SDK needs:
+/// the printed body registers the key, and the assertion buys a working token, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_helpers_make_a_key_and_an_assertion_the_gateway_accepts() {
+    use std::process::Command;
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    gw.register_device("cli-dev").await;
+    let dir = TempDir::new();
+    let key = dir.0.join("device.pem");
+    let out = succeeded(
+        Command::new(fleetgate_bin())
+            .args(["device", "keygen", "--kid", "hw1", "--out"])
+            .arg(&key)
+            .output()
+            .unwrap(),
+    );
+    let private = std::fs::read_to_string(&key).unwrap();
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        !out.stdout.windows(11).any(|w| w == b"PRIVATE KEY"),
+        "private key printed"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let again = Command::new(fleetgate_bin())
+        .args(["device", "keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "an existing key file was overwritten"
+    );
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), private);
+
+    let r = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/devices/cli-dev/credentials",
+            Some(body),
+        )
+        .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let aud = gw.device.trim_start_matches("http://").to_owned();
+    let out = succeeded(
+        Command::new(fleetgate_bin())
+            .args([
+                "device",
+                "assertion",
+                "--device",
+                "cli-dev",
+                "--kid",
+                "hw1",
+                "--aud",
+                &aud,
+                "--key",
+            ])
+            .arg(&key)
+            .output()
+            .unwrap(),
+    );
+    let jwt = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let exchange = || {
+        gw.http
+            .post(format!("{}{TOKEN_PATH}", gw.device))
+            .bearer_auth(&jwt)
+            .json(&json!({"grant_type": JWT_BEARER, "duration_seconds": 600}))
+            .send()
+    };
+    let r = exchange().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let token: Value = r.json().await.unwrap();
+    assert_eq!(
+        use_token(&gw, token["access_token"].as_str().unwrap()).await,
+        200
+    );
+    assert_eq!(
+        exchange().await.unwrap().status(),
+        401,
+        "the assertion is single use"
     );
 }

@@ -24,6 +24,13 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// A gateway syncing rules from `up` (hourly: rounds happen only when woken).
+fn syncing(up: &SandboxHandle) -> GatewayOptions {
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.extra_toml = "[quota.sync]\nenabled = true\ninterval = \"1h\"\nplan_qps = false\n".into();
+    opts
+}
+
 async fn add_rule(
     gw: &GatewayProcess,
     device: Option<&str>,
@@ -361,6 +368,136 @@ async fn voice_session_is_cut_when_its_audio_quota_runs_out() {
     );
 }
 
+/// A masked client text frame (mask key 0: the payload goes as is).
+fn client_text(payload: &str) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![0x81];
+    if n < 126 {
+        f.push(0x80 | n as u8);
+    } else if n <= 0xFFFF {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload.as_bytes());
+    f
+}
+
+/// Splits a server byte stream into (opcode, payload) frames; a trailing partial frame is
+/// returned as opcode 0xFF.
+fn server_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while b.len() >= 2 {
+        let opcode = b[0] & 0x0F;
+        let masked = b[1] & 0x80 != 0;
+        let (len, mut at) = match b[1] & 0x7F {
+            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+            127 if b.len() >= 10 => (
+                u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if masked {
+            at += 4;
+        }
+        if b.len() < at + len {
+            break;
+        }
+        out.push((opcode, b[at..at + len].to_vec()));
+        b = &b[at + len..];
+    }
+    if !b.is_empty() {
+        out.push((0xFF, b.to_vec()));
+    }
+    out
+}
+
+/// After the gateway's own close (quota cut: `error` 4028, then close 1008) the device gets
+/// nothing more: RFC 6455 §5.5.1 allows no frame after a close. Before, the upstream's answer
+/// to the gateway's close was relayed as a second close frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_cut_sends_one_close_frame_and_nothing_after_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = sandbox_upstream(SandboxConfig {
+        realtime_audio: false,
+        ..Default::default()
+    })
+    .await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("q-close").await;
+    add_rule(&gw, Some("q-close"), "audio_in_ms", 1_000, "never", 0).await;
+    let mut s = tokio::net::TcpStream::connect(gw.device_addr)
+        .await
+        .unwrap();
+    let head = format!(
+        "GET /v1/chat?bot_id=b1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let body_at = loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before the 101");
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    assert!(got.starts_with(b"HTTP/1.1 101"), "upgraded");
+    // 2.7 s of audio (default input: 24 kHz 16-bit PCM) against a 1 s rule.
+    let frame = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 6400]);
+    for i in 0..20 {
+        let msg = json!({"id": format!("a{i}"), "event_type": "input_audio_buffer.append", "data": {"delta": frame}});
+        if s.write_all(&client_text(&msg.to_string())).await.is_err() {
+            break;
+        }
+    }
+    // Read to the end without answering the close: the gateway ends the connection.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the gateway ended the session");
+    let frames = server_frames(&got[body_at..]);
+    let shown: Vec<(u8, String)> = frames
+        .iter()
+        .map(|(op, p)| (*op, String::from_utf8_lossy(p).into_owned()))
+        .collect();
+    let closes: Vec<usize> = (0..frames.len()).filter(|&i| frames[i].0 == 0x8).collect();
+    assert_eq!(closes.len(), 1, "exactly one close frame: {shown:?}");
+    let (_, close) = frames.last().unwrap();
+    assert_eq!(
+        closes[0],
+        frames.len() - 1,
+        "nothing after the close: {shown:?}"
+    );
+    assert_eq!(
+        u16::from_be_bytes([close[0], close[1]]),
+        1008,
+        "policy close"
+    );
+    let cut = frames.iter().any(|(op, p)| {
+        *op == 0x1
+            && serde_json::from_slice::<Value>(p)
+                .is_ok_and(|e| e["event_type"] == "error" && e["data"]["code"] == 4028)
+    });
+    assert!(cut, "error 4028 before the close: {shown:?}");
+}
+
 /// A voice session idle for longer than `quota.hold_ttl` keeps its hold (refreshed every
 /// third of it): nothing is swept, and the audio sent afterwards is charged in full. Before
 /// the refresh, the sweep charged the 1 s estimate and forgot the session, so the 3 s sent
@@ -408,6 +545,259 @@ async fn an_idle_voice_session_keeps_its_hold_past_hold_ttl() {
         !gw.log().contains("never settled"),
         "an open session's hold was swept"
     );
+}
+
+/// Reads a session until its close frame: whether an `error` 4028 came first, the close
+/// code, and when the close arrived.
+async fn until_close(
+    rx: &mut futures_util::stream::SplitStream<Ws>,
+    patience: Duration,
+) -> (bool, Option<CloseCode>, std::time::Instant) {
+    let mut got_error = false;
+    loop {
+        match tokio::time::timeout(patience, rx.next())
+            .await
+            .expect("the session was cut in time")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let e: Value = serde_json::from_str(&t).unwrap();
+                if e["event_type"] == "error" && e["data"]["code"] == 4028 {
+                    got_error = true;
+                }
+            }
+            Some(Ok(Message::Close(f))) => {
+                return (got_error, f.map(|f| f.code), std::time::Instant::now());
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected error + close, got {other:?}"),
+        }
+    }
+}
+
+/// Idle `/v1/chat` sessions of devices with a session-time rule (3 s of `voice_session_ms`,
+/// 3 s of `voice_unified_duration_custom`) are cut about 3 s in, with `error` 4028 and close
+/// 1008, and charged at most 1 s past the limit; a session-time rule created while a session
+/// is open reaches it too. Before, an idle session reported only every third of `hold_ttl`
+/// (5 min): the audit's 3 s session ran 12 s and was charged 12,014 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_voice_sessions_are_cut_when_their_time_quota_runs_out() {
+    let up = sandbox_upstream(SandboxConfig {
+        realtime_audio: false,
+        ..Default::default()
+    })
+    .await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let rules = [
+        ("q-time-ms", "voice_session_ms", 3_000),
+        ("q-time-unified", "voice_unified_duration_custom", 3),
+    ];
+    for (device, benefit, limit) in rules {
+        gw.register_device(device).await;
+        add_rule(&gw, Some(device), benefit, limit, "never", 0).await;
+    }
+    let late = gw.register_device("q-time-late").await;
+    let session = |device: &'static str| {
+        let gw = &gw;
+        async move {
+            let token = gw.device_token(device).await;
+            let started = std::time::Instant::now();
+            let (_tx, mut rx) = voice_session(gw, &token).await;
+            let (got_error, code, at) = until_close(&mut rx, Duration::from_secs(8)).await;
+            (got_error, code, at - started)
+        }
+    };
+    let (a, b) = tokio::join!(session("q-time-ms"), session("q-time-unified"));
+    for (device, (got_error, code, took)) in [("q-time-ms", a), ("q-time-unified", b)] {
+        assert!(got_error, "{device}: error 4028 before the close");
+        assert_eq!(code, Some(CloseCode::Policy), "{device}");
+        assert!(
+            took >= Duration::from_millis(2_900) && took < Duration::from_millis(4_500),
+            "{device}: cut after {took:?}, limit 3 s"
+        );
+        let used = eventually(Duration::from_secs(3), || async {
+            usage_of(&gw, device).await[0]["used"].as_u64().unwrap_or(0) >= 3_000
+        })
+        .await;
+        let charged = usage_of(&gw, device).await[0]["used"].as_u64().unwrap();
+        assert!(used, "{device}: charged {charged} ms of a 3 s session");
+        assert!(
+            charged <= 4_000,
+            "{device}: charged {charged} ms, more than 1 s past the limit"
+        );
+    }
+    // No rule when the session opens; one of 2 s arrives half a second in.
+    let started = std::time::Instant::now();
+    let (_tx, mut rx) = voice_session(&gw, &late).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    add_rule(
+        &gw,
+        Some("q-time-late"),
+        "voice_session_ms",
+        2_000,
+        "never",
+        0,
+    )
+    .await;
+    let (got_error, code, at) = until_close(&mut rx, Duration::from_secs(8)).await;
+    let took = at - started;
+    assert!(got_error && code == Some(CloseCode::Policy), "{code:?}");
+    assert!(
+        took < Duration::from_millis(3_500),
+        "cut {took:?} after a 2 s rule appeared mid-session"
+    );
+}
+
+/// Opens a `/v1/chat` session (extra query: `query`), speaks 0.2 s and commits the turn.
+async fn ask(gw: &GatewayProcess, token: &str, query: &str) -> Ws {
+    let mut ws = connect(gw, token, &format!("/v1/chat?bot_id=b1{query}"))
+        .await
+        .unwrap();
+    let frame = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 960]); // 20 ms
+    for i in 0..10 {
+        let msg = json!({"id": format!("a{i}"), "event_type": "input_audio_buffer.append", "data": {"delta": frame}});
+        ws.send(Message::text(msg.to_string())).await.unwrap();
+    }
+    let done = json!({"id": "c", "event_type": "input_audio_buffer.complete"});
+    ws.send(Message::text(done.to_string())).await.unwrap();
+    ws
+}
+
+/// Reads events until one named `event_type` (the one returned), skipping `skip` of them.
+async fn wait_event(ws: &mut Ws, event_type: &str, mut skip: usize) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(15), ws.next())
+            .await
+            .expect("event in time")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            let e: Value = serde_json::from_str(&t).unwrap();
+            if e["event_type"] == event_type {
+                if skip == 0 {
+                    return e;
+                }
+                skip -= 1;
+            }
+        }
+    }
+}
+
+/// `fleetgate_usage_missing_total{protocol="websocket"}`, or 0.
+async fn ws_usage_missing(gw: &GatewayProcess) -> u64 {
+    gw.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("fleetgate_usage_missing_total{protocol=\"websocket\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// WebSocket chat turns whose usage never comes are charged the chat estimate
+/// (`estimate_llm_tokens`), as an SSE stream without usage is, and counted in
+/// `fleetgate_usage_missing_total{protocol="websocket"}`: a turn that ends without its usage
+/// event (`no_usage`), and a turn the device walks away from mid-reply. A turn with its usage
+/// event is charged exactly that. Before, both were charged 0 tokens and counted nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voice_turns_without_usage_are_charged_the_estimate() {
+    // Real-time audio: a reply takes long enough to walk away from.
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.extra_toml = "[quota]\nestimate_llm_tokens = 777".into();
+    let gw = GatewayProcess::start(&opts).await;
+    for device in ["q-turn-ok", "q-turn-no-usage", "q-turn-gone"] {
+        gw.register_device(device).await;
+        add_rule(&gw, Some(device), "llm_tokens", 1_000_000, "never", 0).await;
+    }
+    let used = |device: &'static str| {
+        let gw = &gw;
+        async move { usage_of(gw, device).await[0]["used"].as_u64().unwrap() }
+    };
+    let settled = |device: &'static str, want: u64| async move {
+        eventually(Duration::from_secs(5), || async {
+            used(device).await == want
+        })
+        .await
+    };
+
+    // A complete turn: exactly its usage, nothing counted missing.
+    let mut ws = ask(&gw, &gw.device_token("q-turn-ok").await, "").await;
+    let done = wait_event(&mut ws, "conversation.chat.completed", 0).await;
+    let tokens = done["data"]["usage"]["token_count"].as_u64().unwrap();
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    assert!(
+        settled("q-turn-ok", tokens).await,
+        "charged {} for a {tokens}-token turn",
+        used("q-turn-ok").await
+    );
+    assert_eq!(ws_usage_missing(&gw).await, 0);
+
+    // The turn ends (its answer completed) without `conversation.chat.completed`.
+    let token = gw.device_token("q-turn-no-usage").await;
+    let mut ws = ask(&gw, &token, "&sandbox_fault=no_usage").await;
+    wait_event(&mut ws, "conversation.audio.completed", 0).await;
+    // The answer's `message.completed` is the last event of the turn under `no_usage`.
+    wait_event(&mut ws, "conversation.message.completed", 0).await;
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    assert!(
+        settled("q-turn-no-usage", 777).await,
+        "a turn without usage charged {} tokens, not the 777 estimate",
+        used("q-turn-no-usage").await
+    );
+    assert_eq!(ws_usage_missing(&gw).await, 1);
+
+    // The device goes away (no close frame) while the reply is still playing.
+    let mut ws = ask(&gw, &gw.device_token("q-turn-gone").await, "").await;
+    wait_event(&mut ws, "conversation.audio.delta", 0).await;
+    drop(ws);
+    assert!(
+        settled("q-turn-gone", 777).await,
+        "a turn cut by a disconnect charged {} tokens, not the 777 estimate",
+        used("q-turn-gone").await
+    );
+    assert_eq!(ws_usage_missing(&gw).await, 2);
+}
+
+/// An upgrade whose upstream handshake times out is a 504 and costs the device nothing: its
+/// hold is refunded, as when the upstream refuses or cannot be reached. Before, the hold stayed
+/// open until the sweep charged it, so a device with one session left was locked out by an
+/// upstream that was merely slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_handshake_timeout_is_refunded() {
+    let up = sandbox_upstream(SandboxConfig {
+        realtime_audio: false,
+        ..Default::default()
+    })
+    .await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.websocket_toml = "handshake_timeout = \"500ms\"".into();
+    let gw = GatewayProcess::start(&opts).await;
+    let token = gw.register_device("q-slow-ws").await;
+    add_rule(&gw, Some("q-slow-ws"), "requests", 1, "never", 0).await;
+    let slow = connect(
+        &gw,
+        &token,
+        "/v1/chat?bot_id=b1&sandbox_fault=latency_ms%3D3000",
+    )
+    .await;
+    match slow {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 504, "handshake timeout")
+        }
+        other => panic!("expected a 504, got {other:?}"),
+    }
+    let item = &usage_of(&gw, "q-slow-ws").await[0];
+    assert_eq!(
+        (item["used"].as_u64(), item["reserved"].as_u64()),
+        (Some(0), Some(0)),
+        "nothing charged or held after a timeout: {item}"
+    );
+    // The device's only session is still there to use.
+    let mut ws = connect(&gw, &token, "/v1/chat?bot_id=b1")
+        .await
+        .expect("admitted: the timed-out attempt cost nothing");
+    ws.close(None).await.unwrap();
 }
 
 /// A device that disconnects mid-stream is still charged (the hold), and usage written
@@ -627,9 +1017,7 @@ async fn upstream_rules_are_synced_and_kept_when_sync_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_rule_writes_are_forwarded_upstream_when_syncing() {
     let up = sandbox_upstream(SandboxConfig::default()).await;
-    let mut opts = GatewayOptions::new(&up.base_url());
-    opts.extra_toml = "[quota.sync]\nenabled = true\ninterval = \"1h\"\nplan_qps = false\n".into();
-    let gw = GatewayProcess::start(&opts).await;
+    let gw = GatewayProcess::start(&syncing(&up)).await;
     let token = gw.register_device("fwd-dev").await;
     let body = json!({"entity_type": "single_device", "entity_id": "fwd-dev",
         "benefit_info": {"benefit_type": "resource_point", "active_mode": "absolute_time", "started_at": 0,
@@ -664,5 +1052,125 @@ async fn admin_rule_writes_are_forwarded_upstream_when_syncing() {
     assert!(
         blocked,
         "re-synced right after the write (the interval is an hour)"
+    );
+}
+
+/// With sync on, rules of the gateway's own meters (Coze's quota API does not know them) are
+/// created and updated in the gateway, not sent upstream, and are enforced like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_meter_rules_stay_local_when_syncing() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&syncing(&up)).await;
+    let token = gw.register_device("meter-dev").await;
+    let rule = add_rule(&gw, Some("meter-dev"), "requests", 5, "never", 0).await;
+    let id = rule["benefit_id"].as_str().unwrap();
+    let listed = upstream_get_json(
+        &gw.http,
+        &up,
+        &format!("{LIMITATIONS}?entity_type=single_device&entity_id=meter-dev"),
+    )
+    .await;
+    let upstream_rules = listed["data"]["benefit_infos"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(upstream_rules, 0, "nothing went upstream: {listed}");
+    let r = gw
+        .admin(
+            Method::PUT,
+            &format!("{LIMITATIONS}/{id}"),
+            Some(json!({"limit": 0})),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(
+        crate::oauth::use_token(&gw, &token).await,
+        429,
+        "the local rule (limit 0 now) is enforced"
+    );
+}
+
+/// `[[quota.rules]]` defaults hold where no rule from the admin API (or the upstream) covers
+/// the same scope and kind: a rule written through the API replaces the default, cancelling
+/// that rule brings the default back, and the default itself cannot be changed through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_default_rules_hold_until_a_rule_replaces_them() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.extra_toml = "[[quota.rules]]\nentity_type = \"enterprise_all_devices\"\nbenefit_info = { benefit_type = \"requests\", started_at = 0, ended_at = 253402300799, limit = 2, trigger_unit = \"never\" }\n".into();
+    let gw = GatewayProcess::start(&opts).await;
+    let token = gw.register_device("dflt-dev").await;
+    let call = || crate::oauth::use_token(&gw, &token);
+    assert_eq!(
+        (call().await, call().await, call().await),
+        (200, 200, 429),
+        "the default's limit of 2"
+    );
+
+    let listed: Value = gw
+        .admin(
+            Method::GET,
+            &format!("{LIMITATIONS}?entity_type=enterprise_all_devices"),
+            None,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = listed["data"]["benefit_infos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["benefit_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["config-0"], "{listed}");
+    let r = gw
+        .admin(
+            Method::PUT,
+            &format!("{LIMITATIONS}/config-0"),
+            Some(json!({"limit": 100})),
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        400,
+        "a default is changed in config.toml, not through the API"
+    );
+
+    let rule = add_rule(&gw, None, "requests", 100, "never", 0).await;
+    let id = rule["benefit_id"].as_str().unwrap();
+    assert_eq!(call().await, 200, "the API's rule replaced the default");
+    let r = gw
+        .admin(
+            Method::PUT,
+            &format!("{LIMITATIONS}/{id}"),
+            Some(json!({"status": "cancel"})),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(call().await, 429, "cancelled: the default holds again");
+}
+
+/// Deleting a device deletes its usage: registered again under the same id, it starts from
+/// nothing (and the gateway keeps no counters for devices that are gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_device_takes_its_usage_with_it() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let gw = GatewayProcess::start(&GatewayOptions::new(&up.base_url())).await;
+    let token = gw.register_device("del-dev").await;
+    add_rule(&gw, Some("del-dev"), "requests", 1, "never", 0).await;
+    use crate::oauth::use_token;
+    assert_eq!(
+        (use_token(&gw, &token).await, use_token(&gw, &token).await),
+        (200, 429)
+    );
+    let r = gw
+        .admin(Method::DELETE, "/admin/v1/devices/del-dev", None)
+        .await;
+    assert_eq!(r.status(), 200);
+    let token = gw.register_device("del-dev").await;
+    assert_eq!(
+        use_token(&gw, &token).await,
+        200,
+        "the new device starts with nothing used"
     );
 }

@@ -61,16 +61,22 @@ async fn stalled_stream_is_cut_after_the_idle_timeout() {
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(c) => got.extend_from_slice(&c),
-                Err(_) => break, // cut mid-stream: the expected outcome
+                Err(_) => return true, // cut mid-stream: the expected outcome
             }
         }
+        false
     })
     .await;
-    assert!(
-        ended.is_ok(),
-        "stream still open 5 s after the upstream stalled"
+    assert_eq!(
+        ended,
+        Ok(true),
+        "the stream must end broken (not complete, not open 5 s after the stall)"
     );
     let text = String::from_utf8_lossy(&got);
     assert_eq!(text.matches("event:").count(), 2, "{text}");
+    assert!(
+        !text.contains("\"code\":5000"),
+        "an error body was written into the event stream: {text}"
+    );
     assert!(started.elapsed() >= Duration::from_millis(900));
 }

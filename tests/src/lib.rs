@@ -28,6 +28,16 @@ pub async fn sandbox_upstream(config: SandboxConfig) -> SandboxHandle {
     sandbox::start(config).await.expect("sandbox starts")
 }
 
+/// The output of a `fleetgate` command that must succeed (else: panics with its stderr).
+pub fn succeeded(out: std::process::Output) -> std::process::Output {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Path of the `fleetgate` binary under test.
 pub fn fleetgate_bin() -> PathBuf {
     if let Ok(p) = std::env::var("FLEETGATE_BIN") {
@@ -54,6 +64,8 @@ pub struct GatewayOptions {
     /// Serving with readiness failed after SIGTERM (`server.drain_delay`).
     pub drain_delay: &'static str,
     pub ping_interval: &'static str,
+    /// Extra lines of the `[websocket]` table (e.g. `handshake_timeout = "500ms"`).
+    pub websocket_toml: String,
     /// Extra environment variables for the gateway process (e.g. `SSL_CERT_FILE`).
     pub env: Vec<(String, String)>,
     pub read_timeout: &'static str,
@@ -74,6 +86,7 @@ impl GatewayOptions {
             grace_period: "5s",
             drain_delay: "0s",
             ping_interval: "30s",
+            websocket_toml: String::new(),
             env: Vec::new(),
             read_timeout: "10s",
             stream_idle_timeout: "10s",
@@ -638,6 +651,7 @@ read_timeout = "{read}"
 stream_idle_timeout = "{idle}"
 [websocket]
 ping_interval = "{ping}"
+{websocket}
 [tokens]
 signing_keys = [{{ kid = "t1", secret_env = "FG_TEST_KEY" }}]
 [log]
@@ -656,6 +670,7 @@ path = "{store}"
             drain_delay = opts.drain_delay,
             up = opts.upstream,
             ping = opts.ping_interval,
+            websocket = opts.websocket_toml,
             extra = opts.extra_toml,
             read = opts.read_timeout,
             auth = opts.upstream_auth,

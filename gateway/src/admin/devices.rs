@@ -95,32 +95,28 @@ async fn create(
     fresh: Vec<(DeviceId, BTreeMap<String, String>)>,
     now: u64,
 ) -> Result<u64, AdminError> {
-    let created: Vec<(DeviceId, BTreeMap<String, String>)> = match &state.cluster {
+    let records: Vec<_> = fresh.iter().map(|(id, l)| new_record(id, l, now)).collect();
+    let created = match &state.cluster {
         None => {
-            let records: Vec<_> = fresh.iter().map(|(id, l)| new_record(id, l, now)).collect();
             persist(state, &records)?;
-            fresh
+            records
         }
         Some(c) => {
-            let rows: Vec<(String, BTreeMap<String, String>)> = fresh
-                .iter()
-                .map(|(id, l)| (id.to_string(), l.clone()))
-                .collect();
             let ids: std::collections::HashSet<String> = c
-                .create_devices(&rows, now)
+                .create_devices(&records)
                 .await
                 .map_err(|e| cluster_error(state, e))?
                 .into_iter()
                 .collect();
-            fresh
+            records
                 .into_iter()
-                .filter(|(id, _)| ids.contains(id.as_str()))
+                .filter(|r| ids.contains(&r.device_id))
                 .collect()
         }
     };
     let n = created.len() as u64;
-    for (id, labels) in created {
-        state.devices.register(id, labels, now);
+    for r in created {
+        state.devices.upsert(r);
     }
     state.metrics.devices.set(state.devices.len() as i64);
     Ok(n)
@@ -188,11 +184,13 @@ async fn change(state: &GatewayState, id: &DeviceId, change: Change<'_>) -> Resu
         Outcome::Done(Some(rec)) => state.devices.upsert(rec),
         Outcome::Done(None) => {
             state.devices.remove(id);
+            state.quotas.forget_device(id);
             state.metrics.devices.set(state.devices.len() as i64);
         }
         Outcome::NotFound => {
             // Gone in the shared store: forget it here too.
             state.devices.remove(id);
+            state.quotas.forget_device(id);
             return Err(not_found());
         }
         Outcome::CredentialExists => return Err(AdminError::conflict("credential already exists")),
@@ -222,7 +220,9 @@ fn new_record(
         device_id: id.to_string(),
         labels: labels.clone(),
         enabled: true,
-        generation: 0,
+        // Random, not 0: the tokens of an earlier device with this id (deleted since) carry
+        // that device's generation and must not work for this one.
+        generation: crate::devices::fresh_identity(),
         created_at: now,
         credentials: Vec::new(),
     }
@@ -296,15 +296,50 @@ async fn register(state: &GatewayState, req: &AdminRequest) -> AdminResult {
 fn mint(state: &GatewayState, id: &DeviceId, req: &AdminRequest) -> AdminResult {
     let body: TokenBody = req.json_or_default()?;
     match crate::tokens::mint_for_device(state, id, body.duration_seconds, "admin", None) {
-        Ok(m) => Ok((
-            StatusCode::OK,
-            json!({"access_token": m.access_token, "expires_in": m.expires_in, "token_type": "Bearer"}),
-        )),
+        Ok(m) => Ok((StatusCode::OK, m.to_json())),
         Err(crate::tokens::MintError::UnknownDevice) => {
             Err(AdminError::not_found("device not found"))
         }
         Err(e) => Err(AdminError::bad_request(e.to_string())),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManyTokensBody {
+    device_ids: Vec<String>,
+    duration_seconds: Option<u64>,
+}
+
+/// `POST /admin/v1/tokens`: a token for each of up to [`MAX_BULK`] devices (provisioning a
+/// batch). Devices that get none (unknown, disabled, bad id) are listed under `errors`; the
+/// call itself succeeds.
+fn mint_many(state: &GatewayState, req: &AdminRequest) -> AdminResult {
+    let body: ManyTokensBody = req.json()?;
+    if body.device_ids.is_empty() || body.device_ids.len() > MAX_BULK {
+        return Err(AdminError::bad_request(format!(
+            "`device_ids` must hold 1-{MAX_BULK} entries"
+        )));
+    }
+    let mut tokens = Vec::with_capacity(body.device_ids.len());
+    let mut errors = Vec::new();
+    for raw in &body.device_ids {
+        let minted = DeviceId::parse(raw)
+            .map_err(|e| e.to_string())
+            .and_then(|id| {
+                crate::tokens::mint_for_device(state, &id, body.duration_seconds, "admin", None)
+                    .map_err(|e| e.to_string())
+            });
+        match minted {
+            Ok(m) => {
+                let mut token = m.to_json();
+                token["device_id"] = json!(raw);
+                tokens.push(token);
+            }
+            Err(e) => errors.push(json!({"device_id": raw, "error": e})),
+        }
+    }
+    Ok((StatusCode::OK, json!({"tokens": tokens, "errors": errors})))
 }
 
 fn list(state: &GatewayState, req: &AdminRequest) -> AdminResult {
@@ -401,6 +436,7 @@ async fn add_credential(state: &GatewayState, id: &DeviceId, req: &AdminRequest)
                 algorithm: alg,
                 public_key_pem,
                 created_at: now,
+                serial: crate::devices::fresh_identity(),
             };
             (rec, None)
         }
@@ -423,6 +459,7 @@ async fn add_credential(state: &GatewayState, id: &DeviceId, req: &AdminRequest)
                     kid,
                     hash,
                     created_at: now,
+                    serial: crate::devices::fresh_identity(),
                 },
                 Some(secret),
             )
@@ -474,6 +511,12 @@ async fn delete(state: &GatewayState, id: &DeviceId) -> AdminResult {
 
 pub async fn route(state: &GatewayState, req: &AdminRequest) -> AdminResult {
     let path = req.path.as_str();
+    if path == "/admin/v1/tokens" {
+        return match req.method.as_str() {
+            "POST" => mint_many(state, req),
+            _ => Err(method_not_allowed("POST")),
+        };
+    }
     if path == "/admin/v1/devices" {
         return match req.method.as_str() {
             "POST" => register(state, req).await,

@@ -285,8 +285,7 @@ impl AdminApp {
             body,
         };
         if let Some(sync) = &self.state.config.quota.sync
-            && req.path.starts_with("/v1/commerce/benefit/limitations")
-            && matches!(req.method, Method::POST | Method::PUT)
+            && crate::quota_api::write_goes_upstream(&self.state, &req)
         {
             let target = match session.req_header().uri.path_and_query() {
                 Some(pq) => pq.as_str().to_owned(),

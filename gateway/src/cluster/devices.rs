@@ -75,17 +75,17 @@ return out
 "#;
 
 /// Creates the devices that do not exist yet. KEYS: devs set, ver. ARGV: registry prefix
-/// (`{p}`), channel, now, then (id, labels JSON) pairs. The device keys are built in the
+/// (`{p}`), channel, then (id, labels JSON, created_at, first generation) rows. The device keys are built in the
 /// script from the registry prefix: one script for up to 10 000 devices, and on Redis Cluster
 /// they share the hash slot of KEYS (the prefix's hash tag). Returns the ids created.
 const CREATE: &str = r#"
-local p, now = ARGV[1], ARGV[3]
+local p = ARGV[1]
 local created = {}
-for i = 4, #ARGV, 2 do
+for i = 3, #ARGV, 4 do
   local id = ARGV[i]
   local k = p .. ':dev:' .. id
   if redis.call('EXISTS', k) == 0 then
-    redis.call('HSET', k, 'created_at', now, 'enabled', '1', 'gen', '0', 'labels', ARGV[i + 1])
+    redis.call('HSET', k, 'created_at', ARGV[i + 2], 'enabled', '1', 'gen', ARGV[i + 3], 'labels', ARGV[i + 1])
     redis.call('SADD', KEYS[1], id)
     table.insert(created, id)
   end
@@ -106,21 +106,23 @@ impl Cluster {
         self.registry_key(&format!("dev:{id}"))
     }
 
-    /// Registers the devices that do not exist yet; returns the ids created.
+    /// Registers the devices (new records, no credentials) that do not exist yet; returns the
+    /// ids created.
     pub async fn create_devices(
         &self,
-        devices: &[(String, BTreeMap<String, String>)],
-        now: u64,
+        devices: &[crate::store::DeviceRecord],
     ) -> Result<Vec<String>, ClusterError> {
         let script = Script::new(CREATE);
         let mut inv = script.prepare_invoke();
         inv.key(self.registry_key("devs"))
             .key(self.registry_key("ver"))
             .arg(self.registry_prefix())
-            .arg(self.registry_key("changes"))
-            .arg(now);
-        for (id, labels) in devices {
-            inv.arg(id).arg(labels_json(labels));
+            .arg(self.registry_key("changes"));
+        for d in devices {
+            inv.arg(&d.device_id)
+                .arg(labels_json(&d.labels))
+                .arg(d.created_at)
+                .arg(d.generation);
         }
         self.script(&inv).await
     }

@@ -56,6 +56,7 @@ impl Feed {
             None => {
                 if let Ok(id) = policy::ids::DeviceId::parse(id) {
                     state.devices.remove(&id);
+                    state.quotas.forget_device(&id);
                 }
             }
         }

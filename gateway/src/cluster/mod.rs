@@ -46,7 +46,7 @@ pub mod leases;
 pub mod rules;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -86,6 +86,9 @@ pub struct Cluster {
     pub node_id: String,
     pub settings: RedisSettings,
     up: AtomicBool,
+    /// Commands and subscriptions that reached Redis so far: a slow failure that started
+    /// before one of them must not mark Redis down again (see [`Cluster::pubsub`]).
+    answers: AtomicU64,
     /// Redis Cluster: which seed node the next pub/sub connection tries first.
     pubsub_turn: std::sync::atomic::AtomicUsize,
     /// Told whenever Redis answers again after failing (reporters flush, the feed reloads).
@@ -242,6 +245,7 @@ impl Cluster {
             node_id: format!("{:016x}", rand::random::<u64>()),
             settings: settings.clone(),
             up: AtomicBool::new(true),
+            answers: AtomicU64::new(0),
             pubsub_turn: std::sync::atomic::AtomicUsize::new(0),
             recovered: tokio::sync::Notify::new(),
             up_gauge: std::sync::OnceLock::new(),
@@ -292,6 +296,9 @@ impl Cluster {
     }
 
     fn mark(&self, ok: bool) {
+        if ok {
+            self.answers.fetch_add(1, Ordering::AcqRel);
+        }
         let was = self.up.swap(ok, Ordering::AcqRel);
         if let Some(g) = self.up_gauge.get() {
             g.set(i64::from(ok));
@@ -399,6 +406,7 @@ impl Cluster {
             (None, Some(c)) => vec![c.clone()],
             (None, None) => return Err(ClusterError::Unavailable("no pub/sub node".into())),
         };
+        let answers = self.answers.load(Ordering::Acquire);
         let mut last = ClusterError::Unavailable("pub/sub connect timed out".into());
         for client in clients {
             let r =
@@ -411,6 +419,14 @@ impl Cluster {
                 Ok(Err(e)) => last = e.into(),
                 Err(_) => {}
             }
+        }
+        // A node that sends no command (no admin writes, no leases needed) learns of an
+        // outage here first: its change feed lost the subscription and cannot get it back.
+        // Unless Redis answered something else meanwhile (these attempts can take seconds):
+        // marking it down then would start a second outage, with a fresh degraded allowance,
+        // right after the first one ended.
+        if self.answers.load(Ordering::Acquire) == answers {
+            self.mark(false);
         }
         self.stale.store(true, Ordering::Release);
         Err(last)

@@ -94,21 +94,26 @@ impl fmt::Debug for UpstreamJwt {
     }
 }
 
+/// The DER of the first `label` block in `pem` (`None`: there is none).
+pub(crate) fn pem_block(pem: &str, label: &str) -> Option<Result<Vec<u8>, base64::DecodeError>> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let b = pem.find(&begin)?;
+    let e = pem.find(&end)?;
+    let body: String = pem
+        .get(b + begin.len()..e)
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    Some(base64::engine::general_purpose::STANDARD.decode(body))
+}
+
 /// PEM → (DER, is PKCS#8). Accepts `PRIVATE KEY` and `RSA PRIVATE KEY`.
 fn private_key_der(pem: &str) -> Result<(Vec<u8>, bool), String> {
     for (label, pkcs8) in [("PRIVATE KEY", true), ("RSA PRIVATE KEY", false)] {
-        let begin = format!("-----BEGIN {label}-----");
-        let end = format!("-----END {label}-----");
-        if let (Some(b), Some(e)) = (pem.find(&begin), pem.find(&end)) {
-            let body: String = pem
-                .get(b + begin.len()..e)
-                .unwrap_or_default()
-                .chars()
-                .filter(|c| !c.is_whitespace())
-                .collect();
-            let der = base64::engine::general_purpose::STANDARD
-                .decode(body)
-                .map_err(|_| "the PEM body is not base64".to_owned())?;
+        if let Some(der) = pem_block(pem, label) {
+            let der = der.map_err(|_| "the PEM body is not base64".to_owned())?;
             let ok = if pkcs8 {
                 ring::signature::RsaKeyPair::from_pkcs8(&der).is_ok()
             } else {
@@ -164,11 +169,12 @@ fn upstream_jwt(
             None
         }
     };
-    let key = pem.and_then(|p| {
-        private_key_der(&p)
-            .map_err(|e| c.err("upstream.jwt.private_key_file", e))
-            .ok()
-    });
+    let key_path = if j.private_key_env.is_some() {
+        "upstream.jwt.private_key_env"
+    } else {
+        "upstream.jwt.private_key_file"
+    };
+    let key = pem.and_then(|p| private_key_der(&p).map_err(|e| c.err(key_path, e)).ok());
     if j.app_id.is_empty() {
         c.err("upstream.jwt.app_id", "must not be empty");
     }
@@ -246,7 +252,12 @@ pub struct TokenSettings {
     pub max_assertion_skew: Duration,
     /// Slots of the verified-token memo (`crate::verifier`); 0 turns it off.
     pub verify_cache_entries: usize,
+    /// Live device assertions (`jti`s) the token endpoint remembers (`crate::oauth`).
+    pub replay_cache_entries: usize,
 }
+
+/// Bounds of `tokens.replay_cache_entries` (about 50 bytes per entry).
+pub const REPLAY_CACHE_ENTRIES: std::ops::RangeInclusive<usize> = 1024..=(1 << 26);
 
 /// Validated `[rate_limits]` (0 = off).
 #[derive(Clone, Debug)]
@@ -277,6 +288,8 @@ pub struct QuotaSettings {
     pub persist_interval: Duration,
     pub hold_ttl: Duration,
     pub prices: policy::quota::PriceTable,
+    /// `[[quota.rules]]`: default rules (ids `config-<n>`), see `crate::quota::defaults`.
+    pub default_rules: Vec<policy::quota::Rule>,
 }
 
 #[derive(Clone, Debug)]
@@ -384,19 +397,51 @@ pub fn process_env(key: &str) -> Option<String> {
     std::env::var(key).ok().filter(|v| !v.is_empty())
 }
 
-/// Parses and validates a config file's text.
+/// Parses and validates a config file's text. Every unknown key is reported, with the
+/// validation errors (or the syntax/type error that stopped parsing).
 pub fn load_str(text: &str, env: EnvLookup<'_>) -> Result<GatewayConfig, ConfigErrors> {
-    let file: raw::ConfigFile = toml::from_str(text).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            path: toml_error_path(text, &e),
-            message: e.to_string(),
-        }])
-    })?;
-    validate(file, env)
+    let syntax = |e: toml::de::Error| ConfigError {
+        path: toml_error_path(text, &e),
+        message: e.to_string(),
+    };
+    let mut errors = Vec::new();
+    let parsed = toml::Deserializer::parse(text)
+        .and_then(|de| {
+            serde_ignored::deserialize(de, |path| {
+                errors.push(ConfigError {
+                    path: indexed_path(&path.to_string()),
+                    message: "unknown key (config.toml lists every key)".to_owned(),
+                });
+            })
+        })
+        .map_err(syntax);
+    match parsed.map(|file| validate(file, env)) {
+        Ok(Ok(config)) if errors.is_empty() => return Ok(config),
+        Ok(Ok(_)) => {}
+        Ok(Err(ConfigErrors(more))) => errors.extend(more),
+        Err(e) => errors.push(e),
+    }
+    Err(ConfigErrors(errors))
+}
+
+/// `tokens.signing_keys.0.extra` → `tokens.signing_keys[0].extra`, as validation names keys.
+fn indexed_path(dotted: &str) -> String {
+    let mut out = String::new();
+    for seg in dotted.split('.') {
+        if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
 }
 
 /// The dotted key path a TOML error points at: the enclosing `[table]` plus the key at the
-/// error's span (`upstream.base_ur`).
+/// error's span (`upstream.base_ur`), or the key of the line when the span is its value.
 fn toml_error_path(text: &str, e: &toml::de::Error) -> String {
     let Some(span) = e.span() else {
         return String::new();
@@ -408,12 +453,23 @@ fn toml_error_path(text: &str, e: &toml::de::Error) -> String {
         .map(str::trim)
         .find(|l| l.starts_with('['))
         .map(|l| l.trim_matches(['[', ']']).trim().to_owned());
-    let key: String = text
+    let is_key_char = |c: &char| c.is_ascii_alphanumeric() || *c == '_' || *c == '-';
+    let mut key: String = text
         .get(span.clone())
         .unwrap_or_default()
         .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .take_while(is_key_char)
         .collect();
+    if key.is_empty() {
+        // A bad value: the key is the one assigned on the same line (`threads = "x"`).
+        let line = before.rsplit('\n').next().unwrap_or_default();
+        if let Some((k, _)) = line.split_once('=') {
+            let k = k.trim();
+            if !k.is_empty() && k.chars().all(|c| is_key_char(&c)) {
+                key = k.to_owned();
+            }
+        }
+    }
     match (table, key.is_empty()) {
         (Some(t), false) => format!("{t}.{key}"),
         (Some(t), true) => t,
@@ -810,7 +866,7 @@ fn device_tls(
     })
 }
 
-fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, ConfigErrors> {
+fn validate(mut f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, ConfigErrors> {
     let mut c = Collector(Vec::new());
     let threads = f.server.threads.unwrap_or(2);
     if threads == 0 || threads > 256 {
@@ -919,6 +975,16 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
     if f.tokens.max_assertion_skew > Duration::from_secs(600) {
         c.err("tokens.max_assertion_skew", "must be at most 10m");
     }
+    if !REPLAY_CACHE_ENTRIES.contains(&f.tokens.replay_cache_entries) {
+        c.err(
+            "tokens.replay_cache_entries",
+            format!(
+                "must be between {} and {}",
+                REPLAY_CACHE_ENTRIES.start(),
+                REPLAY_CACHE_ENTRIES.end()
+            ),
+        );
+    }
     if f.tokens.verify_cache_entries > crate::verifier::MAX_ENTRIES {
         c.err(
             "tokens.verify_cache_entries",
@@ -937,6 +1003,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             format!("`{}` is not a valid filter (e.g. `info`)", f.log.level),
         );
     }
+    let default_rules = default_rules(&mut c, std::mem::take(&mut f.quota.rules));
     let quota_sync = if f.quota.sync.enabled {
         if f.quota.sync.interval < Duration::from_millis(100) {
             c.err("quota.sync.interval", "must be at least 100ms");
@@ -1041,6 +1108,7 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
             max_assertion_lifetime: f.tokens.max_assertion_lifetime,
             max_assertion_skew: f.tokens.max_assertion_skew,
             verify_cache_entries: f.tokens.verify_cache_entries,
+            replay_cache_entries: f.tokens.replay_cache_entries,
         },
         log: LogSettings {
             format: f.log.format,
@@ -1076,8 +1144,33 @@ fn validate(f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig, Con
                 tts_per_1k_chars: f.quota.prices.tts_per_1k_chars,
                 voice_session_per_second: f.quota.prices.voice_session_per_second,
             },
+            default_rules,
         },
     })
+}
+
+/// `[[quota.rules]]` as rules (`config-<n>`), each checked, then checked together.
+fn default_rules(
+    c: &mut Collector,
+    reqs: Vec<policy::quota::CreateLimitation>,
+) -> Vec<policy::quota::Rule> {
+    let mut rules = Vec::new();
+    for (i, req) in reqs.into_iter().enumerate() {
+        match req.into_rule(format!("{}{i}", crate::quota::DEFAULT_RULE_PREFIX)) {
+            Ok(r) => rules.push(r),
+            Err(errs) => {
+                for e in errs.0 {
+                    c.err(&format!("quota.rules[{i}].{}", e.field), e.kind.to_string());
+                }
+            }
+        }
+    }
+    if let Err(errs) = policy::quota::RuleSet::new(rules.clone()) {
+        for e in errs.0 {
+            c.err("quota.rules", e.to_string());
+        }
+    }
+    rules
 }
 
 #[cfg(test)]
@@ -1097,6 +1190,30 @@ mod tests {
         [tokens]
         signing_keys = [{ kid = "k1", secret_env = "KEY" }]
     "#;
+
+    /// A bad app key is reported under the key that supplied it.
+    #[test]
+    fn a_bad_upstream_app_key_names_its_source() {
+        let with_key = |source: &str| {
+            format!(
+                "{MINIMAL}\n[upstream]\nauth = \"jwt\"\n[upstream.jwt]\napp_id = \"a\"\nkid = \"k\"\n{source}"
+            )
+        };
+        let env = |k: &str| match k {
+            "BADKEY" => Some("not a pem".to_owned()),
+            other => env(other),
+        };
+        let e = load_str(&with_key("private_key_env = \"BADKEY\""), &env).unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["upstream.jwt.private_key_env"], "{e}");
+        assert!(
+            !e.to_string().contains("not a pem"),
+            "key material in the error: {e}"
+        );
+        let e = load_str(&with_key("private_key_file = \"/nonexistent.pem\""), &env).unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["upstream.jwt.private_key_file"], "{e}");
+    }
 
     #[test]
     fn redis_store_is_validated_with_key_paths() {
@@ -1173,6 +1290,52 @@ mod tests {
         assert_eq!(
             error_paths(&with(crate::verifier::MAX_ENTRIES + 1)),
             ["tokens.verify_cache_entries"]
+        );
+    }
+
+    #[test]
+    fn replay_cache_entries_has_a_default_and_bounds() {
+        assert_eq!(
+            load_str(MINIMAL, &env).unwrap().tokens.replay_cache_entries,
+            1 << 20
+        );
+        let with = |n: usize| format!("{MINIMAL}\nreplay_cache_entries = {n}");
+        assert_eq!(
+            load_str(&with(5000), &env)
+                .unwrap()
+                .tokens
+                .replay_cache_entries,
+            5000
+        );
+        for bad in [0, 1023, (1 << 26) + 1] {
+            assert_eq!(error_paths(&with(bad)), ["tokens.replay_cache_entries"]);
+        }
+    }
+
+    /// `[[quota.rules]]` are checked one by one (with their index) and together.
+    #[test]
+    fn default_rules_are_validated_with_key_paths() {
+        let rule = |benefit: &str, unit: &str| {
+            format!(
+                "[[quota.rules]]\nentity_type = \"enterprise_all_devices\"\nbenefit_info = {{ benefit_type = \"{benefit}\", started_at = 0, ended_at = 253402300799, limit = 5, trigger_unit = \"{unit}\" }}\n"
+            )
+        };
+        let ok = load_str(&format!("{MINIMAL}\n{}", rule("llm_tokens", "day")), &env).unwrap();
+        assert_eq!(ok.quota.default_rules.len(), 1);
+        assert_eq!(ok.quota.default_rules[0].benefit_id, "config-0");
+        let bad = format!(
+            "{MINIMAL}\n{}{}[[quota.rules]]\nentity_type = \"single_device\"\nbenefit_info = {{ benefit_type = \"requests\", started_at = 0, ended_at = 1, limit = 5 }}\n",
+            rule("llm_tokens", "day"),
+            rule("llm_tokens", "hour")
+        );
+        let paths = error_paths(&bad);
+        assert!(
+            paths.iter().any(|p| p.starts_with("quota.rules[2].")),
+            "{paths:?}"
+        );
+        assert!(
+            paths.iter().any(|p| p == "quota.rules"),
+            "two periodic defaults: {paths:?}"
         );
     }
 
@@ -1325,6 +1488,41 @@ mod tests {
         ] {
             assert!(paths.contains(&want), "{want} missing from {paths:?}");
         }
+    }
+
+    /// Unknown keys do not stop the check at the first one: each is reported, with the bad
+    /// values, and a value of the wrong type names its key.
+    #[test]
+    fn every_unknown_key_is_reported_with_the_bad_values() {
+        let text = format!(
+            "{MINIMAL}\nextra = 2\n[server]\nbogus = 1\nthreads = 0\n[upstream]\nbase_ur = \"x\"\n[quota.prices]\nllm_per_token = 1\n"
+        );
+        let e = load_str(&text, &env).unwrap_err();
+        let paths: Vec<_> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                // Unknown keys in the order serde meets them, then the bad values.
+                "quota.prices.llm_per_token",
+                "server.bogus",
+                "tokens.extra",
+                "upstream.base_ur",
+                "server.threads"
+            ],
+            "{e}"
+        );
+        let with_key = r#"signing_keys = [{ kid = "k1", secret_env = "KEY", extra = 2 }]"#;
+        assert_eq!(
+            error_paths(&format!("[tokens]\n{with_key}\n")),
+            ["tokens.signing_keys[0].extra"]
+        );
+        let e = load_str(
+            &format!("{MINIMAL}\n[server]\nbogus = 1\nthreads = \"x\"\n"),
+            &env,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["server.bogus", "server.threads"], "{e}");
     }
 
     #[test]

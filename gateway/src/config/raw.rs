@@ -1,12 +1,13 @@
-//! The file shape of `config.toml`: serde structs that mirror the file, strict about unknown
-//! keys. Nothing here is validated beyond types; see [`super::validate`].
+//! The file shape of `config.toml`: serde structs that mirror the file. Unknown keys are not
+//! refused here (serde would stop at the first): [`super::load_str`] collects every one of
+//! them and reports them with the other errors. Nothing here is validated beyond types; see
+//! [`super::validate`].
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     #[serde(default)]
     pub server: ServerConfig,
@@ -34,7 +35,6 @@ pub struct ConfigFile {
 
 /// Request rate limits (GCRA). 0 turns a limit off.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RateLimitsConfig {
     /// Requests (and WebSocket sessions) per second per device, all routes.
     #[serde(default)]
@@ -54,9 +54,9 @@ pub struct RateLimitsConfig {
 /// Quotas: what admission holds for a request before its real usage is known, how credits
 /// (`resource_point`) are priced, and how often usage counters are persisted.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
-    /// LLM tokens held at admission for a chat / workflow call (released at settlement).
+    /// LLM tokens held at admission for a chat / workflow call (released at settlement); also
+    /// what a WebSocket chat turn whose usage never came is charged.
     #[serde(default = "d_est_tokens")]
     pub estimate_llm_tokens: u64,
     /// Audio held at admission for a voice session or an audio call, in ms.
@@ -79,10 +79,13 @@ pub struct QuotaConfig {
     /// Pull rules (and the plan QPS) from the upstream's quota APIs.
     #[serde(default)]
     pub sync: QuotaSyncConfig,
+    /// Default rules, in the shape of Coze's create request: they hold where no rule from the
+    /// admin API or the upstream covers the same scope.
+    #[serde(default)]
+    pub rules: Vec<policy::quota::CreateLimitation>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct QuotaSyncConfig {
     #[serde(default)]
     pub enabled: bool,
@@ -117,12 +120,12 @@ impl Default for QuotaConfig {
             hold_ttl: d_hold_ttl(),
             prices: PricesConfig::default(),
             sync: QuotaSyncConfig::default(),
+            rules: Vec::new(),
         }
     }
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PricesConfig {
     #[serde(default)]
     pub per_request: u64,
@@ -141,7 +144,6 @@ pub struct PricesConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `"embedded"` (one node, the redb file at `path`) or `"redis"` (a cluster sharing the
     /// Redis at `[store.redis]`).
@@ -174,7 +176,6 @@ pub enum StoreKind {
 
 /// Cluster mode: the Redis every node shares.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[user[:password]@]host:port[/db]`, or `rediss://` for TLS (system CA store).
     /// Not with `sentinel` or `cluster`.
@@ -217,7 +218,6 @@ pub struct RedisConfig {
 
 /// `[store.redis.sentinel]`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SentinelConfig {
     /// The monitored master's name (`sentinel monitor <name> …`).
     pub master_name: String,
@@ -264,7 +264,6 @@ fn d_lease_ttl() -> Duration {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Worker threads of the device listener.
     pub threads: Option<usize>,
@@ -288,7 +287,6 @@ impl Default for ServerConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     #[serde(default = "d_device_addr")]
     pub addr: String,
@@ -307,7 +305,6 @@ impl Default for ListenerConfig {
 
 /// `[device_listener.tls]`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DeviceTlsConfig {
     /// PEM certificate chain, leaf first.
     pub cert_file: String,
@@ -329,7 +326,6 @@ fn d_tls_handshake() -> Duration {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AdminListenerConfig {
     #[serde(default = "d_admin_addr")]
     pub addr: String,
@@ -356,7 +352,6 @@ pub enum UpstreamAuthMode {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     #[serde(default = "d_base_url")]
     pub base_url: String,
@@ -384,7 +379,6 @@ pub struct UpstreamConfig {
 
 /// `auth = "jwt"`: per-device OAuth tokens minted with the vendor's Coze OAuth app key.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UpstreamJwtConfig {
     /// The OAuth app id (JWT `iss`).
     pub app_id: String,
@@ -433,7 +427,6 @@ impl Default for UpstreamConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RoutesConfig {
     /// Allowed path prefixes (a trailing `/` matches everything below).
     pub allow: Option<Vec<String>>,
@@ -454,7 +447,6 @@ impl Default for RoutesConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WebSocketConfig {
     /// Ping the upstream after this long without upstream traffic (0 disables).
     #[serde(default = "d_ping", with = "humantime_serde")]
@@ -478,7 +470,6 @@ impl Default for WebSocketConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SigningKeyConfig {
     pub kid: String,
     /// Environment variable with the base64 key (as printed by `fleetgate keygen`).
@@ -488,7 +479,6 @@ pub struct SigningKeyConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TokensConfig {
     /// Lifetime of gateway access tokens when the caller asks for none.
     #[serde(default = "d_ttl", with = "humantime_serde")]
@@ -515,10 +505,17 @@ pub struct TokensConfig {
     /// Slots of the memo of verified access tokens (0: off).
     #[serde(default = "d_verify_cache_entries")]
     pub verify_cache_entries: usize,
+    /// Device assertions (`jti`s) remembered until they expire (single use).
+    #[serde(default = "d_replay_cache_entries")]
+    pub replay_cache_entries: usize,
 }
 
 fn d_verify_cache_entries() -> usize {
     65_536
+}
+
+fn d_replay_cache_entries() -> usize {
+    1 << 20
 }
 
 impl Default for TokensConfig {
@@ -532,6 +529,7 @@ impl Default for TokensConfig {
             audience_from_host: true,
             max_assertion_lifetime: d_assertion_lifetime(),
             verify_cache_entries: d_verify_cache_entries(),
+            replay_cache_entries: d_replay_cache_entries(),
             max_assertion_skew: d_skew(),
         }
     }
@@ -546,7 +544,6 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
     pub format: LogFormat,

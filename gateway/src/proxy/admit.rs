@@ -23,7 +23,7 @@ pub struct Admission {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenPermit {
     pub generation: u64,
-    pub cred: Option<std::sync::Arc<str>>,
+    pub cred: Option<crate::devices::CredentialRef>,
 }
 
 /// Clock skew tolerated on token `iat`, seconds.
@@ -99,7 +99,7 @@ pub fn verify_token(
     let status = state
         .devices
         .get(&v.device)
-        .map(|d| d.status_for(v.cred.as_deref()));
+        .map(|d| d.status_for(v.cred.as_ref()));
     token::check_device(v.generation, status).map_err(token_denial)?;
     let permit = TokenPermit {
         generation: v.generation,
@@ -114,7 +114,7 @@ pub fn still_valid(state: &GatewayState, admission: &Admission) -> bool {
     let status = state
         .devices
         .get(&admission.device)
-        .map(|d| d.status_for(admission.token.cred.as_deref()));
+        .map(|d| d.status_for(admission.token.cred.as_ref()));
     let Some(status) = status else { return false };
     status.enabled && status.generation == admission.token.generation && status.credential_present
 }

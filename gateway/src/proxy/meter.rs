@@ -7,6 +7,7 @@
 //! | `text/event-stream` | [`SseMeter`]: chat v3 / workflow usage, audio deltas |
 //! | JSON from `/v1/workflow/run`, `/v1/workflows/resume` | top-level `usage` (body copy capped at [`MAX_JSON`]) |
 //! | `audio/*` from `/v1/audio/speech` | [`SpeechResponseMeter`]: request `input` chars + returned audio duration |
+//! | JSON from `/v3/chat` (non-streaming) | none: the chat runs on after the answer (`status: in_progress`) and its usage appears only in later polls, so the hold's estimate is charged ([`Metered::estimated`]) |
 //!
 //! Non-2xx answers are not metered (the upstream rejected the request: no charge).
 
@@ -27,6 +28,8 @@ pub enum RequestMeter {
     Sse(Box<SseMeter>),
     WorkflowJson(Vec<u8>),
     Speech(Box<SpeechResponseMeter>),
+    /// A non-streaming chat v3 answer: nothing to read, the estimate is charged.
+    AsyncChat,
 }
 
 /// What a finished request consumed, and whether metering could be trusted.
@@ -37,6 +40,9 @@ pub struct Metered {
     pub missing_usage: bool,
     /// The meter could not read the answer (malformed or over a bound).
     pub error: bool,
+    /// The answer carries no usage by design (non-streaming chat v3): the hold's estimate is
+    /// the charge. Not counted as missing usage.
+    pub estimated: bool,
 }
 
 impl RequestMeter {
@@ -57,6 +63,9 @@ impl RequestMeter {
             && (path == "/v1/workflow/run" || path == "/v1/workflows/resume")
         {
             return RequestMeter::WorkflowJson(Vec::new());
+        }
+        if path == "/v3/chat" && content_type.starts_with("application/json") {
+            return RequestMeter::AsyncChat;
         }
         if path == "/v1/audio/speech" && content_type.starts_with("audio/") {
             return match SpeechRequest::parse(speech_request) {
@@ -85,6 +94,7 @@ impl RequestMeter {
                 }
             }
             RequestMeter::Speech(m) => m.feed(chunk),
+            RequestMeter::AsyncChat => {}
         }
     }
 
@@ -98,13 +108,14 @@ impl RequestMeter {
                     usage,
                     missing_usage: usage.usage_events == 0,
                     error,
+                    estimated: false,
                 }
             }
             RequestMeter::WorkflowJson(buf) => match workflow_run_usage(&buf) {
                 Ok(usage) => Metered {
                     usage,
                     missing_usage: usage.usage_events == 0,
-                    error: false,
+                    ..Metered::default()
                 },
                 Err(_) => Metered {
                     error: true,
@@ -114,6 +125,10 @@ impl RequestMeter {
             },
             RequestMeter::Speech(m) => Metered {
                 usage: m.finish(),
+                ..Metered::default()
+            },
+            RequestMeter::AsyncChat => Metered {
+                estimated: true,
                 ..Metered::default()
             },
         }
@@ -146,9 +161,21 @@ mod tests {
             RequestMeter::None
         ));
         assert!(matches!(
-            RequestMeter::for_answer("/v3/chat", 200, "application/json", b""),
+            RequestMeter::for_answer("/v3/chat", 400, "application/json", b""),
             RequestMeter::None
         ));
+    }
+
+    /// A non-streaming chat's answer has no usage (the chat has not run yet): the estimate is
+    /// charged, and it is not reported as missing usage.
+    #[test]
+    fn non_streaming_chat_is_charged_the_estimate() {
+        let m = RequestMeter::for_answer("/v3/chat", 200, "application/json", b"");
+        let out = m.finish();
+        assert!(out.estimated && !out.missing_usage && !out.error);
+        let other =
+            RequestMeter::for_answer("/v1/conversation/create", 200, "application/json", b"");
+        assert!(!other.finish().estimated);
     }
 
     #[test]

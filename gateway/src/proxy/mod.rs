@@ -274,7 +274,11 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let denial = respond::denial_for_error(e);
+        // Once the answer has started (an SSE stream cut by a timeout or an upstream reset),
+        // nothing more may be written into it: the connection is closed without the final
+        // chunk, which clients see as a broken stream, never as a JSON body inside the events.
+        let started = session.response_written().is_some();
+        let denial = respond::denial_for_error(e).filter(|_| !started);
         let code = match denial {
             Some(d) => {
                 ctx.denied = Some(d.reason);

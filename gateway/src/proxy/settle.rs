@@ -38,8 +38,9 @@ fn settle_quota(
         let outcome = if !(200..300).contains(&status) {
             // The upstream refused (or nothing was answered): no charge.
             crate::quota::Outcome::Refund
-        } else if e.is_some() || metered.missing_usage {
-            // Cut short (device gone mid-stream) or no usage report: charge the hold.
+        } else if e.is_some() || metered.missing_usage || metered.estimated {
+            // Cut short (device gone mid-stream), no usage report, or an answer that never
+            // carries one (non-streaming chat): charge the hold.
             crate::quota::Outcome::Estimate(measured)
         } else {
             crate::quota::Outcome::Consumed(measured)

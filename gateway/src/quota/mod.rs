@@ -8,10 +8,14 @@
 //! - **Settlement** ([`Quotas::settle`]): the real consumption replaces the hold; idempotent
 //!   per request id (the gateway's log id). Upstream refusals (non-2xx, no answer) are
 //!   refunded; a stream that ended without a usage report, or a device that disconnected
-//!   mid-stream, is charged the estimate (never silently free).
+//!   mid-stream, is charged the estimate (never silently free). A WebSocket session is
+//!   charged what it metered plus the chat estimate (`estimate_llm_tokens`) for every chat
+//!   turn that ended, or was cut, without a usage event ([`Outcome::UnreportedTurns`]).
 //! - **Long sessions** ([`Quotas::progress`]): WebSocket sessions report what they consumed
-//!   so far; when the session itself exhausts a rule, the relay sends an `error` event (4028)
-//!   and closes both sides.
+//!   so far: when it changed, at least every third of `hold_ttl`, and every second while the
+//!   device has a rule that charges session time ([`Quotas::meters_session_time`]; an idle
+//!   `/v1/chat` session uses those up); when the session itself exhausts a rule, the relay
+//!   sends an `error` event (4028) and closes both sides.
 //! - **Persistence**: [`Quotas::persist`] writes changed usage counters to the embedded store
 //!   every `quota.persist_interval` (100 ms by default): that is the most settled usage a
 //!   crash can lose. Open holds are not persisted (a crash forgets in-flight requests).
@@ -38,8 +42,41 @@ use policy::quota::{
 use policy::route::RouteClass;
 
 use crate::config::QuotaSettings;
+
 use crate::locks::lock;
 use crate::store::{RULES, SYNCED_RULES, Store, StoreError, USAGE};
+
+/// Benefit ids of the `[[quota.rules]]` defaults: `config-0`, `config-1`, … in file order.
+pub const DEFAULT_RULE_PREFIX: &str = "config-";
+
+fn is_default(r: &Rule) -> bool {
+    r.benefit_id.starts_with(DEFAULT_RULE_PREFIX)
+}
+
+/// Whether `a` and `b` limit the same thing for the same devices (kind aside).
+fn same_scope(a: &Rule, b: &Rule) -> bool {
+    a.entity_type == b.entity_type && a.entity_id == b.entity_id && a.benefit_type == b.benefit_type
+}
+
+/// `rules` (without any defaults they hold) plus each default that no rule in effect from the
+/// admin API or the upstream replaces: one of the same scope and kind that is not cancelled.
+/// Defaults are never stored; a change of the file applies at the next start.
+fn with_defaults(rules: impl IntoIterator<Item = Rule>, defaults: &[Rule]) -> Vec<Rule> {
+    let mut out: Vec<Rule> = rules.into_iter().filter(|r| !is_default(r)).collect();
+    let mut keep = Vec::new();
+    for d in defaults {
+        let replaced = out.iter().any(|r| {
+            same_scope(r, d)
+                && r.kind() == d.kind()
+                && r.status != policy::quota::RuleStatus::Cancel
+        });
+        if !replaced {
+            keep.push(d.clone());
+        }
+    }
+    out.extend(keep);
+    out
+}
 
 /// How a request ended, for settlement.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +88,10 @@ pub enum Outcome {
     Estimate(Consumption),
     /// The upstream refused or never answered: no charge.
     Refund,
+    /// A WebSocket session in which `turns` chat turns ended, or were cut, without a usage
+    /// event: what was metered plus, for each such turn, the estimate a chat stream without
+    /// usage is charged (`estimate_llm_tokens` output tokens).
+    UnreportedTurns { measured: Consumption, turns: u64 },
 }
 
 /// State of the upstream rule sync, for `/readyz` and metrics.
@@ -77,6 +118,9 @@ pub struct Quotas {
     leasing: std::sync::OnceLock<leased::Leasing>,
     /// `fleetgate_quota_rules{source="local"}`, set on every swap of the rule set.
     local_rules_gauge: prometheus::IntGauge,
+    /// The registry's session re-check epoch, bumped when the rule set changes: a rule that
+    /// charges session time must reach idle sessions at once (`DeviceRegistry::session_checks`).
+    session_checks: tokio::sync::watch::Sender<u64>,
 }
 
 /// Why a rule change was refused.
@@ -86,6 +130,10 @@ pub enum RuleChangeError {
     Invalid(RuleErrors),
     #[error("benefit {0} not found")]
     NotFound(String),
+    #[error(
+        "benefit {0} is a default from config.toml ([[quota.rules]]): change it there, or create a rule of the same scope to replace it"
+    )]
+    Default(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -94,19 +142,21 @@ pub enum RuleChangeError {
 
 impl Quotas {
     /// Loads rules and usage counters from the store. `local_rules_gauge` follows the number
-    /// of rules in effect that did not come from the upstream.
+    /// of rules in effect that did not come from the upstream; `session_checks` is bumped
+    /// whenever the rules change (open sessions re-check themselves).
     pub fn load(
         store: &Store,
         settings: &QuotaSettings,
         local_rules_gauge: prometheus::IntGauge,
+        session_checks: tokio::sync::watch::Sender<u64>,
     ) -> Result<Quotas, String> {
         let mut rules: Vec<Rule> = store.load_all(RULES).map_err(|e| e.to_string())?;
         let synced: Vec<Rule> = store.load_all(SYNCED_RULES).map_err(|e| e.to_string())?;
         let synced_ids: std::collections::HashSet<String> =
             synced.iter().map(|r| r.benefit_id.clone()).collect();
         rules.extend(synced);
-        let set =
-            RuleSet::new(rules).map_err(|e| format!("stored quota rules are inconsistent: {e}"))?;
+        let set = RuleSet::new(with_defaults(rules, &settings.default_rules))
+            .map_err(|e| format!("stored quota rules are inconsistent: {e}"))?;
         let policy = LedgerPolicy {
             prices: settings.prices,
             reservation_ttl_s: settings.hold_ttl.as_secs().max(1),
@@ -130,6 +180,7 @@ impl Quotas {
             settings: settings.clone(),
             leasing: std::sync::OnceLock::new(),
             local_rules_gauge,
+            session_checks,
         };
         quotas.publish_local_count();
         Ok(quotas)
@@ -155,6 +206,20 @@ impl Quotas {
     fn swap_rules(&self, next: RuleSet) {
         crate::locks::replace(&self.rules, Arc::new(next));
         self.publish_local_count();
+        self.rules_changed();
+    }
+
+    /// Tells open sessions that the rule set changed.
+    fn rules_changed(&self) {
+        self.session_checks.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// Whether `device` has a rule, in effect now or later, that charges voice-session wall
+    /// time (`voice_session_ms`, `voice_unified_duration_*`, or `resource_point` with a
+    /// session-time price): its `/v1/chat` sessions use quota up while idle.
+    pub fn meters_session_time(&self, device: &DeviceId, now_s: u64) -> bool {
+        self.rules()
+            .meters_session_time(device, now_s, &self.settings.prices)
     }
 
     /// What admission holds for a request of this route class.
@@ -188,6 +253,15 @@ impl Quotas {
             requests: 1,
             voice_session_ms,
         }
+    }
+
+    /// `measured` plus the chat estimate (`estimate_llm_tokens` output tokens) for each of
+    /// `turns` chat turns whose usage was never reported.
+    pub fn with_turn_estimates(&self, measured: Consumption, turns: u64) -> Consumption {
+        let mut c = measured;
+        let estimated = turns.saturating_mul(self.settings.estimate_llm_tokens);
+        c.usage.llm_output_tokens = c.usage.llm_output_tokens.saturating_add(estimated);
+        c
     }
 
     /// Admission: holds the estimate, or says why not.
@@ -247,6 +321,11 @@ impl Quotas {
                 let rules = self.rules();
                 let est = self.estimate(class);
                 let charge = max_consumption(&est, &measured);
+                ledger.charge(request_id, device, &charge, &rules, now_s);
+            }
+            Outcome::UnreportedTurns { measured, turns } => {
+                let rules = self.rules();
+                let charge = self.with_turn_estimates(measured, turns);
                 ledger.charge(request_id, device, &charge, &rules, now_s);
             }
         }
@@ -313,12 +392,26 @@ impl Quotas {
         let old = current
             .get(benefit_id)
             .ok_or_else(|| RuleChangeError::NotFound(benefit_id.to_owned()))?;
+        if is_default(old) {
+            return Err(RuleChangeError::Default(benefit_id.to_owned()));
+        }
         old.updated(req).map_err(RuleChangeError::Invalid)
+    }
+
+    /// A device was deleted: its counters and open holds go (the store's usage rows go with
+    /// the device record, `Store::delete_device`).
+    pub fn forget_device(&self, device: &DeviceId) {
+        lock(&self.ledger).forget_device(device);
     }
 
     /// Benefit ids of the rules that came from the upstream.
     fn synced_ids(&self) -> std::collections::HashSet<String> {
         crate::locks::snapshot(&self.synced_ids)
+    }
+
+    /// Whether `benefit_id` is a rule created here (not synced from the upstream).
+    pub fn is_local_rule(&self, benefit_id: &str) -> bool {
+        self.rules().get(benefit_id).is_some() && !self.synced_ids().contains(benefit_id)
     }
 
     /// Replaces the rules that came from the upstream by `synced`, atomically: validated with
@@ -334,13 +427,16 @@ impl Quotas {
             .collect();
         let ids: std::collections::HashSet<String> =
             synced.iter().map(|r| r.benefit_id.clone()).collect();
+        // Most rounds bring the same rules: open sessions need no wake-up then.
+        let unchanged =
+            ids == previous && synced.iter().all(|r| current.get(&r.benefit_id) == Some(r));
         let n = synced.len();
         let rows: Vec<(String, Rule)> = synced
             .iter()
             .map(|r| (r.benefit_id.clone(), r.clone()))
             .collect();
         all.extend(synced);
-        let next = RuleSet::new(all)
+        let next = RuleSet::new(with_defaults(all, &self.settings.default_rules))
             .map_err(|e| format!("synced rules conflict with local rules: {e}"))?;
         store
             .replace_all(SYNCED_RULES, &rows)
@@ -348,6 +444,9 @@ impl Quotas {
         crate::locks::replace(&self.rules, Arc::new(next));
         crate::locks::replace(&self.synced_ids, ids);
         self.publish_local_count();
+        if !unchanged {
+            self.rules_changed();
+        }
         Ok(n)
     }
 
@@ -361,16 +460,27 @@ impl Quotas {
             .cloned()
             .collect();
         all.extend(local);
-        let next = RuleSet::new(all).map_err(|e| e.to_string())?;
+        let next = RuleSet::new(with_defaults(all, &self.settings.default_rules))
+            .map_err(|e| e.to_string())?;
         self.swap_rules(next);
         Ok(())
     }
 
     /// The current set with `rule` added (or replacing the rule with its id), validated
-    /// ([`RuleSet::with`]: copies a shard of the set, not every rule).
+    /// ([`RuleSet::with`]: copies a shard of the set, not every rule). A rule of the same
+    /// scope as a `[[quota.rules]]` default rebuilds the set instead: it may replace the
+    /// default, or (cancelled, or of another kind now) bring it back.
     fn set_with(&self, rule: &Rule) -> Result<RuleSet, RuleChangeError> {
-        self.rules()
-            .with(rule.clone())
+        let defaults = &self.settings.default_rules;
+        let current = self.rules();
+        if !defaults.iter().any(|d| same_scope(d, rule)) {
+            return current.with(rule.clone()).map_err(RuleChangeError::Invalid);
+        }
+        let others = current
+            .iter()
+            .filter(|r| r.benefit_id != rule.benefit_id)
+            .cloned();
+        RuleSet::new(with_defaults(others.chain([rule.clone()]), defaults))
             .map_err(RuleChangeError::Invalid)
     }
 

@@ -8,7 +8,13 @@
 //! - when the upstream has been silent for `websocket.ping_interval`, it gets a masked ping
 //!   (keeps NATs and upstream idle timers from cutting long voice sessions).
 //!
-//! Nothing cuts a session for being idle: device reads have no timeout.
+//! Once the gateway has sent its own close frame to a side, nothing more is relayed to that
+//! side (RFC 6455 §5.5.1), not even the other side's close: the device's later bytes are
+//! dropped, the upstream's are metered (the platform bills them) and dropped.
+//!
+//! Nothing cuts a session for being idle: device reads have no timeout. (A quota rule on
+//! session time still runs out while a `/v1/chat` session idles: such sessions report to
+//! the ledger every second and are cut with `error` 4028 when it does.)
 //!
 //! `permessage-deflate`: `Sec-WebSocket-Extensions` is removed from the upstream handshake, so
 //! no extension is ever negotiated and frame payloads are the application's bytes (exact
@@ -39,6 +45,9 @@ pub use upstream::{UpstreamIo, tls_client_config};
 
 /// How long a closing side may take to answer a close before the connection is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How often a `/v1/chat` session reports to the ledger, idle or not, while its device has a
+/// rule that charges session time (DESIGN §6: overshoot ≤ 1 s for audio and time).
+const SESSION_TIME_REPORT: Duration = Duration::from_secs(1);
 /// Reason sent with `1001` on drain: clients should reconnect (to another node).
 pub const DRAIN_REASON: &str = "gateway shutting down; reconnect";
 
@@ -120,6 +129,18 @@ impl WsRelay {
     /// How often an open session refreshes its quota hold at the latest.
     fn hold_refresh(&self) -> std::time::Duration {
         self.state.config.quota.hold_ttl / 3
+    }
+
+    /// Drops the session's quota hold: the upstream refused or never answered, nothing was
+    /// served.
+    fn refund(&self, logid: &str, admission: &admit::Admission) {
+        self.state.quotas.settle(
+            logid,
+            &admission.device,
+            admission.route.class,
+            crate::quota::Outcome::Refund,
+            now_ms() / 1000,
+        );
     }
 
     async fn refuse(&self, device: &mut Stream, denial: &Denial, logid: &str) {
@@ -209,13 +230,7 @@ impl WsRelay {
             // part of the per-session memory budget (`session_future_stays_small`).
             Ok(a) => Box::new(a),
             Err(e) => {
-                self.state.quotas.settle(
-                    &logid,
-                    &admission.device,
-                    class,
-                    crate::quota::Outcome::Refund,
-                    now_ms() / 1000,
-                );
+                self.refund(&logid, &admission);
                 tracing::warn!(request_id = %logid, device_id = %admission.device, error = %e, "No upstream credential.");
                 let d = Denial::new(DenyReason::UpstreamUnavailable, "upstream unavailable");
                 return self.refuse(&mut device, &d, &logid).await;
@@ -240,13 +255,7 @@ impl WsRelay {
         let mut up = match conn {
             Ok(Ok(up)) => up,
             Ok(Err(e)) => {
-                self.state.quotas.settle(
-                    &logid,
-                    &admission.device,
-                    class,
-                    crate::quota::Outcome::Refund,
-                    now_ms() / 1000,
-                );
+                self.refund(&logid, &admission);
                 tracing::warn!(request_id = %logid, error = %e, "Upstream WebSocket handshake failed.");
                 self.state
                     .metrics
@@ -257,6 +266,9 @@ impl WsRelay {
                 return self.refuse(&mut device, &d, &logid).await;
             }
             Err(_) => {
+                // Nothing was served: no charge, like every other upstream failure.
+                self.refund(&logid, &admission);
+                tracing::warn!(request_id = %logid, timeout = ?cfg.ws.handshake_timeout, "Upstream WebSocket handshake timed out.");
                 self.state
                     .metrics
                     .upstream_errors
@@ -274,13 +286,7 @@ impl WsRelay {
         let status = up.status;
         let route = admission.route.class.as_str();
         if status != 101 {
-            self.state.quotas.settle(
-                &logid,
-                &admission.device,
-                class,
-                crate::quota::Outcome::Refund,
-                now_ms() / 1000,
-            );
+            self.refund(&logid, &admission);
             // Relay the error body (bounded) and finish.
             if let Err(e) =
                 relay_error_body(&mut up.io, &mut device, up.rest, up.content_length).await
@@ -337,7 +343,10 @@ impl WsRelay {
         m.duration
             .with_label_values(&[route, "websocket"])
             .observe(started.elapsed().as_secs_f64());
-        let session_ms = started.elapsed().as_millis() as u64;
+        // Session time ends when the gateway starts closing the session itself (quota cut,
+        // drain, revocation): the close handshake after that (≤ CLOSE_WAIT) is not service.
+        let session_end = counters.closing_since.unwrap_or_else(Instant::now);
+        let session_ms = session_end.saturating_duration_since(started).as_millis() as u64;
         let voice_session_ms = if path == "/v1/chat" { session_ms } else { 0 };
         let usage = counters.meter.usage();
         crate::metrics::record_usage(m, &usage, voice_session_ms);
@@ -354,13 +363,24 @@ impl WsRelay {
             requests: 1,
             voice_session_ms,
         };
-        self.state.quotas.settle(
-            &logid,
-            &admission.device,
-            class,
-            crate::quota::Outcome::Consumed(consumed),
-            now_ms() / 1000,
-        );
+        // Chat turns whose usage never came (no usage event, or cut: device gone, quota,
+        // drain, upstream lost) are charged the chat estimate each, never nothing, and
+        // counted like SSE streams without usage.
+        let unreported_turns = counters.meter.unreported_turns();
+        let outcome = if unreported_turns > 0 {
+            m.usage_missing
+                .with_label_values(&["websocket"])
+                .inc_by(unreported_turns);
+            crate::quota::Outcome::UnreportedTurns {
+                measured: consumed,
+                turns: unreported_turns,
+            }
+        } else {
+            crate::quota::Outcome::Consumed(consumed)
+        };
+        self.state
+            .quotas
+            .settle(&logid, &admission.device, class, outcome, now_ms() / 1000);
         if counters.meter_failed {
             m.metering_errors.with_label_values(&["websocket"]).inc();
         }
@@ -384,33 +404,39 @@ impl WsRelay {
                 audio_out_ms = usage.audio_out_ms,
                 tts_chars = usage.tts_chars,
                 voice_session_ms,
+                unreported_turns,
             );
         }
     }
 
-    /// Reports the session's consumption to the ledger when it changed, and at least every
-    /// third of `quota.hold_ttl` (so the hold of an idle session is never swept); true once
-    /// the session itself has exhausted a rule (the relay then sends `error` 4028 and closes
-    /// both sides).
+    /// Whether this `/v1/chat` session's wall time counts against a rule of its device now
+    /// or later (then it is reported every second, idle or not).
+    fn session_time_limited(&self, device: &policy::ids::DeviceId) -> bool {
+        self.state
+            .quotas
+            .meters_session_time(device, now_ms() / 1000)
+    }
+
+    /// Reports the session's consumption to the ledger when it changed, at least every third
+    /// of `quota.hold_ttl` (so the hold of an idle session is never swept), and every second
+    /// while a rule charges the session's wall time; true once the session itself has
+    /// exhausted a rule (the relay then sends `error` 4028 and closes both sides).
     async fn quota_exhausted(
         &self,
         logid: &str,
         device: &policy::ids::DeviceId,
         counters: &Counters,
         last: &mut Reported,
-        voice: bool,
-        started: Instant,
     ) -> bool {
         let usage = counters.meter.usage();
-        if usage == last.usage && last.at.elapsed() < self.hold_refresh() {
+        let now = tokio::time::Instant::now();
+        if usage == last.usage && now < last.at + last.every(self.hold_refresh()) {
             return false;
         }
-        *last = Reported {
-            usage,
-            at: tokio::time::Instant::now(),
-        };
-        let voice_session_ms = if voice {
-            started.elapsed().as_millis() as u64
+        last.usage = usage;
+        last.at = now;
+        let voice_session_ms = if last.voice {
+            last.started.elapsed().as_millis() as u64
         } else {
             0
         };
@@ -446,6 +472,9 @@ impl WsRelay {
         let mut last_checked = Reported {
             usage: policy::metering::Usage::default(),
             at: tokio::time::Instant::now(),
+            voice,
+            started,
+            timed: voice && self.session_time_limited(&admission.device),
         };
         let cfg = &self.state.config.ws;
         let mut upc = FrameCursor::default();
@@ -466,7 +495,7 @@ impl WsRelay {
         }
         drop((early_up, early_down));
         let mut phase = self.state.watch_phase();
-        let mut revocations = self.state.devices.watch_revocations();
+        let mut checks = self.state.devices.watch_session_checks();
         let mut closing = (*phase.borrow() == Phase::Draining).then_some(Closing::Drain);
         if !admit::still_valid(&self.state, admission) {
             closing = Some(Closing::Revoked);
@@ -479,16 +508,17 @@ impl WsRelay {
         let mut last_up_rx = tokio::time::Instant::now();
         // Boxed: the session future stays small (see `session_future_stays_small`).
         let mut refresh = Box::pin(tokio::time::sleep_until(
-            last_checked.at + self.hold_refresh(),
+            last_checked.at + last_checked.every(self.hold_refresh()),
         ));
         loop {
-            let refresh_at = last_checked.at + self.hold_refresh();
+            let refresh_at = last_checked.at + last_checked.every(self.hold_refresh());
             if refresh.deadline() != refresh_at {
                 refresh.as_mut().reset(refresh_at);
             }
             // Inject closing frames, only where the protocol allows: an `error` event between
             // messages, close frames between frames.
             if let Some(c) = closing {
+                counters.closing_since.get_or_insert_with(Instant::now);
                 if let Some((code, msg)) = c.error_event()
                     && !sent_error
                     && !downc.saw_close
@@ -533,7 +563,7 @@ impl WsRelay {
                     }
                     upc.feed(&chunk);
                     counters.uplink(&chunk);
-                    if closing.is_none() && self.quota_exhausted(logid, &admission.device, counters, &mut last_checked, voice, started).await {
+                    if closing.is_none() && self.quota_exhausted(logid, &admission.device, counters, &mut last_checked).await {
                         closing = Some(Closing::QuotaExhausted);
                     }
                     if up.write_all(&chunk).await.is_err() || up.flush().await.is_err() {
@@ -555,9 +585,17 @@ impl WsRelay {
                         return closing.map_or(EndedBy::Upstream, Closing::ended_by);
                     } };
                     last_up_rx = tokio::time::Instant::now();
+                    if sent_close_down {
+                        // The gateway closed the device's side (drain, revocation, quota):
+                        // nothing more may follow its close frame (RFC 6455 §5.5.1), not even
+                        // the upstream's close. What the upstream still sends is metered (it
+                        // was produced and is billed) but dropped.
+                        counters.meter_downlink(&chunk);
+                        continue;
+                    }
                     downc.feed(&chunk);
                     counters.downlink(&chunk);
-                    if closing.is_none() && self.quota_exhausted(logid, &admission.device, counters, &mut last_checked, voice, started).await {
+                    if closing.is_none() && self.quota_exhausted(logid, &admission.device, counters, &mut last_checked).await {
                         closing = Some(Closing::QuotaExhausted);
                     }
                     if device.write_all(&chunk).await.is_err() || device.flush().await.is_err() {
@@ -570,9 +608,13 @@ impl WsRelay {
                         closing = Some(Closing::Drain);
                     }
                 }
-                _ = revocations.changed(), if closing.is_none() => {
+                _ = checks.changed(), if closing.is_none() => {
+                    // A revocation, or a quota rule change (a rule that charges session time
+                    // must reach idle sessions at once).
                     if !admit::still_valid(&self.state, admission) {
                         closing = Some(Closing::Revoked);
+                    } else if voice {
+                        last_checked.timed = self.session_time_limited(&admission.device);
                     }
                 }
                 _ = sleep_until_opt(ping_at), if ping_at.is_some() && closing.is_none() => {
@@ -586,7 +628,10 @@ impl WsRelay {
                     }
                 }
                 _ = refresh.as_mut(), if closing.is_none() => {
-                    if self.quota_exhausted(logid, &admission.device, counters, &mut last_checked, voice, started).await {
+                    if voice {
+                        last_checked.timed = self.session_time_limited(&admission.device);
+                    }
+                    if self.quota_exhausted(logid, &admission.device, counters, &mut last_checked).await {
                         closing = Some(Closing::QuotaExhausted);
                     }
                 }
@@ -688,6 +733,8 @@ struct Counters {
     meter: policy::metering::WsSessionMeter,
     /// The meter hit a protocol error; usage after that point is not counted.
     meter_failed: bool,
+    /// When the gateway started closing the session itself, if it did.
+    closing_since: Option<Instant>,
 }
 
 impl Counters {
@@ -700,6 +747,11 @@ impl Counters {
 
     fn downlink(&mut self, chunk: &[u8]) {
         self.down += chunk.len() as u64;
+        self.meter_downlink(chunk);
+    }
+
+    /// Meters upstream bytes that are not relayed (they arrived after the gateway's close).
+    fn meter_downlink(&mut self, chunk: &[u8]) {
         if !self.meter_failed && self.meter.feed_downlink(chunk).is_err() {
             self.meter_failed = true;
         }
@@ -713,10 +765,27 @@ async fn close<W: AsyncWrite + Unpin + ?Sized>(w: &mut W) {
     }
 }
 
-/// The last consumption a session reported to the ledger, and when.
+/// The last consumption a session reported to the ledger, and when; what the next report
+/// needs.
 struct Reported {
     usage: policy::metering::Usage,
     at: tokio::time::Instant,
+    /// A `/v1/chat` session: its wall time since `started` is `voice_session_ms`.
+    voice: bool,
+    started: Instant,
+    /// The device has a rule that charges session time: report every second, idle or not.
+    timed: bool,
+}
+
+impl Reported {
+    /// The longest time between two reports.
+    fn every(&self, hold_refresh: Duration) -> Duration {
+        if self.timed {
+            SESSION_TIME_REPORT.min(hold_refresh)
+        } else {
+            hold_refresh
+        }
+    }
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {

@@ -243,6 +243,33 @@ enum Parsed {
     EcP256 { point: Vec<u8> },
 }
 
+/// SPKI header for a P-256 key: SEQUENCE { SEQUENCE { ecPublicKey, prime256v1 }, BIT STRING
+/// (66 bytes: 0 unused bits + 65-byte point) }.
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// Wraps a DER blob as PEM with 64-column lines.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// The SPKI PEM (`-----BEGIN PUBLIC KEY-----`, what [`DevicePublicKey::parse`] takes for
+/// `ES256`) of an uncompressed P-256 point, as ring's `EcdsaKeyPair::public_key` gives it.
+pub fn p256_spki_pem(point: &[u8; 65]) -> String {
+    let mut der = P256_SPKI_PREFIX.to_vec();
+    der.extend_from_slice(point);
+    pem_encode("PUBLIC KEY", &der)
+}
+
 /// Decodes exactly one PEM block (surrounding whitespace allowed).
 fn decode_pem(pem: &str) -> Result<(PemLabel, Vec<u8>), CredentialError> {
     if pem.len() > MAX_PEM_LEN {
@@ -424,31 +451,9 @@ pub(crate) mod tests {
     pub(crate) const P256_SPKI: &str = include_str!("../../tests/keys/p256_public_spki.pem");
     const P384_SPKI: &str = include_str!("../../tests/keys/p384_public_spki.pem");
 
-    /// SPKI header for a P-256 key: SEQUENCE { SEQUENCE { ecPublicKey, prime256v1 }, BIT STRING
-    /// (66 bytes: 0 unused bits + 65-byte point) }.
-    const P256_SPKI_PREFIX: [u8; 26] = [
-        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-    ];
-
-    /// Wraps a DER blob as PEM with 64-column lines.
-    pub(crate) fn pem(label: &str, der: &[u8]) -> String {
-        let b64 = STANDARD.encode(der);
-        let mut out = format!("-----BEGIN {label}-----\n");
-        for chunk in b64.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(chunk).unwrap());
-            out.push('\n');
-        }
-        out.push_str(&format!("-----END {label}-----\n"));
-        out
-    }
-
-    /// SPKI PEM for a raw uncompressed P-256 point (as ring's `EcdsaKeyPair::public_key`).
+    /// [`super::p256_spki_pem`] of a raw point (panics unless it is 65 bytes).
     pub(crate) fn p256_spki_pem(point: &[u8]) -> String {
-        assert_eq!(point.len(), 65);
-        let mut der = P256_SPKI_PREFIX.to_vec();
-        der.extend_from_slice(point);
-        pem("PUBLIC KEY", &der)
+        super::p256_spki_pem(point.try_into().unwrap())
     }
 
     #[test]
@@ -511,13 +516,13 @@ pub(crate) mod tests {
             DevicePublicKey::parse("k", KeyAlgorithm::Es256, P384_SPKI),
             Err(CredentialError::UnsupportedCurve)
         );
-        let private = pem("PRIVATE KEY", b"whatever");
+        let private = pem_encode("PRIVATE KEY", b"whatever");
         assert_eq!(
             DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &private),
             Err(CredentialError::PrivateKey)
         );
         assert_eq!(
-            DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem("CERTIFICATE", b"x")),
+            DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem_encode("CERTIFICATE", b"x")),
             Err(CredentialError::UnsupportedPemType)
         );
     }
@@ -563,15 +568,19 @@ pub(crate) mod tests {
         let (_, der) = decode_pem(RSA_SPKI).unwrap();
         for cut in 0..der.len() {
             assert!(
-                DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem("PUBLIC KEY", &der[..cut]))
-                    .is_err()
+                DevicePublicKey::parse(
+                    "k",
+                    KeyAlgorithm::Rs256,
+                    &pem_encode("PUBLIC KEY", &der[..cut])
+                )
+                .is_err()
             );
         }
         // Trailing garbage after the SPKI.
         let mut long = der.clone();
         long.push(0);
         assert_eq!(
-            DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem("PUBLIC KEY", &long)),
+            DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem_encode("PUBLIC KEY", &long)),
             Err(CredentialError::BadDer)
         );
         // Compressed EC point.
@@ -579,7 +588,11 @@ pub(crate) mod tests {
         let mut compressed = ec.clone();
         compressed[26] = 0x02;
         assert_eq!(
-            DevicePublicKey::parse("k", KeyAlgorithm::Es256, &pem("PUBLIC KEY", &compressed)),
+            DevicePublicKey::parse(
+                "k",
+                KeyAlgorithm::Es256,
+                &pem_encode("PUBLIC KEY", &compressed)
+            ),
             Err(CredentialError::EcPoint)
         );
     }
@@ -587,9 +600,9 @@ pub(crate) mod tests {
     proptest::proptest! {
         #[test]
         fn random_der_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
-            let _ = DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem("PUBLIC KEY", &bytes));
-            let _ = DevicePublicKey::parse("k", KeyAlgorithm::Es256, &pem("PUBLIC KEY", &bytes));
-            let _ = DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem("RSA PUBLIC KEY", &bytes));
+            let _ = DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem_encode("PUBLIC KEY", &bytes));
+            let _ = DevicePublicKey::parse("k", KeyAlgorithm::Es256, &pem_encode("PUBLIC KEY", &bytes));
+            let _ = DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem_encode("RSA PUBLIC KEY", &bytes));
         }
 
         #[test]
@@ -597,7 +610,7 @@ pub(crate) mod tests {
             let (_, mut der) = decode_pem(RSA_SPKI).unwrap();
             let i = pos % der.len();
             der[i] = val;
-            let _ = DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem("PUBLIC KEY", &der));
+            let _ = DevicePublicKey::parse("k", KeyAlgorithm::Rs256, &pem_encode("PUBLIC KEY", &der));
         }
     }
 }

@@ -20,7 +20,7 @@
 //! let (secret, hash) = DeviceSecret::generate(rand32, rand16);         // show secret.expose() once,
 //!                                                                       // store hash (serde)
 //! // token endpoint, jwt-bearer grant
-//! limiter.lock().check(&claimed_key, now_ms)?;       // RetryAfter → 429 + Retry-After, before any RSA
+//! limiter.lock().check(&(claimed_id, addr), now_ms)?; // RetryAfter → 429 + Retry-After, before any RSA
 //! let a = verify_assertion(bearer, |dev, kid| registry.key(dev, kid), &policy, now_s)
 //!     .map_err(|e| oauth_error(e.oauth_code(), e.to_string()))?;       // 401
 //! registry.status(&a.device_id) enabled?  (credential `a.kid` still present?)
@@ -29,14 +29,16 @@
 //! mint token::Claims { sub: a.device_id, cred: Some(a.kid), .. }; persist a.session_name
 //!
 //! // token endpoint, client_credentials grant
-//! limiter.lock().check(&client_id, now_ms)?;
+//! limiter.lock().check(&(client_id, addr), now_ms)?;
 //! let ok = registry.secret_hash(&client_id).is_some_and(|h| h.verify(client_secret));
 //! ```
 //! Notes for the glue:
 //! - The rate-limit key for the token endpoint is not authenticated yet (the claimed `iss`
-//!   or `client_id`, or the peer address). Keying by claimed device lets anyone spend a
-//!   device's token budget; keying by address punishes NATed fleets. Either way the limiter
-//!   also keeps the replay cache from being filled by one device.
+//!   or `client_id`, or the peer address). Keying by claimed device alone lets anyone spend a
+//!   device's token budget (and keep it locked out); keying by address alone punishes NATed
+//!   fleets. The gateway keys by both (the parsed device id and the address), beside a looser
+//!   per-address limit. The limiter also keeps the replay cache from being filled by one
+//!   device.
 //! - For an unknown `client_id`, verify against a fixed dummy [`SecretHash`] so response time
 //!   does not reveal which device ids exist.
 //! - Error messages ([`AssertionError`], [`Replay`]) are safe to send to devices: they never
@@ -56,7 +58,9 @@ pub use jwt::{
     AssertionError, AssertionPolicy, DEFAULT_MAX_LIFETIME_S, DEFAULT_MAX_SKEW_S, MAX_ASSERTION_LEN,
     MAX_JTI_LEN, MAX_SESSION_NAME_LEN, VerifiedAssertion, verify_assertion,
 };
-pub use key::{CredentialError, DevicePublicKey, KeyAlgorithm, KeyKind, MAX_KID_LEN};
+pub use key::{
+    CredentialError, DevicePublicKey, KeyAlgorithm, KeyKind, MAX_KID_LEN, p256_spki_pem, pem_encode,
+};
 pub use ratelimit::{RateLimiter, RetryAfter};
 pub use replay::{Replay, ReplayCache};
 pub use secret::{

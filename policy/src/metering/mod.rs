@@ -43,8 +43,8 @@
 //!
 //! Request counts and wall-clock session time (`voice_session_ms`) need a clock and belong to the
 //! gateway. Non-streaming `POST /v3/chat` carries no usage (it returns `status: in_progress`
-//! immediately; usage appears only in a later `/v3/chat/retrieve`), so the gateway must meter it
-//! from the retrieve response with [`rest::chat_retrieve_usage`] or charge an estimate.
+//! immediately; usage appears only in a later `/v3/chat/retrieve`), so the gateway charges the
+//! admission estimate for it ([`rest::chat_retrieve_usage`] reads a retrieve answer's usage).
 
 mod frame;
 mod json_scan;

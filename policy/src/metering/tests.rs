@@ -472,6 +472,141 @@ fn ws_downlink_events_on_uplink_are_not_counted() {
     assert!(m.usage().is_zero());
 }
 
+/// Downlink events of one `/v1/chat` exchange, by name (`usage` = a terminal event with usage).
+fn chat_events(events: &[&str]) -> Vec<u8> {
+    let mut down = Vec::new();
+    for e in events {
+        let json = match *e {
+            "completed+usage" => r#"{"event_type":"conversation.chat.completed","data":{"usage":{"token_count":30,"output_count":10,"input_count":20}}}"#.to_owned(),
+            "requires_action+usage" => r#"{"event_type":"conversation.chat.requires_action","data":{"usage":{"input_count":20}}}"#.to_owned(),
+            "failed+usage" => r#"{"event_type":"conversation.chat.failed","data":{"last_error":{"code":5000},"usage":{"input_count":20,"output_count":3}}}"#.to_owned(),
+            name => format!(r#"{{"event_type":"conversation.{name}","data":{{"id":"c1"}}}}"#),
+        };
+        down.extend(down_text(&json));
+    }
+    down
+}
+
+fn unreported(down: &[u8]) -> u64 {
+    let mut m = WsSessionMeter::default();
+    m.feed_downlink(down).unwrap();
+    m.unreported_turns()
+}
+
+/// A chat turn whose tokens were never reported (no usage event, a cancel, a cut) is known to
+/// the meter, so the gateway can charge an estimate for it instead of nothing.
+#[test]
+fn ws_chat_turns_without_usage_are_counted() {
+    let cases: [(&[&str], u64, &str); 11] = [
+        (
+            &[
+                "chat.created",
+                "chat.in_progress",
+                "audio.completed",
+                "completed+usage",
+            ],
+            0,
+            "normal turn",
+        ),
+        (
+            &[
+                "chat.created",
+                "chat.in_progress",
+                "message.delta",
+                "audio.completed",
+            ],
+            1,
+            "no usage event (or cut mid-turn)",
+        ),
+        (
+            &["chat.created", "chat.in_progress", "chat.completed"],
+            1,
+            "completed without usage",
+        ),
+        (
+            &["chat.created", "chat.in_progress", "chat.failed"],
+            1,
+            "failed without usage",
+        ),
+        (
+            &[
+                "chat.created",
+                "failed+usage",
+                "chat.created",
+                "completed+usage",
+            ],
+            0,
+            "failed with usage",
+        ),
+        (
+            &[
+                "chat.created",
+                "chat.in_progress",
+                "audio.completed",
+                "chat.created",
+                "chat.in_progress",
+                "audio.completed",
+            ],
+            2,
+            "two turns, no usage",
+        ),
+        (
+            &[
+                "chat.created",
+                "requires_action+usage",
+                "chat.in_progress",
+                "completed+usage",
+            ],
+            0,
+            "tool call continued",
+        ),
+        (
+            &["chat.created", "requires_action+usage", "chat.in_progress"],
+            1,
+            "tool continuation cut",
+        ),
+        (
+            &["chat.created", "chat.in_progress", "chat.canceled"],
+            1,
+            "cancelled reply (billed, not reported)",
+        ),
+        (
+            &["chat.canceled", "chat.created", "completed+usage"],
+            0,
+            "cancel with nothing running",
+        ),
+        (&[], 0, "no turn"),
+    ];
+    for (events, want, what) in cases {
+        let down = chat_events(events);
+        assert_eq!(unreported(&down), want, "{what}");
+        for i in 0..=down.len() {
+            let (a, b) = down.split_at(i);
+            let mut m = WsSessionMeter::default();
+            m.feed_downlink(a).unwrap();
+            m.feed_downlink(b).unwrap();
+            assert_eq!(m.unreported_turns(), want, "{what}, split at {i}");
+        }
+    }
+    // The normal sample session reports its one turn.
+    let (up, down) = session_streams();
+    let mut m = WsSessionMeter::default();
+    m.feed_uplink(&up).unwrap();
+    m.feed_downlink(&down).unwrap();
+    assert_eq!(m.unreported_turns(), 0);
+}
+
+/// Turn events are platform events: a device sending them uplink opens no turn.
+#[test]
+fn ws_chat_turn_events_on_uplink_open_no_turn() {
+    let mut m = WsSessionMeter::default();
+    m.feed_uplink(&up_text(
+        r#"{"event_type":"conversation.chat.created","data":{"id":"c1"}}"#,
+    ))
+    .unwrap();
+    assert_eq!(m.unreported_turns(), 0);
+}
+
 #[test]
 fn ws_opus_and_formats_and_sub_ms_remainders() {
     let mut m = WsSessionMeter::default();

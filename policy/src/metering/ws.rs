@@ -209,6 +209,11 @@ struct Ledger {
     usage_events: u64,
     work_open: bool,
     work_done: bool,
+    /// A `/v1/chat` turn was announced (`conversation.chat.created` / `in_progress`) and has
+    /// not ended yet.
+    chat_turn_open: bool,
+    /// Chat turns that ended without a usage-bearing event.
+    chat_turns_unreported: u64,
     malformed: u64,
     first_json_error: Option<JsonError>,
 }
@@ -263,24 +268,47 @@ impl Ledger {
                     self.tokens_in = self.tokens_in.saturating_add(i);
                     self.tokens_out = self.tokens_out.saturating_add(o);
                     self.usage_events = self.usage_events.saturating_add(1);
+                } else {
+                    self.unreported_turn();
                 }
+                self.chat_turn_open = false;
+                self.close_work();
+            }
+            (Direction::Downlink, b"conversation.chat.created") => {
+                // A new turn while one is still open: that one ended without its terminal
+                // event (no usage will come for it).
+                if self.chat_turn_open {
+                    self.unreported_turn();
+                }
+                self.chat_turn_open = true;
+                self.work_open = true;
+            }
+            (Direction::Downlink, b"conversation.chat.in_progress") => {
+                // The turn announced by `created`, or a turn continued after
+                // `requires_action` (tool outputs submitted).
+                self.chat_turn_open = true;
+                self.work_open = true;
+            }
+            (Direction::Downlink, b"conversation.chat.canceled") => {
+                // Coze bills a cancelled reply without reporting its usage.
+                if self.chat_turn_open {
+                    self.unreported_turn();
+                }
+                self.chat_turn_open = false;
                 self.close_work();
             }
             (
                 Direction::Downlink,
-                b"conversation.chat.created" | b"conversation.chat.in_progress",
-            ) => {
-                self.work_open = true;
-            }
-            (
-                Direction::Downlink,
-                b"conversation.chat.canceled"
-                | b"conversation.audio.completed"
+                b"conversation.audio.completed"
                 | b"speech.audio.completed"
                 | b"transcriptions.message.completed",
             ) => self.close_work(),
             _ => {}
         }
+    }
+
+    fn unreported_turn(&mut self) {
+        self.chat_turns_unreported = self.chat_turns_unreported.saturating_add(1);
     }
 
     fn close_work(&mut self) {
@@ -376,6 +404,13 @@ struct Side {
 /// - [`Usage::completed`] means: some unit of work (chat turn, TTS request, ASR utterance)
 ///   reached its terminal event and none was seen opening after it. The two directions are fed
 ///   independently, so this is a best-effort signal, not an ordering proof.
+/// - Chat turns are told apart by their events, not by chat id: a turn opens at the downlink
+///   `conversation.chat.created` (or `in_progress`) and ends at the next terminal event
+///   (`completed` / `failed` / `requires_action` / `canceled`) or the next `created`. A turn
+///   that ends without `usage`, or is still open when the session ends, is *unreported*
+///   ([`unreported_turns`](Self::unreported_turns)): its tokens are unknown, never zero.
+///   `conversation.chat.canceled` is one of those: Coze bills the tokens of a cancelled reply
+///   but reports none.
 /// - A text message that is not valid JSON is not counted; it is tallied in
 ///   [`malformed_messages`](Self::malformed_messages).
 /// - Binary messages are framed but never counted (Coze sends audio as base64 in JSON).
@@ -416,6 +451,8 @@ impl WsSessionMeter {
                 usage_events: 0,
                 work_open: false,
                 work_done: false,
+                chat_turn_open: false,
+                chat_turns_unreported: 0,
                 malformed: 0,
                 first_json_error: None,
             },
@@ -481,6 +518,18 @@ impl WsSessionMeter {
     /// The first JSON error among malformed messages.
     pub fn first_json_error(&self) -> Option<JsonError> {
         self.ledger.first_json_error
+    }
+
+    /// `/v1/chat` turns whose LLM usage was never reported: turns that ended without a
+    /// usage-bearing event (`conversation.chat.completed` / `failed` / `requires_action`
+    /// without `usage`, `conversation.chat.canceled`, a `conversation.chat.created` that
+    /// replaced a turn still open), plus the turn still open now, if any (at the end of a
+    /// session: cut by a disconnect, a close or a reset). The gateway charges an estimate for
+    /// each (see [`WsSessionMeter`], *Approximation*).
+    pub fn unreported_turns(&self) -> u64 {
+        self.ledger
+            .chat_turns_unreported
+            .saturating_add(u64::from(self.ledger.chat_turn_open))
     }
 
     /// Usage so far (completed messages only).

@@ -77,6 +77,26 @@ impl Consumption {
     }
 }
 
+impl BenefitType {
+    /// Whether [`Consumption::amount`] for this benefit grows with `voice_session_ms`, i.e.
+    /// whether an idle voice session still uses it up: the time benefits, and `resource_point`
+    /// when voice-session time has a price. Kept next to `amount` so the two cannot disagree
+    /// (a test checks them against each other).
+    pub fn grows_with_session_time(self, prices: &PriceTable) -> bool {
+        match self {
+            BenefitType::VoiceSessionMs
+            | BenefitType::VoiceUnifiedDurationSystem
+            | BenefitType::VoiceUnifiedDurationCustom => true,
+            BenefitType::ResourcePoint => prices.voice_session_per_second > 0,
+            BenefitType::Requests
+            | BenefitType::LlmTokens
+            | BenefitType::AudioInMs
+            | BenefitType::AudioOutMs
+            | BenefitType::TtsChars => false,
+        }
+    }
+}
+
 /// Credits (`resource_point`) per unit of each meter, in **integer micro-points** (1 point =
 /// 1 000 000). Zero (the default) makes a meter free.
 ///

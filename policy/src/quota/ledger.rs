@@ -122,17 +122,26 @@ pub struct Exhausted {
     pub benefit_type: BenefitType,
     pub kind: RuleKind,
     /// Seconds until the window resets (periodic), `None` for cumulative (blocked until the
-    /// rule changes).
+    /// rule changes); [`HELD_RETRY_AFTER_S`] when only holds fill the rule.
     pub retry_after_s: Option<u64>,
+    /// What is settled leaves room under the rule: the holds of the device's requests still
+    /// in progress fill it. They settle (usually for less than their estimate) within the
+    /// requests' lifetime, so the device is told to retry shortly, not at the window reset.
+    pub held: bool,
 }
+
+/// `Retry-After` when a rule is full only of in-progress holds.
+pub const HELD_RETRY_AFTER_S: u64 = 1;
 
 impl Exhausted {
     /// `QuotaExhausted`, a message naming the benefit, and `Retry-After` for periodic rules.
     pub fn to_denial(&self) -> Denial {
-        let d = Denial::new(
-            DenyReason::QuotaExhausted,
-            self.benefit_type.exhausted_message(),
-        );
+        let message = if self.held {
+            "quota reserved by requests in progress; retry shortly"
+        } else {
+            self.benefit_type.exhausted_message()
+        };
+        let d = Denial::new(DenyReason::QuotaExhausted, message);
         match self.retry_after_s {
             Some(s) => d.retry_after(s),
             None => d,
@@ -565,10 +574,15 @@ impl QuotaLedger {
             };
             let slot = find(&self.counters, device, rule.benefit_type, rule.kind());
             let (used, reserved) = slot.map_or((0, 0), |s| (s.used_in(w.start), s.reserved));
-            if used.saturating_add(reserved) < bound(self.leased, rule, slot, w) {
+            let bound = bound(self.leased, rule, slot, w);
+            if used.saturating_add(reserved) < bound {
                 continue;
             }
-            let e = exhausted(rule, now_s, w.end);
+            let mut e = exhausted(rule, now_s, w.end);
+            if used < bound {
+                e.held = true;
+                e.retry_after_s = Some(HELD_RETRY_AFTER_S);
+            }
             worst = Some(match worst {
                 None => e,
                 Some(prev) => worse(prev, e),
@@ -900,6 +914,17 @@ impl QuotaLedger {
         })
     }
 
+    /// Forgets a deleted device: its counters (dirty or not) and its open reservations, whose
+    /// later settlement then finds nothing to charge. Returns how many reservations went.
+    /// Without this, a fleet that replaces devices would keep every deleted device's counters.
+    pub fn forget_device(&mut self, device: &DeviceId) -> usize {
+        self.counters.remove(device);
+        self.dirty.remove(device);
+        let before = self.open.len();
+        self.open.retain(|_, o| o.device != *device);
+        before - self.open.len()
+    }
+
     /// Number of open reservations.
     pub fn open_reservations(&self) -> usize {
         self.open.len()
@@ -1156,12 +1181,18 @@ fn exhausted(rule: &Rule, now_s: u64, window_end: u64) -> Exhausted {
             RuleKind::Periodic => Some(window_end.saturating_sub(now_s).max(1)),
             RuleKind::Cumulative => None,
         },
+        held: false,
     }
 }
 
-/// The denial that tells the device the most: cumulative (no retry) beats periodic; among
-/// periodic, the later reset.
+/// The denial that tells the device the most: a rule really used up beats one only full of
+/// holds; cumulative (no retry) beats periodic; among periodic, the later reset.
 fn worse(a: Exhausted, b: Exhausted) -> Exhausted {
+    match (a.held, b.held) {
+        (true, false) => return b,
+        (false, true) => return a,
+        _ => {}
+    }
     match (a.retry_after_s, b.retry_after_s) {
         (None, _) => a,
         (_, None) => b,

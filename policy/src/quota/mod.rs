@@ -173,8 +173,9 @@ pub mod rule;
 
 pub use amount::{Consumption, PriceTable};
 pub use ledger::{
-    CounterRecord, CounterView, Exhausted, Finish, LeaseWant, LedgerPolicy, Progress, QuotaLedger,
-    RefundOutcome, Reservation, ReserveError, SettleOutcome, Swept, UsageItem,
+    CounterRecord, CounterView, Exhausted, Finish, HELD_RETRY_AFTER_S, LeaseWant, LedgerPolicy,
+    Progress, QuotaLedger, RefundOutcome, Reservation, ReserveError, SettleOutcome, Swept,
+    UsageItem,
 };
 pub use rule::{
     ActiveMode, BaseUnit, BenefitInfo, BenefitType, CreateLimitation, EntityType, FOREVER, Rule,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::amount::PriceTable;
 use crate::ids::{DeviceId, DeviceIdError};
 
 /// `ended_at` meaning "forever" on Coze (9999-12-31T23:59:59Z).
@@ -117,6 +118,17 @@ impl BenefitType {
             BenefitType::TtsChars => "tts_chars",
             BenefitType::VoiceSessionMs => "voice_session_ms",
         }
+    }
+
+    /// Whether Coze's own quota API knows this type (the rest are the gateway's meters, which
+    /// exist only in the gateway: rule sync never brings them, and writes of them stay local).
+    pub fn is_coze(self) -> bool {
+        matches!(
+            self,
+            BenefitType::ResourcePoint
+                | BenefitType::VoiceUnifiedDurationSystem
+                | BenefitType::VoiceUnifiedDurationCustom
+        )
     }
 
     /// Base units per limit unit (see the type docs).
@@ -1108,6 +1120,23 @@ impl RuleSet {
         device: &DeviceId,
     ) -> impl Iterator<Item = &'a Rule> + Clone + 'a {
         self.rules_of_device(device.as_str()).iter().map(|r| &**r)
+    }
+
+    /// Whether a rule that applies to `device` now **or later** (`valid`, not ended at
+    /// `now_s`; its own or an enterprise-wide one) charges voice-session wall time (see
+    /// [`BenefitType::grows_with_session_time`]). Such a session uses its quota up while
+    /// idle, so the gateway reports it every second. Over-approximates on purpose: a rule
+    /// that starts later counts already (the answer stays right until the rule set changes),
+    /// and an enterprise rule counts even where a device rule overrides it (the override has
+    /// the same benefit type). No allocation.
+    pub fn meters_session_time(&self, device: &DeviceId, now_s: u64, prices: &PriceTable) -> bool {
+        self.device_rules(device)
+            .chain(self.enterprise_rules())
+            .any(|r| {
+                r.status == RuleStatus::Valid
+                    && now_s < r.ended_at
+                    && r.benefit_type.grows_with_session_time(prices)
+            })
     }
 
     /// The rules enforced on `device` at `now_s`: only `valid` rules with

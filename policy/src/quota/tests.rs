@@ -726,6 +726,56 @@ fn reserve_then_settle_more_or_less_than_estimate() {
     assert_eq!(tok.remaining, 0);
 }
 
+/// A rule full only of in-progress holds refuses with `Retry-After: 1` (the holds settle
+/// soon), not with the window reset; a rule really used up still answers with the reset, and
+/// wins over a held one.
+#[test]
+fn a_rule_full_of_holds_says_retry_shortly() {
+    let rs = set(vec![single(
+        "tok",
+        "d",
+        BenefitType::LlmTokens,
+        1500,
+        TriggerUnit::Day,
+    )]);
+    let d = dev("d");
+    let mut l = ledger();
+    let _ = l.reserve("a", &d, &tokens(1000, 0), &rs, T0).unwrap();
+    let _ = l.reserve("b", &d, &tokens(1000, 0), &rs, T0).unwrap();
+    let e = l.check_detailed(&rs, &d, T0 + 1).unwrap_err();
+    assert!(e.held);
+    let denial = e.to_denial();
+    assert_eq!(denial.retry_after_s, Some(HELD_RETRY_AFTER_S));
+    assert_eq!(denial.reason, DenyReason::QuotaExhausted);
+    l.settle("a", &tokens(20, 6), T0 + 2);
+    l.settle("b", &tokens(20, 6), T0 + 2);
+    assert!(
+        l.check(&rs, &d, T0 + 2).is_ok(),
+        "room again once the holds settled"
+    );
+
+    l.charge("c", &d, &tokens(1500, 0), &rs, T0 + 3);
+    let e = l.check_detailed(&rs, &d, T0 + 3).unwrap_err();
+    assert!(!e.held);
+    assert_eq!(e.retry_after_s, Some(DAY - 3));
+
+    // Two rules, one used up and one only held: the used-up one is the answer.
+    let rs = set(vec![
+        single("req", "d2", BenefitType::Requests, 1, TriggerUnit::Hour),
+        single("tok2", "d2", BenefitType::LlmTokens, 1000, TriggerUnit::Day),
+    ]);
+    let d2 = dev("d2");
+    let _ = l.reserve("y", &d2, &tokens(0, 0), &rs, T0).unwrap(); // fills `req` with a hold
+    let e = l.check_detailed(&rs, &d2, T0).unwrap_err();
+    assert_eq!((e.benefit_id.as_str(), e.held), ("req", true));
+    let mut used_up = tokens(1000, 0);
+    used_up.requests = 0;
+    l.charge("x", &d2, &used_up, &rs, T0);
+    let e = l.check_detailed(&rs, &d2, T0).unwrap_err();
+    assert_eq!((e.benefit_id.as_str(), e.held), ("tok2", false));
+    assert_eq!(e.retry_after_s, Some(DAY));
+}
+
 #[test]
 fn settle_refund_and_charge_are_idempotent() {
     let rs = set(vec![single(
@@ -1896,4 +1946,158 @@ proptest! {
         back.sort_by(|a, b| a.benefit_id.cmp(&b.benefit_id));
         prop_assert_eq!(back, observe(&rs).sorted);
     }
+}
+
+/// `grows_with_session_time` says exactly which benefits `amount` charges session time to.
+#[test]
+fn session_time_benefits_agree_with_amount() {
+    for prices in [
+        PriceTable::default(),
+        PriceTable {
+            voice_session_per_second: 1,
+            ..PriceTable::default()
+        },
+    ] {
+        let idle = Consumption::request(Usage::default());
+        let timed = Consumption {
+            voice_session_ms: 5_000,
+            ..idle
+        };
+        for b in BenefitType::ALL {
+            let grows = timed.amount(b, &prices) > idle.amount(b, &prices);
+            assert_eq!(b.grows_with_session_time(&prices), grows, "{b} {prices:?}");
+        }
+    }
+}
+
+/// Which devices the relay must report every second: those with a valid, unended rule that
+/// charges session time (their own or the fleet's), including rules that start later.
+#[test]
+fn devices_whose_rules_meter_session_time() {
+    let priced = PriceTable {
+        voice_session_per_second: 1_000,
+        ..PriceTable::default()
+    };
+    let none = PriceTable::default();
+    let mut frozen = single(
+        "frozen",
+        "d-frozen",
+        BenefitType::VoiceSessionMs,
+        1,
+        TriggerUnit::Never,
+    );
+    frozen.status = RuleStatus::Frozen;
+    let mut ended = single(
+        "ended",
+        "d-ended",
+        BenefitType::VoiceUnifiedDurationCustom,
+        1,
+        TriggerUnit::Never,
+    );
+    ended.started_at = T0 - 100;
+    ended.ended_at = T0;
+    let mut later = single(
+        "later",
+        "d-later",
+        BenefitType::VoiceUnifiedDurationSystem,
+        1,
+        TriggerUnit::Never,
+    );
+    later.started_at = T0 + 100;
+    let rs = set(vec![
+        single(
+            "t",
+            "d-time",
+            BenefitType::VoiceSessionMs,
+            3000,
+            TriggerUnit::Never,
+        ),
+        single(
+            "a",
+            "d-audio",
+            BenefitType::AudioInMs,
+            3000,
+            TriggerUnit::Never,
+        ),
+        single(
+            "p",
+            "d-points",
+            BenefitType::ResourcePoint,
+            10,
+            TriggerUnit::Day,
+        ),
+        frozen,
+        ended,
+        later,
+    ]);
+    let yes = |d: &str, p: &PriceTable| rs.meters_session_time(&dev(d), T0, p);
+    assert!(yes("d-time", &none));
+    assert!(
+        yes("d-later", &none),
+        "a rule starting later counts already"
+    );
+    assert!(
+        !yes("d-audio", &priced),
+        "audio rules do not grow while idle"
+    );
+    assert!(!yes("d-frozen", &none));
+    assert!(!yes("d-ended", &none));
+    assert!(!yes("d-unknown", &priced));
+    assert!(
+        yes("d-points", &priced),
+        "credits priced per session second"
+    );
+    assert!(
+        !yes("d-points", &none),
+        "credits without a session-time price"
+    );
+    let fleet = set(vec![ent(
+        "e",
+        BenefitType::VoiceUnifiedDurationSystem,
+        60,
+        TriggerUnit::Day,
+    )]);
+    assert!(fleet.meters_session_time(&dev("any"), T0, &none));
+}
+
+/// A deleted device leaves nothing behind: counters, pending writes and open holds go, and a
+/// late settlement of one of its requests charges nothing.
+#[test]
+fn a_forgotten_device_leaves_nothing() {
+    let rs = set(vec![single(
+        "tok",
+        "gone",
+        BenefitType::LlmTokens,
+        1000,
+        TriggerUnit::Day,
+    )]);
+    let (gone, kept) = (dev("gone"), dev("kept"));
+    let mut l = ledger();
+    l.charge("a", &gone, &tokens(10, 0), &rs, T0);
+    let _ = l.reserve("b", &gone, &tokens(100, 0), &rs, T0).unwrap();
+    let rs_kept = set(vec![single(
+        "tok2",
+        "kept",
+        BenefitType::LlmTokens,
+        1000,
+        TriggerUnit::Day,
+    )]);
+    let _ = l
+        .reserve("c", &kept, &tokens(100, 0), &rs_kept, T0)
+        .unwrap();
+    assert_eq!(l.forget_device(&gone), 1);
+    assert_eq!(
+        l.counter(&gone, BenefitType::LlmTokens, RuleKind::Periodic),
+        None
+    );
+    assert!(l.drain_dirty().iter().all(|r| r.device != gone));
+    assert_eq!(
+        l.settle("b", &tokens(50, 0), T0 + 1),
+        SettleOutcome::Unknown
+    );
+    assert_eq!(
+        l.counter(&gone, BenefitType::LlmTokens, RuleKind::Periodic),
+        None
+    );
+    assert_eq!(l.open_reservations(), 1, "the other device's hold stays");
 }

@@ -792,7 +792,7 @@ async fn scenario_devices(
     std::fs::write(&tokens_file, tokens.join("\n") + "\n").context("writing tokens")?;
     rep.record("devices registered", "count", "higher", "gateway", n as f64);
     rep.record(
-        "registration time (bulk admin API, tokens minted locally)",
+        "registration time (bulk admin API, devices and tokens)",
         "s",
         "lower",
         "gateway",
@@ -874,7 +874,7 @@ async fn scenario_devices(
             );
         }
     }
-    rep.notes.push(format!("Devices: {n} devices registered through the bulk admin API (10,000 per call), tokens minted locally with the configured signing key, {nrules} single_device request rules (one admin call each, 8 in flight) on top of the fleet rule; then the gateway is restarted (SIGTERM, same store) and timed from spawn to ready, and the load runs against the restarted process; the gateway's wrk script rotates over all {n} tokens (a different device per request); direct, nginx and pingora get one token (they do not look at it)."));
+    rep.notes.push(format!("Devices: {n} devices registered and given tokens through the bulk admin API (`POST /admin/v1/devices` and `POST /admin/v1/tokens`, 10,000 per call), {nrules} single_device request rules (one admin call each, 8 in flight) on top of the fleet rule; then the gateway is restarted (SIGTERM, same store) and timed from spawn to ready, and the load runs against the restarted process; the gateway's wrk script rotates over all {n} tokens (a different device per request); direct, nginx and pingora get one token (they do not look at it)."));
     if want_pingora(args) {
         rep.notes.push(PINGORA_NOTE.to_owned());
     }

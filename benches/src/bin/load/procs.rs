@@ -8,8 +8,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
-use policy::ids::DeviceId;
-use policy::token::{Claims, ISSUER, Keyring};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -109,7 +107,6 @@ pub struct Gateway {
     pub device_addr: String,
     pub admin: String,
     pub http: reqwest::Client,
-    keyring: Keyring,
     bin_dir: PathBuf,
     wrap: Vec<String>,
     _dir: TempDir,
@@ -241,15 +238,12 @@ path = "{store}"
         );
         std::fs::write(dir.0.join("config.toml"), config)?;
         let sp = spawn_gateway(bin_dir, &dir.0, wrap).await?;
-        let keyring =
-            Keyring::new([(KID, &SIGNING_KEY[..])], KID).map_err(|e| anyhow!("keyring: {e}"))?;
         let gw = Gateway {
             child: sp.child,
             pid: sp.pid,
             device_addr: sp.device_addr,
             admin: sp.admin,
             http: reqwest::Client::builder().no_proxy().build()?,
-            keyring,
             bin_dir: bin_dir.to_owned(),
             wrap: wrap.to_vec(),
             _dir: dir,
@@ -316,9 +310,10 @@ path = "{store}"
         Ok(())
     }
 
-    /// Registers `ids` (bulk, 10,000 per call) and mints a 24 h token for each locally with
-    /// the signing key from the config (new devices are at generation 0).
+    /// Registers `ids` and gets a 24 h token for each, through the admin API's bulk routes
+    /// (10,000 devices per call).
     pub async fn register(&self, ids: &[String]) -> Result<Vec<String>> {
+        let mut tokens = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(10_000) {
             let devices: Vec<_> = chunk
                 .iter()
@@ -329,23 +324,33 @@ path = "{store}"
                 &serde_json::json!({ "devices": devices }),
             )
             .await?;
+            let r: serde_json::Value = self
+                .http
+                .post(format!("{}/admin/v1/tokens", self.admin))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&serde_json::json!({ "device_ids": chunk, "duration_seconds": 86_400 }))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let minted = r["tokens"].as_array().map_or(&[][..], |t| t.as_slice());
+            if minted.len() != chunk.len() {
+                bail!(
+                    "/admin/v1/tokens: {} of {} minted: {}",
+                    minted.len(),
+                    chunk.len(),
+                    r["errors"]
+                );
+            }
+            for t in minted {
+                let token = t["access_token"]
+                    .as_str()
+                    .ok_or_else(|| anyhow!("/admin/v1/tokens: an entry without access_token"))?;
+                tokens.push(token.to_owned());
+            }
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        ids.iter()
-            .enumerate()
-            .map(|(i, id)| {
-                let claims = Claims {
-                    iss: ISSUER.to_owned(),
-                    sub: DeviceId::parse(id).map_err(|e| anyhow!("device id {id}: {e}"))?,
-                    iat: now.saturating_sub(5),
-                    exp: now + 86_000,
-                    generation: 0,
-                    cred: None,
-                    jti: format!("{i:032x}"),
-                };
-                Ok(self.keyring.mint(&claims))
-            })
-            .collect()
+        Ok(tokens)
     }
 }
 
