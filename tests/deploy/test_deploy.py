@@ -1,9 +1,10 @@
 """Structural checks of the deployment artifacts in deploy/.
 
 Nothing here needs a container engine or a cluster: the files are parsed and cross-checked
-against the metrics catalog (docs/metrics.md), the config (config.toml and the ConfigMap) and
-the real binary (`fleetgate check-config`). Optional tools (`kubectl kustomize`,
-`systemd-analyze`) are used when installed and skipped otherwise.
+against the metrics catalog (docs/metrics.md), the config (config.toml and the ConfigMaps of
+the single-node and the cluster deployment) and the real binary (`fleetgate check-config`).
+Optional tools (`kubectl kustomize`, `systemd-analyze`, `promtool`) are used when installed
+and skipped otherwise.
 
 Env: FLEETGATE_BIN (default ${CARGO_TARGET_DIR:-<repo>/target}/debug/fleetgate; built with
 `cargo build --bins -p gateway` when missing).
@@ -26,6 +27,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
+K8S_CLUSTER = DEPLOY / "k8s-cluster"
+ALERT_TESTS = Path(__file__).resolve().parent / "alerts_test.yaml"
 
 METRIC_RE = re.compile(r"\bfleetgate_[a-z_]+")
 HIST_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -38,6 +41,8 @@ DUMMY_ENV = {
     "COZE_API_TOKEN": "pat_dummy_for_tests",
     "FLEETGATE_SIGNING_KEY_K1": base64.b64encode(bytes(range(32))).decode(),
 }
+# Cluster mode also names the Redis password.
+CLUSTER_DUMMY_ENV = {**DUMMY_ENV, "FLEETGATE_REDIS_PASSWORD": "dummy-redis-password"}
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -60,9 +65,9 @@ def load_yaml_docs(path: Path) -> list:
         return [d for d in yaml.safe_load_all(f) if d is not None]
 
 
-def k8s_objects() -> list[dict]:
+def k8s_objects(directory: Path = K8S) -> list[dict]:
     objs = []
-    for p in sorted(K8S.glob("*.yaml")):
+    for p in sorted(directory.glob("*.yaml")):
         if p.name == "kustomization.yaml":
             continue
         for d in load_yaml_docs(p):
@@ -72,8 +77,9 @@ def k8s_objects() -> list[dict]:
     return objs
 
 
-def one(kind: str, name: str | None = None) -> dict:
-    found = [o for o in k8s_objects() if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+def one(kind: str, name: str | None = None, directory: Path = K8S) -> dict:
+    found = [o for o in k8s_objects(directory)
+             if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
@@ -168,6 +174,14 @@ def configmap_config() -> dict:
     return tomllib.loads(configmap_toml_text())
 
 
+def cluster_configmap_toml_text() -> str:
+    return one("ConfigMap", "fleetgate-config", K8S_CLUSTER)["data"]["config.toml"]
+
+
+def cluster_configmap_config() -> dict:
+    return tomllib.loads(cluster_configmap_toml_text())
+
+
 def port_of(addr: str) -> int:
     return int(addr.rsplit(":", 1)[1])
 
@@ -222,10 +236,11 @@ def test_alerts_use_only_documented_metrics():
     used = check_metric_refs([r["expr"] for r in rules], "alerts.yaml")
     for name in ("fleetgate_requests_total", "fleetgate_upstream_errors_total",
                  "fleetgate_upstream_token_exchanges_total", "fleetgate_token_endpoint_errors_total",
-                 "fleetgate_websocket_sessions"):
+                 "fleetgate_websocket_sessions", "fleetgate_quota_sync_last_success_timestamp_seconds",
+                 "fleetgate_quota_sync_runs_total", "fleetgate_store_errors_total",
+                 "fleetgate_cluster_redis_up", "fleetgate_cluster_errors_total"):
         assert name in used, f"no alert on {name}"
-    # Names that only appear in the commented-out TODO rules are future metrics: allowed in
-    # comments only, never in a live rule.
+    # A name that is not in the catalog may appear in a comment only, never in a rule.
     docs = documented_metrics()
     for line in (DEPLOY / "prometheus" / "alerts.yaml").read_text().splitlines():
         for name in METRIC_RE.findall(line):
@@ -248,6 +263,43 @@ def test_alerts_cover_the_required_conditions():
     assert has(r'fleetgate_token_endpoint_errors_total\{[^}]*error_code="rate_limited"'), "token endpoint abuse"
     assert has(r'reason="shutting_down"'), "draining too long"
     assert has(r"fleetgate_websocket_sessions\{[^}]*\}\)?\s*==\s*0"), "WebSocket sessions to zero"
+    assert has(r"time\(\)\s*-\s*max by \(job, instance\) \(fleetgate_quota_sync_last_success_timestamp_seconds"), \
+        "quota sync stale"
+    assert has(r'fleetgate_quota_sync_runs_total\{[^}]*result="error"'), "quota sync failing"
+    assert has(r"increase\(fleetgate_store_errors_total"), "store write errors"
+    assert has(r"fleetgate_cluster_redis_up\{[^}]*\}\)?\s*==\s*0"), "Redis down"
+    # fleetgate_cluster_redis_up is 0 on every embedded-store node: a rule on it must also
+    # require a series only cluster nodes have.
+    for name, expr in exprs.items():
+        if "fleetgate_cluster_redis_up" in expr:
+            assert "fleetgate_cluster_errors_total" in expr, f"{name} would fire on embedded-store nodes"
+    # Quota sync alerts must stay silent where the sync is off (the timestamp gauge is 0 there).
+    for name, expr in exprs.items():
+        if "fleetgate_quota_sync_last_success_timestamp_seconds" in expr:
+            assert "fleetgate_quota_sync_runs_total" in expr, f"{name} would fire with the sync off"
+
+
+def test_promtool_check_rules():
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool not installed")
+    out = subprocess.run([promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_alert_unit_tests():
+    """tests/deploy/alerts_test.yaml: which nodes the state alerts fire for, and when."""
+    (doc,) = load_yaml_docs(ALERT_TESTS)
+    tested = {t["alertname"] for group in doc["tests"] for t in group["alert_rule_test"]}
+    assert tested >= {"FleetgateQuotaSyncFailing", "FleetgateQuotaSyncStale", "FleetgateStoreWriteErrors",
+                      "FleetgateRedisDown"}, tested
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool not installed")
+    out = subprocess.run([promtool, "test", "rules", ALERT_TESTS.name], cwd=ALERT_TESTS.parent,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 # --- Grafana ---------------------------------------------------------------------------------
@@ -315,18 +367,25 @@ def test_k8s_objects_are_namespace_agnostic_and_listed():
             assert re.search(rf"^\s*#\s*-\s*{re.escape(p.name)}\b", kust_text, re.M), f"{p.name} unlisted, unexplained"
     kinds = {o["kind"] for o in objs}
     for k in ("ConfigMap", "Secret", "Deployment", "PersistentVolumeClaim", "Service",
-              "PodDisruptionBudget", "HorizontalPodAutoscaler", "StatefulSet"):
+              "PodDisruptionBudget"):
         assert k in kinds, f"no {k}"
+    # Redis and the autoscaler belong to cluster mode (deploy/k8s-cluster) only.
+    assert not kinds & {"HorizontalPodAutoscaler", "StatefulSet"}, kinds
 
 
-def test_kustomize_builds():
+def kustomize(directory: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if not kubectl:
         pytest.skip("kubectl not installed")
-    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    kinds = [d["kind"] for d in yaml.safe_load_all(out.stdout) if d]
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_kustomize_builds():
+    kinds = [d["kind"] for d in kustomize(K8S)]
     assert "Deployment" in kinds and "Secret" not in kinds and "StatefulSet" not in kinds, kinds
+    assert "HorizontalPodAutoscaler" not in kinds, kinds
 
 
 def pod_spec() -> dict:
@@ -349,7 +408,8 @@ def test_deployment_single_replica_recreate():
     dep = one("Deployment", "fleetgate")
     assert dep["spec"]["replicas"] == 1, "the embedded store has one writer: one replica"
     assert dep["spec"]["strategy"]["type"] == "Recreate"
-    assert one("HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 1, "scaling out needs cluster mode"
+    assert not [o for o in k8s_objects() if o["kind"] == "HorizontalPodAutoscaler"], \
+        "the embedded store allows one replica: no autoscaler"
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
     pdb = one("PodDisruptionBudget")
@@ -431,12 +491,102 @@ def test_services():
     assert admin["spec"].get("type", "ClusterIP") == "ClusterIP", "the admin port must stay private"
 
 
-def test_redis_is_labelled_future_cluster_mode():
-    redis = [o for o in k8s_objects() if o["__file__"] == "redis.yaml"]
-    assert {o["kind"] for o in redis} == {"StatefulSet", "Service"}
-    for o in redis:
-        assert "future" in o["metadata"]["annotations"]["fleetgate/status"]
-    assert "NOT USED" in (K8S / "redis.yaml").read_text().upper()
+# --- Kubernetes, cluster mode (deploy/k8s-cluster, an overlay of deploy/k8s) ------------------
+
+
+def cluster_kustomization() -> dict:
+    (kust,) = load_yaml_docs(K8S_CLUSTER / "kustomization.yaml")
+    return kust
+
+
+def test_cluster_overlay_lists_its_files():
+    kust = cluster_kustomization()
+    assert "namespace" not in kust
+    assert kust["resources"][0] == "../k8s", "the overlay builds on the single-node deployment"
+    own = set(kust["resources"][1:])
+    patch_files = {p["path"] for p in kust["patches"] if "path" in p}
+    for f in own | patch_files:
+        assert (K8S_CLUSTER / f).is_file(), f"kustomization lists missing {f}"
+    for p in K8S_CLUSTER.glob("*.yaml"):
+        if p.name != "kustomization.yaml":
+            assert p.name in own | patch_files, f"{p.name} is not used by the overlay"
+    assert {"redis.yaml", "hpa.yaml"} <= own
+    for o in k8s_objects(K8S_CLUSTER):
+        assert o.get("apiVersion") and o.get("kind") and o["metadata"].get("name"), o["__file__"]
+        assert "namespace" not in o["metadata"], f"{o['__file__']}: hard-coded namespace"
+
+
+def test_cluster_configmap_is_the_single_node_one_with_redis():
+    base, cluster = configmap_config(), cluster_configmap_config()
+    assert {k: v for k, v in cluster.items() if k != "store"} == {k: v for k, v in base.items() if k != "store"}, \
+        "only [store] differs between the two deployments"
+    store = cluster["store"]
+    assert store["kind"] == "redis"
+    assert Path(store["path"]).parent == Path(base["store"]["path"]).parent, "store.path on the data volume"
+    redis = store["redis"]
+    assert not {"sentinel", "cluster"} & set(redis), "the overlay's own Redis is a single instance"
+    m = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/\d+", redis["url"])
+    assert m, redis["url"]
+    svc = one("Service", m.group(1), K8S_CLUSTER)
+    assert int(m.group(2)) in [p["port"] for p in svc["spec"]["ports"]]
+    assert not secret_literals(cluster), secret_literals(cluster)
+    assert redis["password_env"] in one("Secret")["stringData"]
+    assert set(one("Secret")["stringData"]) >= env_names(cluster)
+
+
+def test_cluster_redis():
+    svc = one("Service", "fleetgate-redis", K8S_CLUSTER)
+    sts = one("StatefulSet", "fleetgate-redis", K8S_CLUSTER)
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert args[args.index("--appendonly") + 1] == "yes", "Redis holds the usage: it must persist (AOF)"
+    # The password comes from the gateway's Secret, under the name the gateway's config reads.
+    (env,) = [e for e in c["env"] if f"$({e['name']})" in args]
+    assert args[args.index("--requirepass") + 1] == f"$({env['name']})"
+    ref = env["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "fleetgate-secrets"
+    assert ref["key"] == cluster_configmap_config()["store"]["redis"]["password_env"]
+    # redis-cli exits 0 on an error reply (NOAUTH): the probe must look for PONG.
+    assert "PONG" in " ".join(c["readinessProbe"]["exec"]["command"])
+    assert env["name"] == "REDISCLI_AUTH", "the probe authenticates through REDISCLI_AUTH"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts["/data"] in {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+    sc = sts["spec"]["template"]["spec"]["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc.get("runAsUser", 1) != 0
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_cluster_deployment_patch_and_hpa():
+    patch = one("Deployment", "fleetgate", K8S_CLUSTER)
+    strategy = patch["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 0
+    (data,) = [v for v in patch["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
+    assert "emptyDir" in data and data["persistentVolumeClaim"] is None, "drop the shared PVC per pod"
+    hpa = one("HorizontalPodAutoscaler", "fleetgate", K8S_CLUSTER)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "fleetgate"
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+
+
+def test_cluster_kustomize_builds():
+    objs = kustomize(K8S_CLUSTER)
+    kinds = [d["kind"] for d in objs]
+    assert "Secret" not in kinds and "PersistentVolumeClaim" not in kinds, kinds
+    assert {"Deployment", "StatefulSet", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(kinds), kinds
+    (dep,) = [d for d in objs if d["kind"] == "Deployment"]
+    assert "replicas" not in dep["spec"], "the HPA owns the replica count"
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    spec = dep["spec"]["template"]["spec"]
+    (data,) = [v for v in spec["volumes"] if v["name"] == "data"]
+    assert set(data) == {"name", "emptyDir"}, data
+    (c,) = [c for c in spec["containers"] if c["name"] == "fleetgate"]
+    assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["data"] == \
+        str(Path(cluster_configmap_config()["store"]["path"]).parent)
+    (cm,) = [d for d in objs if d["kind"] == "ConfigMap"]
+    assert cm["data"]["config.toml"] == cluster_configmap_toml_text()
 
 
 def test_configmap_config_has_no_secret_values():
@@ -509,6 +659,28 @@ def test_missing_secrets_are_rejected(fleetgate_bin, tmp_path):
     assert out.returncode != 0
     err = out.stdout + out.stderr
     for name in DUMMY_ENV:
+        assert name in err, f"{name} not reported missing: {err}"
+
+
+def test_cluster_configmap_passes_check_config(fleetgate_bin, tmp_path):
+    out = check_config(fleetgate_bin, cluster_configmap_toml_text(), tmp_path, CLUSTER_DUMMY_ENV)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().endswith(": ok")
+
+
+def test_cluster_secret_placeholders_are_rejected(fleetgate_bin, tmp_path):
+    env = dict(one("Secret")["stringData"])
+    out = check_config(fleetgate_bin, cluster_configmap_toml_text(), tmp_path, env)
+    assert out.returncode != 0
+    err = out.stdout + out.stderr
+    assert "admin" in err and "signing_keys" in err, err
+
+
+def test_cluster_missing_secrets_are_rejected(fleetgate_bin, tmp_path):
+    out = check_config(fleetgate_bin, cluster_configmap_toml_text(), tmp_path, {})
+    assert out.returncode != 0
+    err = out.stdout + out.stderr
+    for name in CLUSTER_DUMMY_ENV:
         assert name in err, f"{name} not reported missing: {err}"
 
 
