@@ -9,9 +9,11 @@ their handshake, trusting tests/fixtures/tls/ca.pem), sends nothing, and reports
 each connection added to its gateway. The difference is what device TLS costs per idle
 connection, on top of the idle WebSocket figure (`load ws-idle`).
 """
-import base64, json, os, resource, socket, ssl, subprocess, sys, tempfile, time
+import json, os, socket, ssl, sys, time
 
-resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+from fgprocs import raise_fd_limit, rss_kib, start_gateway
+
+raise_fd_limit()
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIX = os.path.join(REPO, "tests", "fixtures", "tls")
 BIN = os.environ.get("FLEETGATE_BIN") or os.path.join(
@@ -19,43 +21,13 @@ BIN = os.environ.get("FLEETGATE_BIN") or os.path.join(
 )
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
 
-BASE = """[device_listener]
-addr = "127.0.0.1:0"
-{tls}
-[admin_listener]
-addr = "127.0.0.1:0"
-token_env = "A"
-[upstream]
-base_url = "http://127.0.0.1:9"
-pat_env = "P"
-[tokens]
-signing_keys = [{{ kid = "k", secret_env = "K" }}]
-[log]
-level = "warn"
-[store]
-path = ":memory:"
-"""
 TLS = f'[device_listener.tls]\ncert_file = "{FIX}/upstream.pem"\nkey_file = "{FIX}/upstream.key"\nhandshake_timeout = "60s"'
 
 
-def start(tls):
-    cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-    cfg.write(BASE.format(tls=TLS if tls else ""))
-    cfg.close()
-    env = dict(os.environ, A="admin-token-0123456789", P="x", K=base64.b64encode(os.urandom(32)).decode())
-    gw = subprocess.Popen([BIN, "serve", "--ready-json", "-c", cfg.name], stdout=subprocess.PIPE, text=True, env=env)
-    host, port = json.loads(gw.stdout.readline())["device_addr"].rsplit(":", 1)
-    return gw, (host, int(port))
-
-
-def rss_kib(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1])
-
-
 def measure(tls):
-    gw, addr = start(tls)
+    gw = start_gateway(BIN, extra=TLS if tls else "", store=":memory:")
+    host, port = gw.device_addr.rsplit(":", 1)
+    addr = (host, int(port))
     ctx = ssl.create_default_context(cafile=os.path.join(FIX, "ca.pem"))
 
     def connect():
@@ -71,8 +43,7 @@ def measure(tls):
         after = rss_kib(gw.pid)
         return round((after - before) * 1024 / N), len(warm) + len(conns)
     finally:
-        gw.terminate()
-        gw.wait()
+        gw.stop()
 
 
 plain, _ = measure(False)

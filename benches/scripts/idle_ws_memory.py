@@ -9,17 +9,11 @@ for each session's first event, and reports (RSS after - RSS before) / N for the
 
 Needs the `websockets` package (installed with cozepy).
 """
-import argparse, asyncio, base64, json, os, resource, subprocess, sys, tempfile, time, urllib.request
+import argparse, asyncio, json, os, time
 
 import websockets
 
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+from fgprocs import raise_fd_limit, rss_kib, start_gateway, start_sandbox
 
 
 def main():
@@ -29,50 +23,13 @@ def main():
     ap.add_argument("--profile", default="debug")
     ap.add_argument("--buffer-bytes", type=int, default=4096, help="websocket.buffer_bytes")
     a = ap.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit()
     bindir = os.path.join(a.target_dir, a.profile)
-    sb = subprocess.Popen([os.path.join(bindir, "sandbox"), "--bind", "127.0.0.1:0", "--fast-audio"],
-                          stdout=subprocess.PIPE, text=True)
-    up = json.loads(sb.stdout.readline())["base_url"]
-    tmp = tempfile.mkdtemp()
-    cfg = os.path.join(tmp, "config.toml")
-    with open(cfg, "w") as f:
-        f.write(f"""
-[server]
-threads = 2
-[device_listener]
-addr = "127.0.0.1:0"
-[admin_listener]
-addr = "127.0.0.1:0"
-token_env = "A"
-[upstream]
-base_url = "{up}"
-pat_env = "P"
-[websocket]
-buffer_bytes = {a.buffer_bytes}
-[tokens]
-signing_keys = [{{ kid = "k", secret_env = "K" }}]
-[log]
-level = "warn"
-access_log = false
-""")
-    env = dict(os.environ, A="admin-token-0123456789", P="pat_sandbox",
-               K=base64.b64encode(os.urandom(32)).decode())
-    gw = subprocess.Popen([os.path.join(bindir, "fleetgate"), "serve", "--ready-json", "-c", cfg],
-                          stdout=subprocess.PIPE, text=True, env=env)
-    ready = json.loads(gw.stdout.readline())
-    admin = f"http://{ready['admin_addr']}"
-
-    def post(path, body):
-        req = urllib.request.Request(admin + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Authorization": "Bearer admin-token-0123456789",
-                                              "Content-Type": "application/json"})
-        return json.loads(urllib.request.urlopen(req).read())
-
-    post("/admin/v1/devices", {"device_id": "mem"})
-    token = post("/admin/v1/devices/mem/tokens", {})["access_token"]
-    url = f"ws://{ready['device_addr']}/v1/chat?bot_id=b1&authorization=Bearer%20{token}"
+    sb, up = start_sandbox(bindir)
+    gw = start_gateway(os.path.join(bindir, "fleetgate"), up,
+                       extra=f"[websocket]\nbuffer_bytes = {a.buffer_bytes}\n")
+    token = gw.device_token("mem")
+    url = f"ws://{gw.device_addr}/v1/chat?bot_id=b1&authorization=Bearer%20{token}"
 
     async def run():
         conns = []
@@ -105,7 +62,8 @@ access_log = false
     try:
         asyncio.run(run())
     finally:
-        gw.terminate(); sb.terminate()
+        gw.stop()
+        sb.terminate()
 
 
 if __name__ == "__main__":
