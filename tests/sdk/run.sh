@@ -34,10 +34,28 @@ die() {
 
 # Runs a setup step with its output captured; shows the output only if the step fails.
 quiet() {
-  if ! "$@" >"$LOG" 2>&1; then
+  local rc=0
+  "$@" >"$LOG" 2>&1 || rc=$?
+  if [ "$rc" -ne 0 ]; then
     cat "$LOG" >&2
-    die "setup step failed: $*"
+    die "setup step failed (exit $rc): $*"
   fi
+}
+
+# Like quiet, for a step that downloads from a package registry: up to 4 tries, 5, 15 and 45 s
+# apart, because one registry hiccup must not fail a whole CI run (one did: an `npm ci` that
+# failed once and printed nothing). Each failed try's output and exit code are shown.
+quiet_net() {
+  local try rc
+  for try in 1 2 3 4; do
+    rc=0
+    "$@" >"$LOG" 2>&1 || rc=$?
+    [ "$rc" -eq 0 ] && return 0
+    echo "tests/sdk/run.sh: try $try of 4 failed (exit $rc): $*" >&2
+    cat "$LOG" >&2
+    [ "$try" -lt 4 ] && sleep $((5 * 3 ** (try - 1)))
+  done
+  die "setup step failed after 4 tries: $*"
 }
 
 for b in "$SANDBOX_BIN" "$FLEETGATE_BIN"; do
@@ -74,7 +92,7 @@ if ! venv_has_pip; then
   if ! "$PY" -m venv "$VENV" >"$LOG" 2>&1; then
     rm -rf "$VENV"
     quiet "$PY" -m venv --without-pip "$VENV"
-    quiet bootstrap_pip
+    quiet_net bootstrap_pip
   fi
   venv_has_pip || die "could not create a Python venv with pip at $VENV"
 fi
@@ -82,13 +100,13 @@ fi
 REQ="$SDK/python/requirements.txt"
 STAMP="$VENV/.fleetgate-sdk-requirements"
 if ! cmp -s "$REQ" "$STAMP"; then
-  quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQ"
+  quiet_net "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQ"
   cp "$REQ" "$STAMP"
 fi
 
 # --- Node deps ----------------------------------------------------------------------------------
 
-(cd "$SDK/node" && quiet npm ci --no-audit --no-fund --loglevel=error) || exit 2
+(cd "$SDK/node" && quiet_net npm ci --no-audit --no-fund --loglevel=warn) || exit 2
 
 # --- Tests --------------------------------------------------------------------------------------
 
