@@ -11,6 +11,7 @@
 
 pub mod credential;
 pub mod decision;
+pub mod fleet;
 pub mod ids;
 pub mod metering;
 pub mod quota;

@@ -88,10 +88,21 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 
     /// Admits or refuses one request for `key` at `now_ms`.
     pub fn check(&mut self, key: &K, now_ms: u64) -> Result<(), RetryAfter> {
+        self.check_keeping(key, now_ms, 0)
+    }
+
+    /// Like [`check`](Self::check), but admits only if `reserve` more requests would still
+    /// conform right after this one: the last `reserve` of the burst are kept for others.
+    /// `reserve` is at most `burst − 1` (larger values count as that), so a key at rest always
+    /// conforms.
+    pub fn check_keeping(&mut self, key: &K, now_ms: u64, reserve: u32) -> Result<(), RetryAfter> {
         let now = now_ms.saturating_mul(1000);
+        let tolerance = self
+            .tolerance_us
+            .saturating_sub(self.interval_us.saturating_mul(u64::from(reserve)));
         if let Some(tat) = self.tats.get_mut(key) {
             let base = (*tat).max(now);
-            let allow_at = base.saturating_sub(self.tolerance_us);
+            let allow_at = base.saturating_sub(tolerance);
             if now < allow_at {
                 return Err(RetryAfter {
                     ms: (allow_at - now).div_ceil(1000),
@@ -173,6 +184,26 @@ mod tests {
         assert_eq!(l.check(&k, T0 + 100), Err(RetryAfter { ms: 100 }));
         assert_eq!(RetryAfter { ms: 100 }.secs_ceil(), 1);
         assert_eq!(RetryAfter { ms: 1001 }.secs_ceil(), 2);
+    }
+
+    #[test]
+    fn a_reserve_keeps_the_end_of_the_burst() {
+        // 10/s, burst 5, keep 2: three now, then only once the bucket refills above 2.
+        let mut l = limiter(10, 5, 100);
+        let k = "k".to_owned();
+        for _ in 0..3 {
+            assert_eq!(l.check_keeping(&k, T0, 2), Ok(()));
+        }
+        assert_eq!(l.check_keeping(&k, T0, 2), Err(RetryAfter { ms: 100 }));
+        // The kept two are there for a check without reserve.
+        assert_eq!(l.check(&k, T0), Ok(()));
+        assert_eq!(l.check(&k, T0), Ok(()));
+        assert!(l.check(&k, T0).is_err());
+        // A reserve beyond the burst counts as burst - 1: a key at rest still gets one.
+        let fresh = "fresh".to_owned();
+        assert_eq!(l.check_keeping(&fresh, T0, 99), Ok(()));
+        assert!(l.check_keeping(&fresh, T0, 99).is_err());
+        assert_eq!(l.check_keeping(&fresh, T0 + 100, 99), Ok(()));
     }
 
     #[test]
