@@ -63,6 +63,8 @@ pub struct Metrics {
     pub cluster_errors: IntCounterVec,
     /// `fleetgate_cluster_redis_up`
     pub cluster_redis_up: IntGauge,
+    /// `fleetgate_cluster_nodes`
+    pub cluster_nodes: IntGauge,
     /// `fleetgate_metered_units_total{meter}`
     pub metered: IntCounterVec,
     /// `fleetgate_usage_missing_total{protocol}`: answers (WebSocket: chat turns) that should
@@ -338,6 +340,11 @@ impl Metrics {
                 r,
                 "fleetgate_cluster_redis_up",
                 "Cluster mode: 1 while the last Redis command succeeded, 0 while Redis is unreachable.",
+            )?,
+            cluster_nodes: gauge(
+                r,
+                "fleetgate_cluster_nodes",
+                "Cluster mode: live nodes sharing the fleet request caps, as this node last saw them.",
             )?,
             usage_missing: counter_vec(
                 r,

@@ -1,11 +1,18 @@
-//! Request rate limits (GCRA, `policy::credential::RateLimiter`): per device across all
-//! routes, and fleet-wide per route class (the Coze plan's `api_run_qps` for chat and
-//! workflow). A refusal is 429 / 4013 with `Retry-After`, before the quota hold and before
-//! anything goes upstream.
+//! Request rate limits (GCRA, `policy::credential::RateLimiter`), each answered 429 / 4013 with
+//! `Retry-After` before the quota hold and before anything goes upstream:
+//! - per device, across all routes (`device_rps`);
+//! - per device on one route class (`[rate_limits.routes.<class>]`);
+//! - fleet-wide per route class, shared fairly between devices (`policy::fleet`): the Coze
+//!   plan's `api_run_qps` for chat (voice sessions count as chat) and workflow, or the
+//!   config's caps. In a cluster each node enforces `⌈cap / live nodes⌉`
+//!   ([`crate::cluster::members`]), so the nodes together send at most the cap plus one per
+//!   node, if the load balancer spreads devices evenly.
 //!
 //! # Approximation
-//! The per-device limiter tracks at most `max_tracked_devices`; beyond that the devices idle
-//! longest are forgotten and get a fresh burst (fails open; see the limiter's docs).
+//! The per-device limiters track at most `max_tracked_devices` devices each; beyond that the
+//! devices idle longest are forgotten and get a fresh burst (fails open; see the limiter's
+//! docs). Fleet fairness tracks as many devices per second and fails open beyond them too;
+//! the fleet cap itself always holds.
 
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,119 +20,200 @@ use std::sync::{Arc, Mutex};
 
 use policy::credential::RateLimiter;
 use policy::decision::{Denial, DenyReason};
+use policy::fleet::{FleetLimiter, FleetRefusal};
 use policy::ids::DeviceId;
 use policy::route::RouteClass;
 
-use crate::config::RateLimitSettings;
+use crate::config::{RateLimitSettings, RouteRate};
+
+type Shared<K> = Arc<Mutex<RateLimiter<K>>>;
+
+/// A per-device limiter with the settings it was built from, so a reload that leaves them
+/// unchanged keeps its state (a reload must not hand every device a fresh burst).
+#[derive(Clone)]
+struct PerDevice {
+    limiter: Option<Shared<DeviceId>>,
+    settings: (RouteRate, usize),
+}
+
+impl PerDevice {
+    fn new(rate: RouteRate, keys: usize) -> PerDevice {
+        let limiter = NonZeroU32::new(rate.rps).map(|rps| {
+            let burst = NonZeroU32::new(rate.burst).unwrap_or(rps);
+            let keys = NonZeroUsize::new(keys).unwrap_or(NonZeroUsize::MIN);
+            Arc::new(Mutex::new(RateLimiter::new(rps, burst, keys)))
+        });
+        PerDevice {
+            limiter,
+            settings: (rate, keys),
+        }
+    }
+
+    /// This limiter if `next` has the same settings, else `next`.
+    fn kept_for(&self, next: PerDevice) -> PerDevice {
+        if next.settings == self.settings {
+            self.clone()
+        } else {
+            next
+        }
+    }
+
+    fn check(&self, device: &DeviceId, now_ms: u64) -> Result<(), Denial> {
+        let Some(l) = &self.limiter else {
+            return Ok(());
+        };
+        let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+        l.check(device, now_ms)
+            .map_err(|r| rate_limited("rate limited", r.secs_ceil()))
+    }
+}
+
+fn rate_limited(msg: &'static str, retry_after_s: u64) -> Denial {
+    Denial::new(DenyReason::RateLimited, msg).retry_after(retry_after_s.max(1))
+}
+
+/// One fleet-wide cap (a route class's), and what it is made of.
+struct Fleet {
+    limiter: Mutex<Option<FleetLimiter<DeviceId>>>,
+    /// The config's cap (0: none; it wins over the plan's).
+    configured: u32,
+    /// The plan's QPS as last synced (0: not known), kept across reloads.
+    plan: AtomicU32,
+}
+
+impl Fleet {
+    fn new(configured: u32) -> Fleet {
+        Fleet {
+            limiter: Mutex::new(None),
+            configured,
+            plan: AtomicU32::new(0),
+        }
+    }
+
+    /// Rebuilds the limiter if this node's share of the cap changed (a rebuild starts a fresh
+    /// bucket, so it happens only on a change).
+    fn refresh(&self, nodes: u32, keys: usize) {
+        let cap = match self.configured {
+            0 => self.plan.load(Ordering::Relaxed),
+            c => c,
+        };
+        let share = NonZeroU32::new(cap.div_ceil(nodes.max(1)));
+        let mut slot = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().map(FleetLimiter::rate) != share.map(NonZeroU32::get) {
+            let keys = NonZeroUsize::new(keys).unwrap_or(NonZeroUsize::MIN);
+            *slot = share.map(|rate| FleetLimiter::new(rate, keys));
+        }
+    }
+
+    fn check(&self, device: &DeviceId, now_ms: u64) -> Result<(), Denial> {
+        let mut l = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(l) = l.as_mut() else { return Ok(()) };
+        l.check(device, now_ms).map_err(|refusal| {
+            let msg = match refusal {
+                FleetRefusal::Cap(_) => "rate limited: the fleet's request rate is spent",
+                FleetRefusal::OverShare(_) => {
+                    "rate limited: the fleet is busy and this device had its share"
+                }
+            };
+            rate_limited(msg, refusal.retry_after().secs_ceil())
+        })
+    }
+}
 
 pub struct RateLimits {
-    /// Shared with the next configuration when a reload leaves its settings unchanged, so a
-    /// reload does not hand every device a fresh burst.
-    per_device: Option<Arc<Mutex<RateLimiter<DeviceId>>>>,
-    per_device_settings: (u32, u32, usize),
-    fleet_chat: Mutex<Option<RateLimiter<()>>>,
-    fleet_workflow: Mutex<Option<RateLimiter<()>>>,
-    /// Fleet caps from the config (they win over the plan's).
-    configured_chat: u32,
-    configured_workflow: u32,
-    /// The plan's QPS as last synced (0: not known), kept across reloads.
-    plan_chat: AtomicU32,
-    plan_workflow: AtomicU32,
-}
-
-fn limiter<K: std::hash::Hash + Eq + Clone>(
-    rate: u32,
-    burst: u32,
-    keys: usize,
-) -> Option<Arc<Mutex<RateLimiter<K>>>> {
-    let rate = NonZeroU32::new(rate)?;
-    let burst = NonZeroU32::new(burst).unwrap_or(rate);
-    let keys = NonZeroUsize::new(keys).unwrap_or(NonZeroUsize::MIN);
-    Some(Arc::new(Mutex::new(RateLimiter::new(rate, burst, keys))))
-}
-
-fn check_fleet(l: &Mutex<Option<RateLimiter<()>>>, now_ms: u64) -> Result<(), Denial> {
-    let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(l) = l.as_mut() else { return Ok(()) };
-    l.check(&(), now_ms).map_err(|r| {
-        Denial::new(DenyReason::RateLimited, "rate limited").retry_after(r.secs_ceil().max(1))
-    })
-}
-
-fn fleet(qps: u32) -> Option<RateLimiter<()>> {
-    let rate = NonZeroU32::new(qps)?;
-    Some(RateLimiter::new(rate, rate, NonZeroUsize::MIN))
-}
-
-fn check<K: std::hash::Hash + Eq + Clone>(
-    l: &Option<Arc<Mutex<RateLimiter<K>>>>,
-    key: &K,
-    now_ms: u64,
-) -> Result<(), Denial> {
-    let Some(l) = l else { return Ok(()) };
-    let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
-    l.check(key, now_ms).map_err(|r| {
-        Denial::new(DenyReason::RateLimited, "rate limited").retry_after(r.secs_ceil().max(1))
-    })
+    per_device: PerDevice,
+    /// `[rate_limits.routes]`, indexed by `RouteClass as usize`.
+    per_route: Vec<PerDevice>,
+    fleet_chat: Fleet,
+    fleet_workflow: Fleet,
+    /// Live nodes sharing the fleet caps (cluster mode; 1 on a single node).
+    nodes: AtomicU32,
+    max_tracked: usize,
 }
 
 impl RateLimits {
     pub fn new(s: &RateLimitSettings) -> RateLimits {
-        RateLimits {
-            per_device: limiter(s.device_rps, s.device_burst, s.max_tracked_devices),
-            per_device_settings: (s.device_rps, s.device_burst, s.max_tracked_devices),
-            fleet_chat: Mutex::new(fleet(s.fleet_chat_qps)),
-            fleet_workflow: Mutex::new(fleet(s.fleet_workflow_qps)),
-            configured_chat: s.fleet_chat_qps,
-            configured_workflow: s.fleet_workflow_qps,
-            plan_chat: AtomicU32::new(0),
-            plan_workflow: AtomicU32::new(0),
-        }
+        let keys = s.max_tracked_devices;
+        let r = RateLimits {
+            per_device: PerDevice::new(
+                RouteRate {
+                    rps: s.device_rps,
+                    burst: s.device_burst,
+                },
+                keys,
+            ),
+            per_route: RouteClass::ALL
+                .iter()
+                .map(|class| PerDevice::new(s.route(*class), keys))
+                .collect(),
+            fleet_chat: Fleet::new(s.fleet_chat_qps),
+            fleet_workflow: Fleet::new(s.fleet_workflow_qps),
+            nodes: AtomicU32::new(1),
+            max_tracked: keys,
+        };
+        r.refresh_fleet();
+        r
     }
 
     /// The limits of new settings (a reload), keeping what the running ones learned: the
-    /// plan's QPS (until the next sync), and the per-device limiter's state when its settings
-    /// did not change.
+    /// plan's QPS (until the next sync), the number of live nodes, and the per-device
+    /// limiters' state where their settings did not change.
     pub fn reconfigured(&self, s: &RateLimitSettings) -> RateLimits {
         let mut next = RateLimits::new(s);
-        if next.per_device_settings == self.per_device_settings {
-            next.per_device = self.per_device.clone();
-        }
-        for (class, plan) in [
-            (RouteClass::Chat, &self.plan_chat),
-            (RouteClass::Workflow, &self.plan_workflow),
+        next.per_device = self.per_device.kept_for(next.per_device);
+        next.per_route = self
+            .per_route
+            .iter()
+            .zip(next.per_route)
+            .map(|(old, new)| old.kept_for(new))
+            .collect();
+        for (old, new) in [
+            (&self.fleet_chat, &next.fleet_chat),
+            (&self.fleet_workflow, &next.fleet_workflow),
         ] {
-            let qps = plan.load(Ordering::Relaxed);
-            if qps > 0 {
-                next.set_plan_qps(class, qps);
-            }
+            new.plan
+                .store(old.plan.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+        next.nodes
+            .store(self.nodes.load(Ordering::Relaxed), Ordering::Relaxed);
+        next.refresh_fleet();
         next
+    }
+
+    fn refresh_fleet(&self) {
+        let nodes = self.nodes.load(Ordering::Relaxed);
+        self.fleet_chat.refresh(nodes, self.max_tracked);
+        self.fleet_workflow.refresh(nodes, self.max_tracked);
     }
 
     /// Applies the plan's QPS (from the upstream's `benefits/get`) where the config sets no cap.
     pub fn set_plan_qps(&self, class: RouteClass, qps: u32) {
-        let (slot, configured, plan) = match class {
-            RouteClass::Chat => (&self.fleet_chat, self.configured_chat, &self.plan_chat),
-            RouteClass::Workflow => (
-                &self.fleet_workflow,
-                self.configured_workflow,
-                &self.plan_workflow,
-            ),
+        let fleet = match class {
+            RouteClass::Chat => &self.fleet_chat,
+            RouteClass::Workflow => &self.fleet_workflow,
             _ => return,
         };
-        plan.store(qps, Ordering::Relaxed);
-        if configured == 0 {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = fleet(qps);
+        fleet.plan.store(qps, Ordering::Relaxed);
+        fleet.refresh(self.nodes.load(Ordering::Relaxed), self.max_tracked);
+    }
+
+    /// How many nodes share the fleet caps (cluster membership; at least 1).
+    pub fn set_nodes(&self, nodes: u32) {
+        let nodes = nodes.max(1);
+        if self.nodes.swap(nodes, Ordering::Relaxed) != nodes {
+            self.refresh_fleet();
         }
     }
 
     /// Checks (and spends) one request of `device` on a route of `class`.
     pub fn admit(&self, device: &DeviceId, class: RouteClass, now_ms: u64) -> Result<(), Denial> {
-        check(&self.per_device, device, now_ms)?;
+        self.per_device.check(device, now_ms)?;
+        if let Some(route) = self.per_route.get(class as usize) {
+            route.check(device, now_ms)?;
+        }
         match class {
-            RouteClass::Chat | RouteClass::Voice => check_fleet(&self.fleet_chat, now_ms),
-            RouteClass::Workflow => check_fleet(&self.fleet_workflow, now_ms),
+            RouteClass::Chat | RouteClass::Voice => self.fleet_chat.check(device, now_ms),
+            RouteClass::Workflow => self.fleet_workflow.check(device, now_ms),
             _ => Ok(()),
         }
     }
@@ -142,6 +230,7 @@ mod tests {
             fleet_chat_qps,
             fleet_workflow_qps: 0,
             max_tracked_devices: 100,
+            routes: Vec::new(),
         }
     }
 
@@ -178,6 +267,70 @@ mod tests {
         assert!(
             changed.admit(&d, RouteClass::Other, 0).is_ok(),
             "new settings, new limiter"
+        );
+    }
+
+    /// `[rate_limits.routes]` limits one route class per device, apart from the others, and a
+    /// reload keeps an unchanged route's state.
+    #[test]
+    fn route_rates_limit_one_class_per_device() {
+        for (i, class) in RouteClass::ALL.iter().enumerate() {
+            assert_eq!(*class as usize, i, "per_route is indexed by `as usize`");
+        }
+        let mut s = settings(0, 0);
+        s.routes = vec![(RouteClass::Chat, RouteRate { rps: 1, burst: 2 })];
+        let r = RateLimits::new(&s);
+        let (a, b) = (DeviceId::parse("a").unwrap(), DeviceId::parse("b").unwrap());
+        assert!(r.admit(&a, RouteClass::Chat, 0).is_ok());
+        assert!(r.admit(&a, RouteClass::Chat, 0).is_ok());
+        let refused = r.admit(&a, RouteClass::Chat, 0).unwrap_err();
+        assert_eq!(refused.retry_after_s, Some(1));
+        assert!(
+            r.admit(&a, RouteClass::Other, 0).is_ok(),
+            "other classes are free"
+        );
+        assert!(
+            r.admit(&b, RouteClass::Chat, 0).is_ok(),
+            "other devices are free"
+        );
+        assert!(
+            r.admit(&a, RouteClass::Chat, 1000).is_ok(),
+            "refills at 1/s"
+        );
+
+        let same = r.reconfigured(&s);
+        assert!(
+            same.admit(&a, RouteClass::Chat, 1000).is_err(),
+            "state kept"
+        );
+        s.routes[0].1.burst = 3;
+        let changed = r.reconfigured(&s);
+        assert!(changed.admit(&a, RouteClass::Chat, 1000).is_ok());
+    }
+
+    /// In a cluster each node takes its share of the fleet cap, rounded up; a node count that
+    /// does not change keeps the bucket.
+    #[test]
+    fn nodes_split_the_fleet_cap() {
+        let r = RateLimits::new(&settings(0, 10));
+        assert_eq!(admitted(&r, 30, 0), 10);
+        r.set_nodes(3);
+        assert_eq!(admitted(&r, 30, 10_000), 4, "ceil(10 / 3)");
+        r.set_nodes(3);
+        assert_eq!(admitted(&r, 30, 10_000), 0, "same share, same bucket");
+        let next = r.reconfigured(&settings(0, 10));
+        assert_eq!(
+            admitted(&next, 30, 20_000),
+            4,
+            "a reload keeps the node count"
+        );
+        r.set_nodes(0);
+        assert_eq!(admitted(&r, 30, 30_000), 10, "never fewer than one node");
+        r.set_plan_qps(RouteClass::Chat, 100);
+        assert_eq!(
+            admitted(&r, 30, 40_000),
+            10,
+            "the config's cap wins over the plan's"
         );
     }
 }

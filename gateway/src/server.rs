@@ -104,6 +104,11 @@ impl DrainOnSignal {
             open_sse = m.sse_streams.get(),
             "Drain finished; stopping listeners."
         );
+        // Now, not when the services stop: pingora drops their tasks at once after this
+        // returns (grace period 0), which could cut the leave short.
+        if let Some(cluster) = &self.state.cluster {
+            cluster.leave().await;
+        }
     }
 }
 
@@ -255,11 +260,20 @@ pub fn run(
             "fleetgate cluster change feed",
             crate::cluster::feed::Feed {
                 state: state.clone(),
-                cluster,
+                cluster: cluster.clone(),
             },
         );
         feed.threads = Some(1);
         server.add_service(feed);
+        let mut members = background_service(
+            "fleetgate cluster membership",
+            crate::cluster::members::Members {
+                state: state.clone(),
+                cluster: cluster.clone(),
+            },
+        );
+        members.threads = Some(1);
+        server.add_service(members);
     }
 
     if let Some(sync) = state.config.quota.sync.clone() {

@@ -1079,3 +1079,88 @@ async fn redis_cluster_over_tls_with_a_password() {
         assert!(!n.log().contains("tls-cl-pw"), "password in the log");
     }
 }
+
+/// `fleetgate_cluster_nodes` as `node` last saw it.
+async fn cluster_nodes_seen(node: &GatewayProcess) -> Option<u64> {
+    let m = node.metrics().await;
+    m.lines()
+        .find_map(|l| l.strip_prefix("fleetgate_cluster_nodes "))
+        .and_then(|v| v.parse().ok())
+}
+
+/// `n` workflow requests of one device sent to `node` at once; how many were admitted.
+async fn workflow_burst(node: &GatewayProcess, token: &str, n: usize) -> usize {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let req = node
+            .http
+            .post(format!("{}/v1/workflow/run", node.device))
+            .bearer_auth(token)
+            .json(&json!({"workflow_id": "w"}));
+        tasks.push(tokio::spawn(async move {
+            req.send().await.map(|r| r.status().as_u16())
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += usize::from(matches!(t.await.unwrap(), Ok(200)));
+    }
+    ok
+}
+
+/// The fleet cap holds for the cluster, not per node: two nodes each enforce half of
+/// `fleet_workflow_qps`, so together they admit about the cap (not twice it). A node that
+/// stops leaves at once, and the other takes the whole cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_share_the_fleet_cap() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let redis = RedisServer::start();
+    let mut gw = Vec::new();
+    for _ in 0..2 {
+        let mut opts = GatewayOptions::new(&up.base_url());
+        opts.redis = Some(format!("url = \"{}\"\n", redis.url()));
+        opts.extra_toml = "[rate_limits]\nfleet_workflow_qps = 10\n".into();
+        gw.push(GatewayProcess::start(&opts).await);
+    }
+    let token = gw[0].register_device("cl-fleet").await;
+    for node in &gw {
+        let seen = within(Duration::from_secs(3), || async {
+            cluster_nodes_seen(node).await == Some(2)
+        })
+        .await;
+        assert!(seen.is_some(), "both nodes see two members");
+    }
+    // Let both buckets fill (5 each), then hit both nodes at once. The buckets refill at the
+    // cap (10/s together) while the burst is answered: that much more may pass.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let start = Instant::now();
+    let (a, b) = tokio::join!(
+        workflow_burst(&gw[0], &token, 20),
+        workflow_burst(&gw[1], &token, 20)
+    );
+    let refill = (start.elapsed().as_secs_f64() * 10.0).ceil() as usize;
+    assert!(
+        a + b >= 10 && a + b <= 10 + refill + 1,
+        "the cluster admits the cap of 10 (+{refill} refilled), not twice it: {a} + {b}"
+    );
+
+    gw[1].signal("TERM");
+    let alone = within(Duration::from_millis(8000), || async {
+        cluster_nodes_seen(&gw[0]).await == Some(1)
+    })
+    .await;
+    // Leaving at once takes up to one beat of the other node (1 s); dropping out as a silent
+    // member would take `STALE` (3 s) and more.
+    assert!(
+        alone.is_some_and(|t| t < Duration::from_millis(2500)),
+        "a node that stops leaves at once: {alone:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let start = Instant::now();
+    let whole = workflow_burst(&gw[0], &token, 30).await;
+    let refill = (start.elapsed().as_secs_f64() * 10.0).ceil() as usize;
+    assert!(
+        whole >= 10 && whole <= 10 + refill,
+        "the last node takes the whole cap of 10 (+{refill} refilled): {whole}"
+    );
+}

@@ -907,6 +907,86 @@ async fn rate_limits_per_device_and_fleet() {
     );
 }
 
+/// One `POST` of a device on the device listener: (status, Coze code, message).
+async fn post_as(gw: &GatewayProcess, token: &str, path: &str) -> (u16, Option<i64>, String) {
+    let r = gw
+        .http
+        .post(format!("{}{path}", gw.device))
+        .bearer_auth(token)
+        .json(&json!({"bot_id": "b", "workflow_id": "w"}))
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    (
+        s,
+        v["code"].as_i64(),
+        v["msg"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// `[rate_limits.routes.<class>]` limits one route class per device: the workflow route is
+/// refused once its burst is spent while the device's other routes, and other devices on the
+/// same route, still pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_rate_limits_one_route_class_per_device() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.extra_toml = "[rate_limits.routes.workflow]\nrps = 1\nburst = 2\n".into();
+    let gw = GatewayProcess::start(&opts).await;
+    let a = gw.register_device("rr-a").await;
+    let b = gw.register_device("rr-b").await;
+    assert_eq!(post_as(&gw, &a, "/v1/workflow/run").await.0, 200);
+    assert_eq!(post_as(&gw, &a, "/v1/workflow/run").await.0, 200);
+    let (status, code, _) = post_as(&gw, &a, "/v1/workflow/run").await;
+    assert_eq!(
+        (status, code),
+        (429, Some(4013)),
+        "the route's burst is spent"
+    );
+    assert_eq!(
+        post_as(&gw, &a, "/v1/conversation/create").await.0,
+        200,
+        "other routes of the device pass"
+    );
+    assert_eq!(
+        post_as(&gw, &b, "/v1/workflow/run").await.0,
+        200,
+        "other devices pass"
+    );
+}
+
+/// The fleet cap is shared fairly: with 20 workflow requests per second for the fleet, a
+/// device that has had its share (10 of 20, two devices asking) is refused while the fleet
+/// still has requests left, and those go to the device under its share. First come, first
+/// served, the greedy device would have taken them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_cap_is_shared_fairly_between_devices() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.extra_toml = "[rate_limits]\nfleet_workflow_qps = 20\n".into();
+    let gw = GatewayProcess::start(&opts).await;
+    let light = gw.register_device("fair-light").await;
+    let greedy = gw.register_device("fair-greedy").await;
+    assert_eq!(post_as(&gw, &light, "/v1/workflow/run").await.0, 200);
+    for i in 0..10 {
+        assert_eq!(
+            post_as(&gw, &greedy, "/v1/workflow/run").await.0,
+            200,
+            "request {i}: within its share"
+        );
+    }
+    let (status, code, msg) = post_as(&gw, &greedy, "/v1/workflow/run").await;
+    assert_eq!((status, code), (429, Some(4013)), "over its share: {msg}");
+    assert!(msg.contains("had its share"), "{msg}");
+    assert_eq!(
+        post_as(&gw, &light, "/v1/workflow/run").await.0,
+        200,
+        "what was kept back serves the device under its share"
+    );
+}
+
 /// Rules created upstream (Coze's limitations API, here the sandbox) are enforced at the edge
 /// within one sync interval; while the upstream's quota API is down, the last-known rules keep
 /// holding and `/readyz` says why; the plan's `api_run_qps` becomes the fleet chat cap.

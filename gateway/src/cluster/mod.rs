@@ -13,6 +13,7 @@
 //!   the check the safety net.
 //! - **Quota** ([`leases`]): nodes admit against leases of quota granted atomically by Redis.
 //! - **`jti`s** ([`Cluster::claim_jti`]): `SET NX` with the assertion's expiry.
+//! - **Membership** ([`members`]): live nodes, so each takes its share of the fleet QPS caps.
 //!
 //! - **Connection**: one `ConnectionManager` to the master. With Sentinel
 //!   (`[store.redis] sentinel`), a connection error, timeout or `READONLY` marks the master
@@ -34,6 +35,7 @@
 //! | `{p}:devs` | set | every device id |
 //! | `{p}:rules` | hash | benefit id → rule JSON (admin-created rules) |
 //! | `{p}:ver` | integer | change counter |
+//! | `{p}:nodes` | sorted set | node id → when it was last heard from (Redis time, ms) |
 //! | `{p}:changes` | channel | `"<ver> dev <id>"`, `"<ver> devs <id>\n<id>…"`, `"<ver> rule <benefit id>"` (`"<ver> rules"`, reload all, is still understood) |
 //! | `p:use:<id>` | hash | quota counters and leases per node (see [`leases`]) |
 //! | `p:jti:<id>:<jti>` | string | a used assertion id, expiring with the assertion |
@@ -43,6 +45,7 @@
 pub mod devices;
 pub mod feed;
 pub mod leases;
+pub mod members;
 pub mod rules;
 
 use std::sync::Arc;
@@ -95,6 +98,9 @@ pub struct Cluster {
     pub recovered: tokio::sync::Notify,
     /// `fleetgate_cluster_redis_up`, once the metrics exist.
     up_gauge: std::sync::OnceLock<prometheus::IntGauge>,
+    /// Membership ([`members`]): `true` once this node has left; beats and the leave take
+    /// turns, so a beat in flight cannot add the node back after it left.
+    membership: tokio::sync::Mutex<bool>,
     /// `fleetgate_cluster_errors_total`, once the metrics exist.
     errors: std::sync::OnceLock<prometheus::IntCounterVec>,
 }
@@ -250,6 +256,7 @@ impl Cluster {
             recovered: tokio::sync::Notify::new(),
             up_gauge: std::sync::OnceLock::new(),
             errors: std::sync::OnceLock::new(),
+            membership: tokio::sync::Mutex::new(false),
         };
         let _: String = cluster.run(redis::cmd("PING")).await?;
         Ok(Arc::new(cluster))
@@ -345,13 +352,14 @@ impl Cluster {
         &self,
         cmd: impl std::borrow::Borrow<redis::Cmd>,
     ) -> Result<T, ClusterError> {
+        let answers = self.answers.load(Ordering::Acquire);
         let mut conn = self.conn().await;
         let r = tokio::time::timeout(
             self.settings.timeout,
             cmd.borrow().query_async::<T>(&mut conn),
         )
         .await;
-        self.finish(r)
+        self.finish(r, answers)
     }
 
     /// Runs a script invocation with the configured timeout.
@@ -359,14 +367,17 @@ impl Cluster {
         &self,
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<T, ClusterError> {
+        let answers = self.answers.load(Ordering::Acquire);
         let mut conn = self.conn().await;
         let r = tokio::time::timeout(self.settings.timeout, inv.invoke_async::<T>(&mut conn)).await;
-        self.finish(r)
+        self.finish(r, answers)
     }
 
+    /// Records the outcome of a command that started when `answers` was the answer count.
     fn finish<T>(
         &self,
         r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        answers: u64,
     ) -> Result<T, ClusterError> {
         match r {
             Ok(Ok(v)) => {
@@ -374,18 +385,28 @@ impl Cluster {
                 Ok(v)
             }
             Ok(Err(e)) if is_connection_error(&e) => {
-                self.mark(false);
-                self.stale.store(true, Ordering::Release);
+                self.failed_since(answers);
                 Err(e.into())
             }
             // A script or type error: Redis itself is fine.
             Ok(Err(e)) => Err(ClusterError::Corrupt(e.to_string())),
             Err(_) => {
-                self.mark(false);
-                self.stale.store(true, Ordering::Release);
+                self.failed_since(answers);
                 Err(ClusterError::Unavailable("timed out".into()))
             }
         }
+    }
+
+    /// An attempt that started when `answers` was the answer count failed to reach Redis. It
+    /// marks Redis down only if nothing else reached Redis since it started: an attempt can
+    /// take up to the timeout, and one that began during an outage and failed after Redis
+    /// was back (and a report had closed the outage) would otherwise open a second outage,
+    /// with a fresh degraded allowance.
+    fn failed_since(&self, answers: u64) {
+        if self.answers.load(Ordering::Acquire) == answers {
+            self.mark(false);
+        }
+        self.stale.store(true, Ordering::Release);
     }
 
     /// A dedicated pub/sub connection: to the master, or on Redis Cluster to the first seed
@@ -421,14 +442,8 @@ impl Cluster {
             }
         }
         // A node that sends no command (no admin writes, no leases needed) learns of an
-        // outage here first: its change feed lost the subscription and cannot get it back.
-        // Unless Redis answered something else meanwhile (these attempts can take seconds):
-        // marking it down then would start a second outage, with a fresh degraded allowance,
-        // right after the first one ended.
-        if self.answers.load(Ordering::Acquire) == answers {
-            self.mark(false);
-        }
-        self.stale.store(true, Ordering::Release);
+        // outage here too: its change feed lost the subscription and cannot get it back.
+        self.failed_since(answers);
         Err(last)
     }
 
@@ -440,6 +455,7 @@ impl Cluster {
         cmds: Vec<redis::Cmd>,
         timeout: Duration,
     ) -> Result<Vec<T>, ClusterError> {
+        let answers = self.answers.load(Ordering::Acquire);
         let conn = self.conn().await;
         let r = match conn {
             Conn::Single(_) => {
@@ -467,7 +483,7 @@ impl Cluster {
                 .await
             }
         };
-        self.finish(r)
+        self.finish(r, answers)
     }
 
     /// Records a device's assertion id as used until `exp` (unix seconds). `Ok(false)`: it was

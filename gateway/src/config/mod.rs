@@ -267,6 +267,26 @@ pub struct RateLimitSettings {
     pub fleet_chat_qps: u32,
     pub fleet_workflow_qps: u32,
     pub max_tracked_devices: usize,
+    /// `[rate_limits.routes.<class>]`: per device on one route class.
+    pub routes: Vec<(policy::route::RouteClass, RouteRate)>,
+}
+
+impl RateLimitSettings {
+    /// The per-device rate on routes of `class` (`rps` 0: none).
+    pub fn route(&self, class: policy::route::RouteClass) -> RouteRate {
+        self.routes
+            .iter()
+            .find(|(c, _)| *c == class)
+            .map(|(_, r)| *r)
+            .unwrap_or_default()
+    }
+}
+
+/// A per-device request rate: `rps` per second (0: off), bursts of `burst`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteRate {
+    pub rps: u32,
+    pub burst: u32,
 }
 
 /// Validated `[quota.sync]`.
@@ -655,6 +675,45 @@ fn cluster_seeds(c: &mut Collector, seeds: &[String]) -> Option<Vec<redis::Conne
     Some(out)
 }
 
+/// `[rate_limits.routes]`: one table per route class name.
+fn route_rates(
+    c: &mut Collector,
+    routes: &std::collections::BTreeMap<String, raw::RouteRateConfig>,
+) -> Vec<(policy::route::RouteClass, RouteRate)> {
+    let mut out = Vec::new();
+    for (name, r) in routes {
+        let path = format!("rate_limits.routes.{name}");
+        let Some(class) = policy::route::RouteClass::ALL
+            .into_iter()
+            .find(|class| class.as_str() == name)
+        else {
+            let names: Vec<&str> = policy::route::RouteClass::ALL
+                .iter()
+                .map(|class| class.as_str())
+                .collect();
+            c.err(
+                &path,
+                format!("unknown route class; one of: {}", names.join(", ")),
+            );
+            continue;
+        };
+        if r.burst == Some(0) && r.rps > 0 {
+            c.err(
+                &format!("{path}.burst"),
+                "must be at least 1 when `rps` is set",
+            );
+        }
+        out.push((
+            class,
+            RouteRate {
+                rps: r.rps,
+                burst: r.burst.unwrap_or(r.rps),
+            },
+        ));
+    }
+    out
+}
+
 fn redis_settings(
     c: &mut Collector,
     env: EnvLookup<'_>,
@@ -1037,6 +1096,7 @@ fn validate(mut f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig,
     if f.rate_limits.max_tracked_devices == Some(0) {
         c.err("rate_limits.max_tracked_devices", "must be at least 1");
     }
+    let route_rates = route_rates(&mut c, &f.rate_limits.routes);
     if f.store.path.trim().is_empty() {
         c.err("store.path", "must name a file (or `:memory:`)");
     }
@@ -1127,6 +1187,7 @@ fn validate(mut f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig,
             fleet_chat_qps: f.rate_limits.fleet_chat_qps,
             fleet_workflow_qps: f.rate_limits.fleet_workflow_qps,
             max_tracked_devices: f.rate_limits.max_tracked_devices.unwrap_or(1_000_000),
+            routes: route_rates,
         },
         quota: QuotaSettings {
             sync: quota_sync,
@@ -1256,6 +1317,36 @@ mod tests {
             "the password is redacted"
         );
         assert!(load_str(MINIMAL, &env).unwrap().redis.is_none());
+    }
+
+    /// `[rate_limits.routes.<class>]` names a route class and a rate; both are checked, with
+    /// their key paths.
+    #[test]
+    fn route_rates_are_validated_with_key_paths() {
+        let text = format!(
+            "{MINIMAL}\n[rate_limits.routes.chat]\nrps = 2\n[rate_limits.routes.workflow]\nrps = 1\nburst = 4\n"
+        );
+        let c = load_str(&text, &env).unwrap();
+        let chat = c.rate_limits.route(policy::route::RouteClass::Chat);
+        assert_eq!((chat.rps, chat.burst), (2, 2), "burst defaults to rps");
+        let wf = c.rate_limits.route(policy::route::RouteClass::Workflow);
+        assert_eq!((wf.rps, wf.burst), (1, 4));
+        assert_eq!(c.rate_limits.route(policy::route::RouteClass::File).rps, 0);
+
+        let e = load_str(
+            &format!(
+                "{MINIMAL}\n[rate_limits.routes.chats]\nrps = 2\n[rate_limits.routes.voice]\nrps = 1\nburst = 0\n"
+            ),
+            &env,
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|x| x.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["rate_limits.routes.chats", "rate_limits.routes.voice.burst"],
+            "{e}"
+        );
+        assert!(e.0[0].message.contains("chat, workflow"), "{e}");
     }
 
     /// `MINIMAL` in cluster mode with this `[store.redis]` table body.

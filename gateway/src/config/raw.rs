@@ -47,8 +47,21 @@ pub struct RateLimitsConfig {
     /// Fleet-wide requests per second on workflow routes.
     #[serde(default)]
     pub fleet_workflow_qps: u32,
-    /// Devices tracked by the per-device limiter (idle ones are forgotten first).
+    /// Devices tracked by each per-device limiter (idle ones are forgotten first), and by
+    /// fleet fairness per second.
     pub max_tracked_devices: Option<usize>,
+    /// Per device on one route class: `[rate_limits.routes.chat] rps = 1`.
+    #[serde(default)]
+    pub routes: std::collections::BTreeMap<String, RouteRateConfig>,
+}
+
+/// `[rate_limits.routes.<class>]`.
+#[derive(Debug, Deserialize)]
+pub struct RouteRateConfig {
+    /// Requests (and WebSocket sessions) per second per device on this route class.
+    pub rps: u32,
+    /// Burst (default: `rps`).
+    pub burst: Option<u32>,
 }
 
 /// Quotas: what admission holds for a request before its real usage is known, how credits
