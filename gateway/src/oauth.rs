@@ -51,6 +51,11 @@ pub struct TokenEndpoint {
     per_ip: Mutex<RateLimiter<IpAddr>>,
     per_device: Mutex<RateLimiter<(DeviceId, Option<IpAddr>)>>,
     replay: Mutex<ReplayCache>,
+    /// When this process started (unix seconds). The replay cache is memory: in embedded
+    /// mode assertions issued before the start are refused, since their `jti` may have been
+    /// used before a restart (`AssertionPolicy::issued_after_s`). Cluster nodes claim `jti`s
+    /// in Redis, which outlives them.
+    started_s: u64,
     /// Verified against when the `client_id` is unknown, so timing does not tell.
     dummy: SecretHash,
 }
@@ -78,6 +83,7 @@ impl TokenEndpoint {
             replay: Mutex::new(ReplayCache::new(
                 NonZeroUsize::new(replay_entries).unwrap_or(NonZeroUsize::MIN),
             )),
+            started_s: now_ms() / 1000,
             dummy: DeviceSecret::generate(rand::random(), rand::random()).1,
         }
     }
@@ -260,6 +266,9 @@ async fn jwt_bearer(
     let mut policy = AssertionPolicy::new(audiences);
     policy.max_lifetime_s = t.max_assertion_lifetime.as_secs();
     policy.max_skew_s = t.max_assertion_skew.as_secs();
+    if state.cluster.is_none() {
+        policy.issued_after_s = ep.started_s;
+    }
     let now_s = now_ms() / 1000;
     let a = verify_assertion(
         jwt,

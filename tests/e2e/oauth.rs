@@ -175,6 +175,60 @@ async fn jwt_bearer_grant_issues_working_tokens() {
     assert!(!v.to_string().contains(&jwt), "assertion echoed");
 }
 
+/// `jti` single use survives a restart of an embedded gateway: the replay cache is memory,
+/// so an assertion issued before the restart (used or not) is refused after it, and a fresh
+/// one works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assertion_used_before_a_restart_cannot_be_replayed_after_it() {
+    let up = sandbox_upstream(SandboxConfig::default()).await;
+    let dir = TempDir::new();
+    let mut opts = GatewayOptions::new(&up.base_url());
+    opts.store_path = Some(dir.0.join("restart.redb"));
+    let gw = GatewayProcess::start(&opts).await;
+    let aud = gw.device_addr.to_string();
+    gw.register_device("restart-dev").await;
+    add_key(&gw, "restart-dev", "e1", "ES256", "p256_public_spki.pem").await;
+    let used = es256(
+        json!({"alg": "ES256", "typ": "JWT", "kid": "e1"}),
+        claims("restart-dev", &aud),
+    );
+    assert_eq!(exchange(&gw, &used).await.0, 200);
+
+    // The restarted process starts in a later second than the assertion's `iat`.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    drop(gw);
+    let gw = GatewayProcess::start(&opts).await;
+    // The audience is the Host the device calls (`audience_from_host`); the new process
+    // listens on another port, so the replay names the old one.
+    let r = gw
+        .http
+        .post(format!("{}{TOKEN_PATH}", gw.device))
+        .header("host", &aud)
+        .bearer_auth(&used)
+        .json(&json!({"grant_type": JWT_BEARER, "duration_seconds": 600}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (status, v["error_code"].as_str()),
+        (401, Some("invalid_client")),
+        "replayed after the restart: {v}"
+    );
+    assert!(
+        v["error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("issued before the gateway started")),
+        "{v}"
+    );
+    let fresh = es256(
+        json!({"alg": "ES256", "typ": "JWT", "kid": "e1"}),
+        claims("restart-dev", &gw.device_addr.to_string()),
+    );
+    assert_eq!(exchange(&gw, &fresh).await.0, 200, "a new assertion works");
+}
+
 /// Every way to forge or misuse an assertion is refused with Coze's OAuth error shape.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_misused_assertions_are_refused() {

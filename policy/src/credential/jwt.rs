@@ -55,6 +55,11 @@ pub struct AssertionPolicy {
     /// Longest `exp - iat` accepted. Go SDK clients sign with `exp = iat + duration_seconds`;
     /// raise to 86_399 if long-TTL Go clients must work.
     pub max_lifetime_s: u64,
+    /// Assertions issued (`iat`) before this unix second are refused (0: none). A gateway
+    /// whose `jti` replay cache lives in memory sets its start time here: a `jti` used before
+    /// a restart is not remembered after it, but every assertion accepted after it was
+    /// issued after it, so none can have been used before.
+    pub issued_after_s: u64,
 }
 
 impl AssertionPolicy {
@@ -64,6 +69,7 @@ impl AssertionPolicy {
             audiences,
             max_skew_s: DEFAULT_MAX_SKEW_S,
             max_lifetime_s: DEFAULT_MAX_LIFETIME_S,
+            issued_after_s: 0,
         }
     }
 }
@@ -111,6 +117,8 @@ pub enum AssertionError {
     NotYetValid,
     #[error("JWT lifetime (exp - iat) is not accepted")]
     Lifetime,
+    #[error("JWT was issued before the gateway started; sign a new one")]
+    IssuedBeforeStart,
 }
 
 impl AssertionError {
@@ -129,7 +137,8 @@ impl AssertionError {
             | AssertionError::Audience
             | AssertionError::Expired
             | AssertionError::NotYetValid
-            | AssertionError::Lifetime => "invalid_client",
+            | AssertionError::Lifetime
+            | AssertionError::IssuedBeforeStart => "invalid_client",
         }
     }
 }
@@ -268,6 +277,9 @@ pub fn verify_assertion<'k>(
     }
     if exp <= iat || exp - iat > policy.max_lifetime_s {
         return Err(E::Lifetime);
+    }
+    if iat < policy.issued_after_s {
+        return Err(E::IssuedBeforeStart);
     }
 
     Ok(VerifiedAssertion {
@@ -568,9 +580,36 @@ mod tests {
             AssertionError::Expired,
             AssertionError::NotYetValid,
             AssertionError::Lifetime,
+            AssertionError::IssuedBeforeStart,
         ] {
             assert_eq!(e.oauth_code(), "invalid_client");
         }
+    }
+
+    /// `issued_after_s` (a restarted gateway's start time) refuses assertions issued before
+    /// it, even valid ones: their `jti` may have been used before the restart.
+    #[test]
+    fn assertions_issued_before_the_start_are_refused() {
+        let r = registry();
+        let t = jwt(&header("RS256", "rsa"), &claims(), &rsa(RSA_PRIVATE));
+        let mut p = policy();
+        let verify = |p: &AssertionPolicy| {
+            verify_assertion(
+                &t,
+                |dev, kid| r.keys.get(&(dev.as_str().to_owned(), kid.to_owned())),
+                p,
+                NOW + 10,
+            )
+        };
+        p.issued_after_s = NOW;
+        assert!(verify(&p).is_ok(), "issued in the start second");
+        p.issued_after_s = NOW + 1;
+        assert_eq!(verify(&p), Err(AssertionError::IssuedBeforeStart));
+        assert!(
+            AssertionError::IssuedBeforeStart
+                .to_string()
+                .contains("sign a new one")
+        );
     }
 
     #[test]
