@@ -1,4 +1,4 @@
-//! Admission: route, device token, body limit. Used by the REST/SSE proxy and by the
+//! Admission: route, device token, access policy (path), body limit. Used by the REST/SSE proxy and by the
 //! WebSocket path alike, so both refuse exactly the same requests.
 
 use policy::decision::{Denial, DenyReason};
@@ -17,6 +17,9 @@ pub struct Admission {
     /// The token's device generation and credential, to re-check long sessions against
     /// revocations.
     pub token: TokenPermit,
+    /// The bots this device may name on this request (`[access]`; checked where a request
+    /// names one).
+    pub bots: policy::access::BotRule,
 }
 
 /// What a verified token says about its holder.
@@ -134,6 +137,7 @@ pub fn admit(
         "missing access token",
     ))?;
     let (device, token) = verify_token(state, token, now_s, cert)?;
+    let bots = super::access::check_path(state, &device, path)?;
     if content_length.is_some_and(|n| n > route.body_limit) {
         return Err(Denial::new(
             DenyReason::BodyTooLarge,
@@ -144,6 +148,7 @@ pub fn admit(
         device,
         route,
         token,
+        bots,
     })
 }
 
