@@ -391,7 +391,8 @@ async fn access_reload_changes_the_answer() {
     .unwrap();
     gw.signal("HUP");
     assert!(
-        eventually(Duration::from_secs(5), || async { chat("b1").await == 403 }).await,
+        // b2 was allowed until this reload.
+        eventually(Duration::from_secs(5), || async { chat("b2").await == 403 }).await,
         "default deny applied"
     );
     // Relabelled to match the policy again.
@@ -403,7 +404,7 @@ async fn access_reload_changes_the_answer() {
         )
         .await;
     assert!(r.status().is_success(), "{}", r.status());
-    assert_eq!(chat("b1").await, 200);
+    assert_eq!(chat("b1").await, 200, "the robot policy allows b1");
     assert_eq!(chat("b2").await, 403);
     // No [access] section: everything allowed again.
     std::fs::write(gw.config_path(), original.replace(TOY_POLICY, "")).unwrap();
