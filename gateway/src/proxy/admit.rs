@@ -17,9 +17,6 @@ pub struct Admission {
     /// The token's device generation and credential, to re-check long sessions against
     /// revocations.
     pub token: TokenPermit,
-    /// The bots this device may name on this request (`[access]`; checked where a request
-    /// names one).
-    pub bots: policy::access::BotRule,
 }
 
 /// What a verified token says about its holder.
@@ -122,7 +119,10 @@ pub fn still_valid(state: &GatewayState, admission: &Admission) -> bool {
     status.enabled && status.generation == admission.token.generation && status.credential_present
 }
 
-/// The whole admission chain for a proxied request.
+/// The whole admission chain for a proxied request: the admission, and the bots the device
+/// may name on it (`[access]`; checked where the request names one). The bot rule is not part
+/// of [`Admission`], which long-lived WebSocket sessions keep (their future's size is
+/// budgeted) and which need it only at admission.
 pub fn admit(
     state: &GatewayState,
     path: &str,
@@ -130,7 +130,7 @@ pub fn admit(
     cert: Option<&CertDevice>,
     content_length: Option<u64>,
     now_s: u64,
-) -> Result<Admission, Denial> {
+) -> Result<(Admission, policy::access::BotRule), Denial> {
     let route = state.routes().resolve(path)?;
     let token = token.ok_or(Denial::new(
         DenyReason::MissingToken,
@@ -144,12 +144,14 @@ pub fn admit(
             "request body too large",
         ));
     }
-    Ok(Admission {
-        device,
-        route,
-        token,
+    Ok((
+        Admission {
+            device,
+            route,
+            token,
+        },
         bots,
-    })
+    ))
 }
 
 #[cfg(test)]

@@ -124,11 +124,12 @@ impl ProxyHttp for Gateway {
         let capture_request = path == "/v1/audio/speech";
         let now_s = ctx.started_unix_ms / 1000;
         let cert = ctx.cert_device.as_ref();
-        let admission = match admit::admit(&self.state, path, token, cert, content_length, now_s) {
-            Ok(a) => a,
-            Err(denial) => return self.deny(session, ctx, denial).await,
-        };
-        let body_bot = access::BodyBotCheck::for_request(&admission.bots, path);
+        let (admission, bots) =
+            match admit::admit(&self.state, path, token, cert, content_length, now_s) {
+                Ok(a) => a,
+                Err(denial) => return self.deny(session, ctx, denial).await,
+            };
+        let body_bot = access::BodyBotCheck::for_request(&bots, path);
         if let Err(denial) = self.state.rate_limits().admit(
             &admission.device,
             admission.route.class,

@@ -171,7 +171,7 @@ impl WsRelay {
         let token = admit::bearer(req.header("authorization"))
             .map(str::to_owned)
             .or_else(|| admit::bearer_from_query(&req.query));
-        let admission = admit::admit(
+        let (admission, bots) = admit::admit(
             &self.state,
             &req.path,
             token.as_deref(),
@@ -179,7 +179,7 @@ impl WsRelay {
             None,
             now_ms() / 1000,
         )?;
-        crate::proxy::access::check_ws_query(&admission.bots, &req.path, &req.query)?;
+        crate::proxy::access::check_ws_query(&bots, &req.path, &req.query)?;
         Ok(admission)
     }
 
