@@ -1,6 +1,6 @@
 //! Live reload (SIGHUP or `POST /admin/v1/reload`): re-reads the config file, applies what can
-//! change without a restart — token signing keys, the route allow-list and body limits, rate
-//! limits, the device listener's TLS files and client-certificate settings — and reports every
+//! change without a restart — token signing keys, the route allow-list and body limits, access
+//! policies, rate limits, the device listener's TLS files and client-certificate settings — and reports every
 //! other changed setting as needing a restart (secrets compared by value, though their `Debug`
 //! hides them). A file with errors changes nothing.
 
@@ -150,12 +150,14 @@ pub fn reload(state: &GatewayState) -> Result<ReloadReport, ConfigErrors> {
         new.tokens.verify_cache_entries,
     ));
     state.set_routes(new.routes.clone());
+    state.set_access(new.access.clone());
     state.set_rate_limits(state.rate_limits().reconfigured(&new.rate_limits));
     state.metrics.reloads.inc();
     let mut applied = vec![
         "tokens.signing_keys",
         "tokens.verify_cache_entries",
         "routes",
+        "access",
         "rate_limits",
     ];
     // Validation loaded the files; turning TLS on or off needs a restart (below).

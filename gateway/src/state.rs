@@ -36,6 +36,8 @@ pub struct GatewayState {
     rate_limits: std::sync::RwLock<Arc<crate::ratelimit::RateLimits>>,
     /// The path allow-list (replaced on reload).
     routes: std::sync::RwLock<Arc<policy::route::RouteTable>>,
+    /// Access policies by device label (`[access]`, replaced on reload).
+    access: std::sync::RwLock<Arc<policy::access::AccessPolicies>>,
     /// Quota rules, the usage ledger and their persistence.
     pub quotas: crate::quota::Quotas,
     /// What goes into `Authorization` upstream, per device (PAT or per-device OAuth token).
@@ -79,6 +81,7 @@ impl GatewayState {
                 &config.rate_limits,
             ))),
             routes: std::sync::RwLock::new(Arc::new(config.routes.clone())),
+            access: std::sync::RwLock::new(Arc::new(config.access.clone())),
             quotas,
             upstream_auth,
             verifier: std::sync::RwLock::new(Arc::new(crate::verifier::TokenVerifier::new(
@@ -110,6 +113,14 @@ impl GatewayState {
 
     pub fn set_routes(&self, r: policy::route::RouteTable) {
         crate::locks::replace(&self.routes, Arc::new(r));
+    }
+
+    pub fn access(&self) -> Arc<policy::access::AccessPolicies> {
+        crate::locks::snapshot(&self.access)
+    }
+
+    pub fn set_access(&self, a: policy::access::AccessPolicies) {
+        crate::locks::replace(&self.access, Arc::new(a));
     }
 
     /// The current signing keys and their verification memo (cheap: an `Arc` clone under a

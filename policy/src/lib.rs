@@ -1,4 +1,5 @@
-//! fleetgate's pure decisions: device tokens, routes, rate limits, quota ledger, meters.
+//! fleetgate's pure decisions: device tokens, routes, access policies, rate limits, quota
+//! ledger, meters.
 //!
 //! This crate decides; the `gateway` crate does. The purity contract: no I/O, no sockets, no
 //! tokio, no pingora, no clock reads, no globals. Time comes in as an argument (`now`, unix
@@ -9,6 +10,7 @@
 //! What it does not do: I/O of any kind, logging, metrics, or holding locks across calls. The
 //! gateway owns shared state and calls in here with plain values.
 
+pub mod access;
 pub mod credential;
 pub mod decision;
 pub mod fleet;

@@ -149,7 +149,7 @@ impl RouteTable {
 
 /// A prefix ending in `/` matches anything under it; otherwise the path must equal the prefix
 /// or continue with `/`.
-fn matches_prefix(path: &str, prefix: &str) -> bool {
+pub(crate) fn matches_prefix(path: &str, prefix: &str) -> bool {
     if prefix.ends_with('/') {
         return path.starts_with(prefix);
     }

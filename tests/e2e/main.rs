@@ -1,6 +1,7 @@
 //! End-to-end tests: real sockets on 127.0.0.1:0, the sandbox upstream in-process, and the
 //! real `fleetgate` binary (`cargo build --bins` first).
 
+mod access;
 mod cli;
 mod cluster;
 mod device_tls;

@@ -369,6 +369,8 @@ pub struct GatewayConfig {
     pub redis: Option<RedisSettings>,
     pub quota: QuotaSettings,
     pub rate_limits: RateLimitSettings,
+    /// `[access]`: which paths and bots devices may use, by label (applied live on reload).
+    pub access: policy::access::AccessPolicies,
     /// The file this configuration was read from (for reloads); `None` when built in code.
     pub source: Option<std::path::PathBuf>,
 }
@@ -1004,6 +1006,7 @@ fn validate(mut f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig,
             );
         }
     }
+    let access = access_policies(&mut c, std::mem::take(&mut f.access));
     if f.routes.body_limit_bytes == 0 {
         c.err("routes.body_limit_bytes", "must be greater than 0");
     }
@@ -1178,6 +1181,7 @@ fn validate(mut f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig,
         store_path: f.store.path,
         redis,
         source: None,
+        access,
         rate_limits: RateLimitSettings {
             device_rps: f.rate_limits.device_rps,
             device_burst: f
@@ -1208,6 +1212,56 @@ fn validate(mut f: raw::ConfigFile, env: EnvLookup<'_>) -> Result<GatewayConfig,
             default_rules,
         },
     })
+}
+
+/// `[access]` as policies, each key checked.
+fn access_policies(c: &mut Collector, a: raw::AccessConfig) -> policy::access::AccessPolicies {
+    use policy::access::{AccessPolicies, AccessPolicy, BotSet, DefaultAccess};
+    let mut policies = Vec::with_capacity(a.policies.len());
+    for (i, p) in a.policies.into_iter().enumerate() {
+        let at = |key: &str| format!("access.policies[{i}].{key}");
+        let match_labels = p.match_labels.unwrap_or_else(|| {
+            c.err(
+                &at("match_labels"),
+                "missing (write `match_labels = {}` to match every device)",
+            );
+            Default::default()
+        });
+        for (k, v) in &match_labels {
+            if k.is_empty() || v.is_empty() {
+                c.err(
+                    &at("match_labels"),
+                    format!("`{k}` = `{v}`: label names and values must not be empty"),
+                );
+            }
+        }
+        for (j, path) in p.allow_paths.iter().flatten().enumerate() {
+            if !path.starts_with('/') {
+                c.err(
+                    &format!("{}[{j}]", at("allow_paths")),
+                    format!("`{path}` must start with `/`"),
+                );
+            }
+        }
+        for (j, bot) in p.allow_bots.iter().flatten().enumerate() {
+            if bot.is_empty() || bot.len() > 128 || !bot.bytes().all(|b| b.is_ascii_graphic()) {
+                c.err(
+                    &format!("{}[{j}]", at("allow_bots")),
+                    "must be a bot id (1 to 128 printable ASCII characters)",
+                );
+            }
+        }
+        policies.push(AccessPolicy {
+            match_labels,
+            allow_paths: p.allow_paths,
+            allow_bots: p.allow_bots.map(|b| std::sync::Arc::new(BotSet::new(b))),
+        });
+    }
+    let default = match a.default {
+        raw::AccessDefault::Allow => DefaultAccess::Allow,
+        raw::AccessDefault::Deny => DefaultAccess::Deny,
+    };
+    AccessPolicies::new(default, policies)
 }
 
 /// `[[quota.rules]]` as rules (`config-<n>`), each checked, then checked together.
@@ -1714,6 +1768,77 @@ mod fuzz {
 }
 
 #[cfg(test)]
+mod access_section {
+    use super::*;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "FLEETGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".into()),
+            "COZE_API_TOKEN" => Some("pat_x".into()),
+            "KEY" => Some(base64::engine::general_purpose::STANDARD.encode([7u8; 32])),
+            _ => None,
+        }
+    }
+
+    const MINIMAL: &str = "[tokens]\nsigning_keys = [{ kid = \"k1\", secret_env = \"KEY\" }]\n";
+
+    /// Every bad key of `[access]` is reported at once with its path, unknown keys too.
+    #[test]
+    fn bad_access_keys_are_reported_with_their_paths() {
+        let text = format!(
+            "{MINIMAL}[access]\ndefault = \"deny\"\n\
+             [[access.policies]]\nallow_paths = [\"v3/chat\"]\nallow_bots = [\"\"]\nallow_bot = []\n\
+             [[access.policies]]\nmatch_labels = {{ product = \"\" }}\n"
+        );
+        let e = load_str(&text, &env).unwrap_err();
+        let mut paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        paths.sort_unstable();
+        assert_eq!(
+            paths,
+            [
+                "access.policies[0].allow_bot",
+                "access.policies[0].allow_bots[0]",
+                "access.policies[0].allow_paths[0]",
+                "access.policies[0].match_labels",
+                "access.policies[1].match_labels",
+            ],
+            "{e}"
+        );
+        let e = load_str(&format!("{MINIMAL}[access]\ndefault = \"maybe\"\n"), &env).unwrap_err();
+        assert_eq!(e.0[0].path, "access.default", "{e}");
+    }
+
+    #[test]
+    fn a_valid_access_section_is_loaded_in_order() {
+        let text = format!(
+            "{MINIMAL}[access]\ndefault = \"deny\"\n\
+             [[access.policies]]\nmatch_labels = {{ product = \"toy\" }}\nallow_bots = [\"b1\"]\n\
+             [[access.policies]]\nmatch_labels = {{}}\nallow_paths = [\"/v1/audio/\"]\n"
+        );
+        let c = load_str(&text, &env).unwrap();
+        let toy = [("product".to_owned(), "toy".to_owned())]
+            .into_iter()
+            .collect();
+        assert!(
+            c.access
+                .check_path(&toy, "/v3/chat")
+                .unwrap()
+                .is_restricted()
+        );
+        let other = Default::default();
+        assert!(c.access.check_path(&other, "/v3/chat").is_err());
+        assert!(
+            !c.access
+                .check_path(&other, "/v1/audio/speech")
+                .unwrap()
+                .is_restricted()
+        );
+        // No [access] section: unrestricted.
+        assert!(load_str(MINIMAL, &env).unwrap().access.is_unrestricted());
+    }
+}
+
+#[cfg(test)]
 mod example_file {
     use super::*;
 
@@ -1783,6 +1908,27 @@ mod example_file {
         assert_eq!(t.files.client_auth, crate::device_tls::ClientAuth::Required);
         assert!(t.bind_device);
         assert_eq!(t.handshake_timeout, Duration::from_secs(10));
+    }
+
+    /// The commented access section is valid once uncommented, and a file without it
+    /// restricts nothing.
+    #[test]
+    fn shipped_access_section_is_valid() {
+        let text = include_str!("../../../config.toml");
+        assert!(load_str(text, &env).unwrap().access.is_unrestricted());
+        let out = uncomment(text, "# [access]");
+        let c = load_str(&out, &env).unwrap_or_else(|e| panic!("config.toml (access): {e}"));
+        let toy = [("product".to_owned(), "toy".to_owned())]
+            .into_iter()
+            .collect();
+        let p = c.access.policy_for(&toy).expect("the toy policy");
+        assert_eq!(p.allow_paths.as_ref().map(Vec::len), Some(3));
+        assert!(c.access.check_path(&toy, "/v1/workflow/run").is_err());
+        assert!(
+            c.access
+                .check_path(&Default::default(), "/v1/workflow/run")
+                .is_ok()
+        );
     }
 
     /// The commented cluster section is valid once uncommented (its keys are real).

@@ -31,6 +31,39 @@ pub struct ConfigFile {
     pub quota: QuotaConfig,
     #[serde(default)]
     pub rate_limits: RateLimitsConfig,
+    /// Absent: every device may use every allowed route (`default = "allow"`, no policies).
+    #[serde(default)]
+    pub access: AccessConfig,
+}
+
+/// Per-device access policies, chosen by device labels (`[access]`).
+#[derive(Debug, Default, Deserialize)]
+pub struct AccessConfig {
+    /// What devices that match no policy may do: `"allow"` or `"deny"`.
+    #[serde(default)]
+    pub default: AccessDefault,
+    /// Checked in order; the first whose labels match decides.
+    #[serde(default)]
+    pub policies: Vec<AccessPolicyConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessDefault {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// One `[[access.policies]]` entry.
+#[derive(Debug, Default, Deserialize)]
+pub struct AccessPolicyConfig {
+    /// Every listed label must be equal on the device; `{}` matches every device.
+    pub match_labels: Option<std::collections::BTreeMap<String, String>>,
+    /// Route prefixes this device may call (absent: every allowed route).
+    pub allow_paths: Option<Vec<String>>,
+    /// Bot ids this device may name (absent: any bot).
+    pub allow_bots: Option<Vec<String>>,
 }
 
 /// Request rate limits (GCRA). 0 turns a limit off.

@@ -1,4 +1,4 @@
-//! Admission: route, device token, body limit. Used by the REST/SSE proxy and by the
+//! Admission: route, device token, access policy (path), body limit. Used by the REST/SSE proxy and by the
 //! WebSocket path alike, so both refuse exactly the same requests.
 
 use policy::decision::{Denial, DenyReason};
@@ -119,7 +119,10 @@ pub fn still_valid(state: &GatewayState, admission: &Admission) -> bool {
     status.enabled && status.generation == admission.token.generation && status.credential_present
 }
 
-/// The whole admission chain for a proxied request.
+/// The whole admission chain for a proxied request: the admission, and the bots the device
+/// may name on it (`[access]`; checked where the request names one). The bot rule is not part
+/// of [`Admission`], which long-lived WebSocket sessions keep (their future's size is
+/// budgeted) and which need it only at admission.
 pub fn admit(
     state: &GatewayState,
     path: &str,
@@ -127,24 +130,28 @@ pub fn admit(
     cert: Option<&CertDevice>,
     content_length: Option<u64>,
     now_s: u64,
-) -> Result<Admission, Denial> {
+) -> Result<(Admission, policy::access::BotRule), Denial> {
     let route = state.routes().resolve(path)?;
     let token = token.ok_or(Denial::new(
         DenyReason::MissingToken,
         "missing access token",
     ))?;
     let (device, token) = verify_token(state, token, now_s, cert)?;
+    let bots = super::access::check_path(state, &device, path)?;
     if content_length.is_some_and(|n| n > route.body_limit) {
         return Err(Denial::new(
             DenyReason::BodyTooLarge,
             "request body too large",
         ));
     }
-    Ok(Admission {
-        device,
-        route,
-        token,
-    })
+    Ok((
+        Admission {
+            device,
+            route,
+            token,
+        },
+        bots,
+    ))
 }
 
 #[cfg(test)]

@@ -55,6 +55,9 @@ pub struct RequestCtx {
     /// Keep a copy of the request body (bounded) for metering (`/v1/audio/speech` input).
     pub capture_request: bool,
     pub request_copy: Vec<u8>,
+    /// The body held back until its `bot_id` is checked (bot-restricted devices on chat and
+    /// workflow routes, `[access]`).
+    pub body_bot: Option<Box<super::access::BodyBotCheck>>,
     /// A route answered by the gateway itself (`"token"`), for metrics and logs.
     pub local_route: Option<&'static str>,
     /// Set once the SSE-stream gauge was incremented (so `logging` decrements it once).
@@ -83,6 +86,7 @@ impl RequestCtx {
             quota_held: false,
             capture_request: false,
             request_copy: Vec::new(),
+            body_bot: None,
             cert_device: None,
         }
     }

@@ -6,18 +6,19 @@
 //! | `on_connection_reuse` | here | the client certificate's device (device TLS), from the listener |
 //! | `request_filter` | here | draining: `Connection: close` on every answer |
 //! | `request_filter` | [`crate::oauth`] | the device token endpoint, answered locally |
-//! | `request_filter` | [`admit`] / [`respond`] | route, token, body limit; denials answered here |
+//! | `request_filter` | [`admit`] / [`respond`] | route, token, [`access`] policy (path), body limit; denials answered here |
 //! | `request_filter` | [`crate::quota`] | quota hold (429 / 4028 when a rule is exhausted); `GET /v1/gateway/quota` |
-//! | `request_body_filter` | here | streamed body size enforced for chunked uploads |
+//! | `request_body_filter` | here, [`access`] | streamed body size enforced for chunked uploads; bodies of bot-restricted devices held back until their `bot_id` is checked |
 //! | `upstream_peer` | [`upstream::peer`] | upstream address and per-route timeouts |
 //! | `upstream_request_filter` | [`upstream::rewrite`] | upstream credentials, `X-Coze-DeviceInfo`, `Host` |
 //! | `response_filter` | here | `X-Tt-Logid`, SSE detection from the upstream's content type |
 //! | `response_body_filter` | here, [`settle::end_of_body`] | total-time limit, byte counts (chunks pass unchanged); quota settled when the upstream body ends |
-//! | `fail_to_proxy` | [`respond`] | upstream failures → 502/504 in Coze's envelope |
+//! | `fail_to_proxy` | [`respond`] | upstream failures → 502/504, a refused body's bot → 403, in Coze's envelope |
 //! | `logging` | [`settle::finish`] | metrics, the access log, and settling what did not end |
 //!
 //! WebSocket upgrades never reach this impl: `crate::listener` hands them to `crate::ws`.
 
+pub mod access;
 pub mod admit;
 pub mod ctx;
 pub mod meter;
@@ -123,10 +124,12 @@ impl ProxyHttp for Gateway {
         let capture_request = path == "/v1/audio/speech";
         let now_s = ctx.started_unix_ms / 1000;
         let cert = ctx.cert_device.as_ref();
-        let admission = match admit::admit(&self.state, path, token, cert, content_length, now_s) {
-            Ok(a) => a,
-            Err(denial) => return self.deny(session, ctx, denial).await,
-        };
+        let (admission, bots) =
+            match admit::admit(&self.state, path, token, cert, content_length, now_s) {
+                Ok(a) => a,
+                Err(denial) => return self.deny(session, ctx, denial).await,
+            };
+        let body_bot = access::BodyBotCheck::for_request(&bots, path);
         if let Err(denial) = self.state.rate_limits().admit(
             &admission.device,
             admission.route.class,
@@ -145,6 +148,7 @@ impl ProxyHttp for Gateway {
             return self.deny(session, ctx, denial).await;
         }
         ctx.quota_held = true;
+        ctx.body_bot = body_bot;
         ctx.capture_request = capture_request;
         ctx.admission = Some(admission);
         Ok(false)
@@ -154,7 +158,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(b) = body {
@@ -172,7 +176,10 @@ impl ProxyHttp for Gateway {
                 "request body over the route limit",
             );
         }
-        Ok(())
+        match &mut ctx.body_bot {
+            Some(check) => check.filter(body, end_of_stream),
+            None => Ok(()),
+        }
     }
 
     async fn upstream_peer(
@@ -278,10 +285,17 @@ impl ProxyHttp for Gateway {
         // nothing more may be written into it: the connection is closed without the final
         // chunk, which clients see as a broken stream, never as a JSON body inside the events.
         let started = session.response_written().is_some();
-        let denial = respond::denial_for_error(e).filter(|_| !started);
+        let refused = ctx.body_bot.as_mut().and_then(|c| c.refused.take());
+        let denial = refused
+            .filter(|_| e.etype() == &access::FORBIDDEN)
+            .or_else(|| respond::denial_for_error(e))
+            .filter(|_| !started);
         let code = match denial {
             Some(d) => {
                 ctx.denied = Some(d.reason);
+                // The connection is not reused (below): say so, so the device does not send
+                // its next request into a closing connection.
+                session.set_keepalive(None);
                 if let Err(we) = respond::deny(session, &d, &ctx.logid).await {
                     tracing::debug!(error = %we, "Could not write the error response.");
                 }

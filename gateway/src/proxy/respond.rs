@@ -94,6 +94,10 @@ pub fn denial_for_error(e: &Error) -> Option<Denial> {
             DenyReason::BodyTooLarge,
             "request body too large",
         )),
+        HTTPStatus(403) => Some(Denial::new(
+            DenyReason::Forbidden,
+            "device not allowed to use this bot",
+        )),
         HTTPStatus(s) if (400..500).contains(s) => {
             Some(Denial::new(DenyReason::BadRequest, "bad request"))
         }

@@ -163,21 +163,24 @@ impl WsRelay {
         close(device).await;
     }
 
-    /// Admission for an upgrade request: the token from the header or the query, and the
-    /// device the connection's client certificate names (device TLS). Not async, so none of
+    /// Admission for an upgrade request: the token from the header or the query, the
+    /// device the connection's client certificate names (device TLS), and the access policy's
+    /// bot rule against the query's `bot_id` (`/v1/chat`). Not async, so none of
     /// its temporaries live in the session's future (`session_future_stays_small`).
     fn admit(&self, device: &Stream, req: &DeviceRequest) -> Result<admit::Admission, Denial> {
         let token = admit::bearer(req.header("authorization"))
             .map(str::to_owned)
             .or_else(|| admit::bearer_from_query(&req.query));
-        admit::admit(
+        let (admission, bots) = admit::admit(
             &self.state,
             &req.path,
             token.as_deref(),
             crate::device_tls::connection_cert_device(device).as_ref(),
             None,
             now_ms() / 1000,
-        )
+        )?;
+        crate::proxy::access::check_ws_query(&bots, &req.path, &req.query)?;
+        Ok(admission)
     }
 
     /// Serves one upgrade request whose head (and any bytes after it) is in `head`.
